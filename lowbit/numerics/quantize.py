@@ -1,0 +1,300 @@
+"""Quantise and dequantise a 2-D tensor at any granularity: the numeric core.
+
+Everything here is a pure function over tensors. A 2-D tensor ``x`` of shape (rows, cols) is
+cut into groups along its columns (report §4.4: [C_out, C_in] -> [C_out, C_in/G, G]); per
+channel and per token are groups of a whole row; per tensor is one group over everything.
+When ``G`` does not divide ``cols`` the last group of each row is shorter (``cols % G``
+columns), as GPTQModel and AutoRound allow; its scale is computed from its own columns only.
+
+Shapes used throughout:
+    x, codes:   (rows, cols)
+    scale, zero: (rows, n_groups) with n_groups = ceil(cols / G); (1, 1) for per tensor
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import SpecError
+from lowbit.numerics.formats import CodebookFormat
+from lowbit.numerics.spec import QuantSpec
+
+# MSE clipping search: shrink factors 1, 1 - 1/GRID, ... down to 1 - MAX_SHRINK (as the
+# GPTQ reference code's `find_params(mse=True)` does).
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
+# The smallest positive float16 (a subnormal): keeps a stored scale from rounding to zero.
+MIN_SCALE = 2.0**-24
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Unpacked result of `quantize`.
+
+    codes: uint8 (rows, cols), unsigned codes in [0, 2**bits - 1].
+    scale: float32 (rows, n_groups) or (1, 1); already rounded to ``spec.scale_dtype``.
+    zero: float32 like ``scale``: the integer zero-point Z (asymmetric ``int``), the float
+        offset m (asymmetric ``float``), or None (symmetric and codebook formats).
+    group_size: columns per group (the last group of a row may be shorter).
+    spec: the setting that produced it.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    group_size: int
+    spec: QuantSpec
+
+
+def group_size_of(shape: tuple[int, int], spec: QuantSpec, name: str = "this tensor") -> int:
+    rows, cols = shape
+    if spec.granularity == "tensor":
+        return rows * cols
+    return spec.group_size_for(cols, name)
+
+
+def grouped(x: torch.Tensor, group_size: int, fill: float = float("nan")) -> torch.Tensor:
+    """(rows, cols) -> (rows, n_groups, group_size), a short last group padded with ``fill``."""
+    rows, cols = x.shape
+    n_groups = math.ceil(cols / group_size)
+    pad = n_groups * group_size - cols
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
+    return x.reshape(rows, n_groups, group_size)
+
+
+def expand_groups(t: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:
+    """Per-group values (rows, n_groups) -> one per element (rows, cols); (1, 1) stays."""
+    if t.shape[-1] == 1:
+        return t
+    return t.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
+def _as_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per tensor is one row holding every element; other granularities keep the rows."""
+    return x.reshape(1, -1) if spec.granularity == "tensor" else x
+
+
+def _nan_amax(g: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(g), -torch.inf, g).amax(-1)
+
+
+def _nan_amin(g: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(g), torch.inf, g).amin(-1)
+
+
+def _nan_quantile(g: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-group quantile over the last dim ignoring NaN padding (nearest-rank, upper)."""
+    counts = (~torch.isnan(g)).sum(-1, keepdim=True)
+    ordered = torch.where(torch.isnan(g), torch.inf, g).sort(-1).values
+    rank = torch.clamp(torch.ceil(q * counts).long() - 1, min=0)
+    return ordered.gather(-1, rank).squeeze(-1)
+
+
+def choose_range(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping range [lo, hi] of each group before any MSE shrinking (report §3.3).
+
+    groups: float32 (rows, n_groups, G), NaN-padded. Returns lo, hi of shape (rows, n_groups).
+    Symmetric formats return (-alpha, alpha) with alpha = max|x| (or its percentile).
+    """
+    if spec.range == "percentile":
+        p = spec.percentile / 100.0
+        if spec.symmetric:
+            alpha = _nan_quantile(groups.abs(), p)
+            return -alpha, alpha
+        return _nan_quantile(groups, 1.0 - p), _nan_quantile(groups, p)
+    if spec.symmetric:
+        alpha = _nan_amax(groups.abs())
+        return -alpha, alpha
+    return _nan_amin(groups), _nan_amax(groups)
+
+
+def _stored(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round a scale or offset to the dtype it is stored in, back as float32."""
+    return t.to(getattr(torch, spec.scale_dtype)).to(torch.float32)
+
+
+def params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale S and zero Z (or offset m) per group from its range (Eq. 3.3).
+
+    Symmetric int:  S = alpha / (2**(n-1) - 1), no Z.
+    Asymmetric int: the range is first widened to contain 0 so that Z is an integer inside
+                    [q_min, q_max] and real zero is exact; S = (hi - lo) / (q_max - q_min),
+                    Z = Round(-lo / S + q_min).
+    Asymmetric float: S = (hi - lo) / (q_max - q_min), offset m = lo.
+    Codebook:       S = alpha (levels are normalised to max |level| = 1).
+    """
+    fmt = spec.number_format
+    if isinstance(fmt, CodebookFormat):
+        return _stored(torch.clamp(hi, min=MIN_SCALE), spec), None
+    if spec.symmetric:
+        return _stored(torch.clamp(hi / fmt.max_level, min=MIN_SCALE), spec), None
+    if spec.zero_point == "float":
+        scale = _stored(torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=MIN_SCALE), spec)
+        return scale, _stored(lo, spec)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    scale = _stored(torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=MIN_SCALE), spec)
+    zero = torch.clamp(torch.round(-lo / scale + fmt.qmin), fmt.qmin, fmt.qmax)
+    return scale, zero
+
+
+def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+    """Eq. 3.1: X_q = Clamp(Round(X_f / S + Z), q_min, q_max). Returns float integers."""
+    return torch.clamp(torch.round(x / scale + zero), qmin, qmax)
+
+
+def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 3.2: X_hat = S * (X_q - Z)."""
+    return scale * (q - zero)
+
+
+def _encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Elementwise codes (uint8) of ``x`` given per-element ``scale`` / ``zero``."""
+    fmt = spec.number_format
+    if isinstance(fmt, CodebookFormat):
+        return fmt.encode(x / scale)
+    if spec.symmetric:
+        return fmt.encode(quantize_affine(x, scale, 0.0, fmt.qmin, fmt.qmax))
+    if spec.zero_point == "float":
+        return fmt.encode(quantize_affine(x - zero, scale, 0.0, fmt.qmin, fmt.qmax))
+    return fmt.encode(quantize_affine(x, scale, zero, fmt.qmin, fmt.qmax))
+
+
+def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Elementwise values of ``codes``, computed in the dtype of ``scale``."""
+    fmt = spec.number_format
+    levels = fmt.decode(codes).to(scale.dtype)
+    if isinstance(fmt, CodebookFormat):
+        return scale * levels
+    if spec.symmetric:
+        return dequantize_affine(levels, scale, 0.0)
+    if spec.zero_point == "float":
+        return scale * levels + zero
+    return dequantize_affine(levels, scale, zero)
+
+
+def _group_sq_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, group_size: int) -> torch.Tensor:
+    """Sum of squared quantisation error per group, (rows, n_groups)."""
+    cols = x.shape[1]
+    s, z = expand_groups(scale, group_size, cols), None if zero is None else expand_groups(zero, group_size, cols)
+    err = x - _decode(_encode(x, s, z, spec), s, z, spec)
+    return grouped(err.square(), group_size, fill=0.0).sum(-1)
+
+
+def find_params(x: torch.Tensor, spec: QuantSpec, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero per group of a (rows, cols) float32 tensor, by ``spec.range``.
+
+    ``mse`` shrinks the min-max range by factors 1 ... 1 - MSE_MAX_SHRINK and keeps, for each
+    group, the factor with the least squared error: the trade between clipping error (values
+    beyond the range) and rounding error (step size) of report §2.2.
+    """
+    lo, hi = choose_range(grouped(x, group_size), spec)
+    scale, zero = params_from_range(lo, hi, spec)
+    if spec.range != "mse":
+        return scale, zero
+    best_err = _group_sq_error(x, scale, zero, spec, group_size)
+    for i in range(1, int(MSE_MAX_SHRINK * MSE_GRID) + 1):
+        shrink = 1.0 - i / MSE_GRID
+        cand_scale, cand_zero = params_from_range(lo * shrink, hi * shrink, spec)
+        err = _group_sq_error(x, cand_scale, cand_zero, spec, group_size)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale = torch.where(better, cand_scale, scale)
+        if zero is not None:
+            zero = torch.where(better, cand_zero, zero)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, name: str = "this tensor") -> Quantized:
+    """Quantise a 2-D tensor (weight (out, in) or activation (tokens, features)) by ``spec``.
+
+    x: float tensor (rows, cols), any float dtype; computed in float32. NaN or Inf raise.
+    Returns unpacked codes and per-group parameters (see `Quantized`).
+    """
+    if x.dim() != 2:
+        raise SpecError(f"{name} has shape {tuple(x.shape)}; quantize takes a 2-D (rows, cols) tensor")
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise SpecError(f"{name} holds {bad} NaN/Inf values; the checkpoint is corrupted or was saved mid-overflow, re-export it")
+    group_size = group_size_of(tuple(x.shape), spec, name)
+    rows = _as_rows(x.to(torch.float32), spec)
+    scale, zero = find_params(rows, spec, group_size)
+    cols = rows.shape[1]
+    s = expand_groups(scale, group_size, cols)
+    z = None if zero is None else expand_groups(zero, group_size, cols)
+    codes = _encode(rows, s, z, spec).reshape(x.shape)
+    return Quantized(codes=codes, scale=scale, zero=zero, group_size=group_size, spec=spec)
+
+
+def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor ``q`` stands for (Eq. 3.2 per element), computed in ``dtype``, shape of ``q.codes``."""
+    rows_view = _as_rows(q.codes, q.spec)
+    cols = rows_view.shape[1]
+    s = expand_groups(q.scale.to(dtype), q.group_size, cols)
+    z = None if q.zero is None else expand_groups(q.zero.to(dtype), q.group_size, cols)
+    return _decode(rows_view, s, z, q.spec).reshape(q.codes.shape)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantise then dequantise; same shape and dtype as ``x``."""
+    return dequantize(quantize(x, spec)).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class ErrorBreakdown:
+    """Squared quantisation error split into its two sources (report §2.2), summed over elements.
+
+    rounding: sum of (clip(x) - x_hat)^2 over all elements (values inside the range).
+    clipping: sum of (x - clip(x))^2 (values beyond the representable range).
+    The two never overlap, so ``total = rounding + clipping`` exactly.
+    clipped_fraction: share of elements outside the representable range.
+    signal: sum of x^2, for SQNR = 10 log10(signal / total).
+    """
+
+    rounding: float
+    clipping: float
+    clipped_fraction: float
+    signal: float
+
+    @property
+    def total(self) -> float:
+        return self.rounding + self.clipping
+
+    @property
+    def sqnr_db(self) -> float:
+        return float("inf") if self.total == 0 else 10.0 * math.log10(self.signal / self.total)
+
+
+def representable_range(q: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group [lowest, highest] value a code can stand for, (rows, n_groups) each."""
+    fmt = q.spec.number_format
+    if isinstance(fmt, CodebookFormat):
+        return q.scale * fmt.levels[0], q.scale * fmt.levels[-1]
+    if q.spec.symmetric:
+        return q.scale * fmt.qmin, q.scale * fmt.qmax
+    if q.spec.zero_point == "float":
+        return q.zero, q.zero + q.scale * (fmt.qmax - fmt.qmin)
+    return q.scale * (fmt.qmin - q.zero), q.scale * (fmt.qmax - q.zero)
+
+
+def error_breakdown(x: torch.Tensor, q: Quantized) -> ErrorBreakdown:
+    """Split the error of ``q`` (the quantised ``x``) into rounding and clipping (§2.2)."""
+    x = x.to(torch.float32)
+    rows = _as_rows(x, q.spec)
+    lo, hi = representable_range(q)
+    cols = rows.shape[1]
+    lo, hi = expand_groups(lo, q.group_size, cols), expand_groups(hi, q.group_size, cols)
+    clipped = torch.minimum(torch.maximum(rows, lo), hi)
+    x_hat = _as_rows(dequantize(q), q.spec)
+    outside = (rows < lo) | (rows > hi)
+    return ErrorBreakdown(
+        rounding=(clipped - x_hat).square().sum().item(),
+        clipping=(rows - clipped).square().sum().item(),
+        clipped_fraction=outside.float().mean().item(),
+        signal=rows.square().sum().item(),
+    )
+
+

@@ -1,0 +1,118 @@
+"""`QuantSpec`: how one tensor is quantised, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from lowbit.errors import SpecError
+from lowbit.numerics.formats import CODEBOOKS, CodebookFormat, IntFormat
+
+GRANULARITIES = ("tensor", "channel", "token", "group")
+RANGE_METHODS = ("minmax", "percentile", "mse")
+ZERO_POINTS = ("int", "float")
+SCALE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantisation setting.
+
+    bits: code width, 2-8.
+    symmetric: ``Z = 0`` and a signed range (Eq. 3.3, symmetric) or a full ``[x_min, x_max]``
+        range with a zero-point (Eq. 3.3, asymmetric).
+    granularity: who shares one (S, Z) (report §4): ``tensor`` (one pair), ``channel`` (one
+        per output row of a weight), ``token`` (one per row of an activation, computed on the
+        fly), ``group`` (``group_size`` consecutive input columns of one row, §4.4; when the
+        group size does not divide the row, the last group of each row is shorter).
+    zero_point: asymmetric only. ``int``: an integer Z in the code range (Eq. 3.3), so real
+        zero is exact. ``float``: a float offset m, ``x = S*q + m`` with ``m = x_min``
+        (llama.cpp's Q4_1 and HQQ store this); zero is then not exactly representable.
+    range: how [x_min, x_max] (or alpha) is chosen: ``minmax``, ``percentile`` (clip at the
+        ``percentile``-th percentile of the group) or ``mse`` (grid search of a shrink factor
+        that minimises the group's squared error, trading clipping for rounding error, §2.2).
+    format: ``int`` or the name of a registered codebook (absmax scaled, symmetric).
+    scale_dtype: how scales (and float offsets) are stored; ``float16`` like every common
+        checkpoint format. Codes are computed against the stored (rounded) scale.
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    granularity: str = "group"
+    group_size: int | None = 128
+    zero_point: str = "int"
+    range: str = "minmax"
+    percentile: float = 99.9
+    format: str = "int"
+    scale_dtype: str = "float16"
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise SpecError(f"bits={self.bits} is outside 2-8; use an integer from 2 to 8")
+        if self.granularity not in GRANULARITIES:
+            raise SpecError(f"granularity {self.granularity!r} is unknown; use one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "group":
+            if self.group_size is None or not isinstance(self.group_size, int) or self.group_size <= 0:
+                raise SpecError(f"group_size={self.group_size} is not a positive integer; use e.g. 32, 64 or 128")
+        elif self.group_size is not None:
+            raise SpecError(f"group_size={self.group_size} only applies to granularity 'group', not {self.granularity!r}")
+        if self.zero_point not in ZERO_POINTS:
+            raise SpecError(f"zero_point {self.zero_point!r} is unknown; use 'int' or 'float'")
+        if self.range not in RANGE_METHODS:
+            raise SpecError(f"range {self.range!r} is unknown; use one of {', '.join(RANGE_METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise SpecError(f"percentile={self.percentile} must lie in (50, 100]")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise SpecError(f"scale_dtype {self.scale_dtype!r} is unknown; use float16 or float32")
+        if self.format != "int":
+            if self.format not in CODEBOOKS:
+                known = ", ".join(["int", *CODEBOOKS]) or "int"
+                raise SpecError(f"format {self.format!r} is unknown; use one of {known}")
+            if not self.symmetric:
+                raise SpecError(f"codebook format {self.format!r} is absmax-scaled; it has no asymmetric form")
+            if CODEBOOKS[self.format].bits != self.bits:
+                raise SpecError(f"format {self.format!r} has {CODEBOOKS[self.format].bits}-bit codes, not bits={self.bits}")
+
+    @property
+    def number_format(self) -> IntFormat | CodebookFormat:
+        if self.format == "int":
+            return IntFormat(self.bits, self.symmetric)
+        return CODEBOOKS[self.format]
+
+    @property
+    def has_zero(self) -> bool:
+        """Whether each group stores a zero-point / offset beside its scale."""
+        return self.format == "int" and not self.symmetric
+
+    def group_size_for(self, in_features: int, layer: str = "this layer") -> int:
+        """Columns that share one (S, Z) in a row of ``in_features``; validates the fit.
+
+        Per-tensor and per-channel return ``in_features`` (one group per row; per-tensor then
+        also shares it across rows).
+        """
+        if self.granularity != "group":
+            return in_features
+        if self.group_size > in_features:
+            raise SpecError(
+                f"group_size {self.group_size} is larger than in_features {in_features} of {layer}; "
+                f"use a group size up to {in_features}, or --granularity channel"
+            )
+        return self.group_size
+
+    def describe(self) -> str:
+        """Short label, e.g. ``W4 g128 sym`` or ``W8 channel asym``."""
+        where = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-float0")
+        fmt = "" if self.format == "int" else f" {self.format}"
+        rng = "" if self.range == "minmax" else f" {self.range}"
+        return f"W{self.bits}{fmt} {where} {kind}{rng}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"unknown quantisation spec keys {sorted(unknown)}; this lowbit reads {sorted(known)}")
+        return cls(**data)

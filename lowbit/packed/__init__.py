@@ -1,0 +1,5 @@
+"""Packed low-bit storage formats."""
+
+from lowbit.packed.qweight import QuantizedWeight
+
+__all__ = ["QuantizedWeight"]

@@ -1,0 +1,133 @@
+"""`QuantizedWeight`: a weight matrix in its real low-bit storage form.
+
+This module is the one home of lowbit's packed weight layout; checkpoints store exactly
+these tensors and kernels read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.numerics.packing import pack, packed_length, unpack
+from lowbit.numerics.quantize import Quantized, dequantize
+from lowbit.numerics.spec import QuantSpec
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear layer's weight W (out_features, in_features), stored packed.
+
+    qdata:  uint8 (out_features, packed_length(in_features, bits)): the codes of each row
+            packed along in_features (`lowbit.numerics.packing`).
+    scales: ``spec.scale_dtype`` (out_features, n_groups) with n_groups = ceil(in_features /
+            group_size); (1, 1) per tensor; (out_features, 1) per channel.
+    zeros:  asymmetric ``int``: uint8 (out_features, packed_length(n_groups, bits)), the
+            integer zero-points packed like the codes (they fit in ``bits`` bits);
+            asymmetric ``float``: offsets m, ``spec.scale_dtype`` like ``scales``;
+            symmetric and codebook formats: None.
+    shape:  (out_features, in_features).
+    group_size: input columns per group; the last group of a row holds in_features % group_size
+            columns when that is not zero. Per channel: in_features; per tensor: out * in.
+    spec:   the quantisation setting.
+    """
+
+    qdata: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    shape: tuple[int, int]
+    group_size: int
+    spec: QuantSpec
+
+    @classmethod
+    def from_quantized(cls, q: Quantized) -> "QuantizedWeight":
+        """Pack an unpacked `Quantized` weight; lossless (see `to_quantized`)."""
+        out_features, in_features = q.codes.shape
+        store = getattr(torch, q.spec.scale_dtype)
+        zeros = None
+        if q.zero is not None:
+            if q.spec.zero_point == "int":
+                zeros = pack(q.zero.to(torch.uint8), q.spec.bits)
+            else:
+                zeros = q.zero.to(store)
+        return cls(
+            qdata=pack(q.codes, q.spec.bits),
+            scales=q.scale.to(store),
+            zeros=zeros,
+            shape=(out_features, in_features),
+            group_size=q.group_size,
+            spec=q.spec,
+        )
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[-1]
+
+    def to_quantized(self) -> Quantized:
+        """Unpack codes and zero-points back to a `Quantized` (exactly what was packed)."""
+        out_features, in_features = self.shape
+        zero = None
+        if self.zeros is not None:
+            if self.spec.zero_point == "int":
+                zero = unpack(self.zeros, self.spec.bits, self.n_groups).to(torch.float32)
+            else:
+                zero = self.zeros.to(torch.float32)
+        return Quantized(
+            codes=unpack(self.qdata, self.spec.bits, in_features),
+            scale=self.scales.to(torch.float32),
+            zero=zero,
+            group_size=self.group_size,
+            spec=self.spec,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight it stands for, (out_features, in_features) in ``dtype`` (Eq. 3.2)."""
+        return dequantize(self.to_quantized()).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name, as a checkpoint holds them."""
+        out = {"qdata": self.qdata, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int, spec: QuantSpec, name: str = "layer") -> "QuantizedWeight":
+        """Rebuild from stored tensors, checking every shape against the spec."""
+        out_features, in_features = shape
+        n_groups = 1 if spec.granularity in ("tensor", "channel", "token") else -(-in_features // group_size)
+        rows = 1 if spec.granularity == "tensor" else out_features
+        expect = {"qdata": (out_features, packed_length(in_features, spec.bits)), "scales": (rows, n_groups)}
+        if spec.has_zero:
+            zero_cols = n_groups if spec.zero_point == "float" else packed_length(n_groups, spec.bits)
+            expect["zeros"] = (rows, zero_cols)
+        for key, want in expect.items():
+            got = tensors.get(key)
+            if got is None:
+                raise LowbitError(f"{name}: the checkpoint lacks tensor {key!r}; it is incomplete or from another tool, re-quantise it")
+            if tuple(got.shape) != want:
+                raise LowbitError(f"{name}.{key} has shape {tuple(got.shape)}, the spec needs {want}; the checkpoint is corrupted")
+        return cls(
+            qdata=tensors["qdata"],
+            scales=tensors["scales"],
+            zeros=tensors.get("zeros"),
+            shape=(out_features, in_features),
+            group_size=group_size,
+            spec=spec,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """True storage in bytes: packed codes, scales and zero-points."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight, scales and zero-points included."""
+        return 8.0 * self.nbytes / self.numel

