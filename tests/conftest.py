@@ -54,6 +54,36 @@ def tiny_llama(seed: int = 0, hidden: int = 64, intermediate: int = 160, layers:
     return model
 
 
+def tiny_model(family: str, seed: int = 0, layers: int = 3):
+    """A tiny random causal LM of each family in lowbit's architecture table."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=257, hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if family == "llama":
+        return tiny_llama(seed=seed, layers=layers)
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=16)).eval()
+    if family == "gemma3":
+        types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+        return Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=16, layer_types=types, query_pre_attn_scalar=16)).eval()
+    if family == "opt":
+        config = OPTConfig(vocab_size=257, hidden_size=64, ffn_dim=160, num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+        return OPTForCausalLM(config).eval()
+    raise ValueError(family)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A Hugging Face directory holding the tiny Llama and its tokenizer."""

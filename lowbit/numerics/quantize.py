@@ -40,6 +40,9 @@ class Quantized:
         offset m (asymmetric ``float``), or None (symmetric and codebook formats).
     group_size: columns per group (the last group of a row may be shorter).
     spec: the setting that produced it.
+    g_idx: int64 (cols,) group of each column when groups are not runs of consecutive
+        columns (GPTQ with act-order and no static groups); None when column j is in group
+        j // group_size.
     """
 
     codes: torch.Tensor
@@ -47,6 +50,7 @@ class Quantized:
     zero: torch.Tensor | None
     group_size: int
     spec: QuantSpec
+    g_idx: torch.Tensor | None = None
 
 
 def group_size_of(shape: tuple[int, int], spec: QuantSpec, name: str = "this tensor") -> int:
@@ -66,10 +70,14 @@ def grouped(x: torch.Tensor, group_size: int, fill: float = float("nan")) -> tor
     return x.reshape(rows, n_groups, group_size)
 
 
-def expand_groups(t: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:
-    """Per-group values (rows, n_groups) -> one per element (rows, cols); (1, 1) stays."""
+def expand_groups(t: torch.Tensor, group_size: int, cols: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group values (rows, n_groups) -> one per element (rows, cols); (1, 1) stays.
+
+    Column j takes group j // group_size, or g_idx[j] when a group index is given."""
     if t.shape[-1] == 1:
         return t
+    if g_idx is not None:
+        return t[:, g_idx]
     return t.repeat_interleave(group_size, dim=1)[:, :cols]
 
 
@@ -151,8 +159,9 @@ def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     return scale * (q - zero)
 
 
-def _encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    """Elementwise codes (uint8) of ``x`` given per-element ``scale`` / ``zero``."""
+def encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Codes (uint8) of ``x`` by Eq. 3.1 (or nearest codebook level), given ``scale`` and
+    ``zero`` that broadcast against ``x`` (e.g. (rows, 1) for one column of a weight)."""
     fmt = spec.number_format
     if isinstance(fmt, CodebookFormat):
         return fmt.encode(x / scale)
@@ -163,8 +172,9 @@ def _encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spe
     return fmt.encode(quantize_affine(x, scale, zero, fmt.qmin, fmt.qmax))
 
 
-def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    """Elementwise values of ``codes``, computed in the dtype of ``scale``."""
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Values of ``codes`` by Eq. 3.2 (or the codebook), computed in the dtype of ``scale``;
+    ``scale`` and ``zero`` broadcast against ``codes``."""
     fmt = spec.number_format
     levels = fmt.decode(codes).to(scale.dtype)
     if isinstance(fmt, CodebookFormat):
@@ -180,7 +190,7 @@ def _group_sq_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     """Sum of squared quantisation error per group, (rows, n_groups)."""
     cols = x.shape[1]
     s, z = expand_groups(scale, group_size, cols), None if zero is None else expand_groups(zero, group_size, cols)
-    err = x - _decode(_encode(x, s, z, spec), s, z, spec)
+    err = x - decode(encode(x, s, z, spec), s, z, spec)
     return grouped(err.square(), group_size, fill=0.0).sum(-1)
 
 
@@ -225,7 +235,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, name: str = "this tensor") -> Qua
     cols = rows.shape[1]
     s = expand_groups(scale, group_size, cols)
     z = None if zero is None else expand_groups(zero, group_size, cols)
-    codes = _encode(rows, s, z, spec).reshape(x.shape)
+    codes = encode(rows, s, z, spec).reshape(x.shape)
     return Quantized(codes=codes, scale=scale, zero=zero, group_size=group_size, spec=spec)
 
 
@@ -233,14 +243,20 @@ def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor
     """The tensor ``q`` stands for (Eq. 3.2 per element), computed in ``dtype``, shape of ``q.codes``."""
     rows_view = _as_rows(q.codes, q.spec)
     cols = rows_view.shape[1]
-    s = expand_groups(q.scale.to(dtype), q.group_size, cols)
-    z = None if q.zero is None else expand_groups(q.zero.to(dtype), q.group_size, cols)
-    return _decode(rows_view, s, z, q.spec).reshape(q.codes.shape)
+    s = expand_groups(q.scale.to(dtype), q.group_size, cols, q.g_idx)
+    z = None if q.zero is None else expand_groups(q.zero.to(dtype), q.group_size, cols, q.g_idx)
+    return decode(rows_view, s, z, q.spec).reshape(q.codes.shape)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantise then dequantise; same shape and dtype as ``x``."""
     return dequantize(quantize(x, spec)).to(x.dtype)
+
+
+def weight_sqnr_db(x: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantisation-noise ratio 10 log10(||x||² / ||x - x̂||²), dB (inf if exact)."""
+    noise = (x.float() - approx.float()).square().sum().item()
+    return float("inf") if noise == 0 else 10.0 * math.log10(x.float().square().sum().item() / noise)
 
 
 @dataclass(frozen=True)
@@ -286,7 +302,7 @@ def error_breakdown(x: torch.Tensor, q: Quantized) -> ErrorBreakdown:
     rows = _as_rows(x, q.spec)
     lo, hi = representable_range(q)
     cols = rows.shape[1]
-    lo, hi = expand_groups(lo, q.group_size, cols), expand_groups(hi, q.group_size, cols)
+    lo, hi = expand_groups(lo, q.group_size, cols, q.g_idx), expand_groups(hi, q.group_size, cols, q.g_idx)
     clipped = torch.minimum(torch.maximum(rows, lo), hi)
     x_hat = _as_rows(dequantize(q), q.spec)
     outside = (rows < lo) | (rows > hi)

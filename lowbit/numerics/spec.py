@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 
 from lowbit.errors import SpecError
 from lowbit.numerics.formats import CODEBOOKS, CodebookFormat, IntFormat
@@ -72,7 +73,7 @@ class QuantSpec:
             if CODEBOOKS[self.format].bits != self.bits:
                 raise SpecError(f"format {self.format!r} has {CODEBOOKS[self.format].bits}-bit codes, not bits={self.bits}")
 
-    @property
+    @cached_property
     def number_format(self) -> IntFormat | CodebookFormat:
         if self.format == "int":
             return IntFormat(self.bits, self.symmetric)

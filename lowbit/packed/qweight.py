@@ -24,14 +24,17 @@ class QuantizedWeight:
             packed along in_features (`lowbit.numerics.packing`).
     scales: ``spec.scale_dtype`` (out_features, n_groups) with n_groups = ceil(in_features /
             group_size); (1, 1) per tensor; (out_features, 1) per channel.
-    zeros:  asymmetric ``int``: uint8 (out_features, packed_length(n_groups, bits)), the
-            integer zero-points packed like the codes (they fit in ``bits`` bits);
+    zeros:  asymmetric ``int``: uint8 (packed_length(rows * n_groups, bits),), the integer
+            zero-points (rows, n_groups) flattened row-major and packed like the codes (they
+            fit in ``bits`` bits; one flat run wastes no padding per row);
             asymmetric ``float``: offsets m, ``spec.scale_dtype`` like ``scales``;
             symmetric and codebook formats: None.
     shape:  (out_features, in_features).
     group_size: input columns per group; the last group of a row holds in_features % group_size
             columns when that is not zero. Per channel: in_features; per tensor: out * in.
     spec:   the quantisation setting.
+    g_idx:  int32 (in_features,): the group of each input column, only when groups are not
+            runs of consecutive columns (GPTQ act-order without static groups); else None.
     """
 
     qdata: torch.Tensor
@@ -40,6 +43,7 @@ class QuantizedWeight:
     shape: tuple[int, int]
     group_size: int
     spec: QuantSpec
+    g_idx: torch.Tensor | None = None
 
     @classmethod
     def from_quantized(cls, q: Quantized) -> "QuantizedWeight":
@@ -49,7 +53,7 @@ class QuantizedWeight:
         zeros = None
         if q.zero is not None:
             if q.spec.zero_point == "int":
-                zeros = pack(q.zero.to(torch.uint8), q.spec.bits)
+                zeros = pack(q.zero.to(torch.uint8).reshape(-1), q.spec.bits)
             else:
                 zeros = q.zero.to(store)
         return cls(
@@ -59,6 +63,7 @@ class QuantizedWeight:
             shape=(out_features, in_features),
             group_size=q.group_size,
             spec=q.spec,
+            g_idx=None if q.g_idx is None else q.g_idx.to(torch.int32),
         )
 
     @property
@@ -71,7 +76,8 @@ class QuantizedWeight:
         zero = None
         if self.zeros is not None:
             if self.spec.zero_point == "int":
-                zero = unpack(self.zeros, self.spec.bits, self.n_groups).to(torch.float32)
+                rows = self.scales.shape[0]
+                zero = unpack(self.zeros, self.spec.bits, rows * self.n_groups).reshape(rows, self.n_groups).to(torch.float32)
             else:
                 zero = self.zeros.to(torch.float32)
         return Quantized(
@@ -80,6 +86,7 @@ class QuantizedWeight:
             zero=zero,
             group_size=self.group_size,
             spec=self.spec,
+            g_idx=None if self.g_idx is None else self.g_idx.long(),
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -91,6 +98,8 @@ class QuantizedWeight:
         out = {"qdata": self.qdata, "scales": self.scales}
         if self.zeros is not None:
             out["zeros"] = self.zeros
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx
         return out
 
     @classmethod
@@ -101,14 +110,16 @@ class QuantizedWeight:
         rows = 1 if spec.granularity == "tensor" else out_features
         expect = {"qdata": (out_features, packed_length(in_features, spec.bits)), "scales": (rows, n_groups)}
         if spec.has_zero:
-            zero_cols = n_groups if spec.zero_point == "float" else packed_length(n_groups, spec.bits)
-            expect["zeros"] = (rows, zero_cols)
+            expect["zeros"] = (rows, n_groups) if spec.zero_point == "float" else (packed_length(rows * n_groups, spec.bits),)
         for key, want in expect.items():
             got = tensors.get(key)
             if got is None:
                 raise LowbitError(f"{name}: the checkpoint lacks tensor {key!r}; it is incomplete or from another tool, re-quantise it")
             if tuple(got.shape) != want:
                 raise LowbitError(f"{name}.{key} has shape {tuple(got.shape)}, the spec needs {want}; the checkpoint is corrupted")
+        g_idx = tensors.get("g_idx")
+        if g_idx is not None and (tuple(g_idx.shape) != (in_features,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+            raise LowbitError(f"{name}.g_idx must hold {in_features} group indices below {n_groups}; the checkpoint is corrupted")
         return cls(
             qdata=tensors["qdata"],
             scales=tensors["scales"],
@@ -116,6 +127,7 @@ class QuantizedWeight:
             shape=(out_features, in_features),
             group_size=group_size,
             spec=spec,
+            g_idx=g_idx,
         )
 
     @property

@@ -1,0 +1,261 @@
+"""Layer-sequential calibration: run the calibration samples through the model one decoder
+block at a time, quantise that block, and feed its quantised outputs to the next.
+
+The engine never runs the whole model on the calibration set. It first captures what the
+model feeds block 0 (hidden states) and every block (keyword arguments: attention masks,
+rotary embeddings, positions) by standing cheap recorders in for the blocks, so only the
+embeddings compute. Then, for each block in turn and for each group of linears that read
+the same input (in execution order, from the architecture table), it runs the samples
+through the block up to that group, streams the group's input into the method's
+statistics (e.g. GPTQ's Hessian), quantises the group's linears and swaps them in; later
+groups thus see the outputs of already-quantised ones, as in GPTQ's "true sequential"
+mode. Finally the quantised block's outputs become the next block's inputs.
+
+Peak memory is the model's non-block weights, one block, the calibration hidden states
+(two copies at most) and one group's statistics; nothing here needs the other blocks'
+weights while a block is processed, so they could be streamed from disk one at a time.
+Algorithms know nothing about models: they see a weight and its statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import LowbitError
+from lowbit.models.architectures import Architecture, decoder_blocks
+from lowbit.models.loading import LoadedModel
+from lowbit.modules.quant_linear import QuantLinear
+from lowbit.modules.swap import set_module
+from lowbit.packed.qweight import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+class Statistics(Protocol):
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+class CalibratedMethod(Protocol):
+    """What the engine asks of an algorithm."""
+
+    name: str
+
+    def statistics(self, in_features: int) -> Statistics:
+        """A fresh accumulator for the inputs of a layer with ``in_features`` inputs."""
+
+    def quantize(self, name: str, weight: torch.Tensor, stats: Statistics) -> tuple[QuantizedWeight, dict]:
+        """The packed weight and a report (e.g. {"output_error": ..., "rtn_output_error": ...})."""
+
+
+@dataclass
+class CapturedBatch:
+    """One mini-batch of calibration samples at the input of the current block.
+
+    hidden: float (batch, seq, hidden_size).
+    block_kwargs: for every block, the keyword arguments the model passes it.
+    """
+
+    hidden: torch.Tensor
+    block_kwargs: list[dict]
+
+
+class _StopForward(Exception):
+    """Raised inside a forward pass once everything needed has been recorded."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder block ``index`` while inputs are captured."""
+
+    # attributes a model's forward loop may read from its blocks
+    COPIED = ("attention_type", "layer_type", "layer_idx", "is_sliding")
+
+    def __init__(self, index: int, original: nn.Module, record: dict, last: bool):
+        super().__init__()
+        self.index, self.record, self.last = index, record, last
+        for attr in self.COPIED:
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise LowbitError("a decoder block was called with positional arguments; lowbit's engine needs keyword arguments (transformers >= 5)")
+        if self.index == 0:
+            self.record["hidden"] = hidden_states
+        self.record["kwargs"][self.index] = kwargs
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, arch: Architecture, samples: torch.Tensor, batch_size: int) -> list[CapturedBatch]:
+    """Block 0's input hidden states and every block's keyword arguments, per mini-batch.
+
+    samples: int64 (n_samples, ctx) token ids. Only the embedding layers compute.
+    """
+    blocks = decoder_blocks(model, arch)
+    originals = list(blocks)
+    captured = []
+    try:
+        for batch in samples.split(batch_size):
+            record = {"hidden": None, "kwargs": [None] * len(originals)}
+            for i, block in enumerate(originals):
+                blocks[i] = _Recorder(i, block, record, last=i == len(originals) - 1)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+            if record["hidden"] is None or any(k is None for k in record["kwargs"]):
+                raise LowbitError(f"the model did not call all {len(originals)} blocks of {arch.blocks}; the architecture table does not fit this model")
+            captured.append(CapturedBatch(hidden=record["hidden"], block_kwargs=record["kwargs"]))
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return captured
+
+
+@dataclass
+class LayerResult:
+    """One quantised linear: its name, weight shape (out, in), storage bits per weight and
+    what the method reports (weight_sqnr_db always; output errors for calibrated methods)."""
+
+    name: str
+    shape: tuple[int, int]
+    bits_per_weight: float
+    info: dict
+
+
+@dataclass
+class CalibrationResult:
+    layers: list[LayerResult] = field(default_factory=list)
+    seconds: float = 0.0
+    estimate: dict = field(default_factory=dict)
+
+
+def _matmul_gflops() -> float:
+    """This machine's float32 matmul rate, measured in about 0.1 s (for the time estimate)."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.1:
+        a @ b
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor) -> dict:
+    """Rough peak memory (MB) and time (s) of a calibration run, printed before it starts."""
+    blocks = decoder_blocks(model, arch)
+    block0 = blocks[0]
+    hidden = model.config.hidden_size
+    n_tokens = samples.numel()
+    block_params = sum(p.numel() for p in block0.parameters())
+    block_bytes = sum(p.numel() * p.element_size() for p in block0.parameters())
+    other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith(arch.blocks + "."))
+    in_dims = [block0.get_submodule(name).in_features for group in arch.linear_groups for name in group[:1]]
+    activations = 2 * n_tokens * hidden * 4
+    stats = max(in_dims) ** 2 * 4 * 3  # a Hessian, its inverse factor and a working copy
+    model_bytes = other_bytes + len(blocks) * block_bytes
+    passes = len(arch.linear_groups) + 1  # a partial pass per group, a full one for the outputs
+    flops = 2 * n_tokens * block_params * passes * len(blocks)
+    columns = sum(block0.get_submodule(n).in_features for g in arch.linear_groups for n in g) * len(blocks)
+    gptq_flops = sum(block0.get_submodule(n).in_features ** 2 * block0.get_submodule(n).out_features * 4 for g in arch.linear_groups for n in g) * len(blocks)
+    rate = _matmul_gflops() * 1e9
+    seconds = (flops + gptq_flops) / rate + columns * 80e-6  # ~80 µs of Python per weight column
+    return {
+        "model_mb": model_bytes / 1e6,
+        "activations_mb": activations / 1e6,
+        "block_workspace_mb": (block_bytes + stats) / 1e6,
+        "peak_mb": (model_bytes + activations + block_bytes + stats) / 1e6,
+        "seconds": seconds,
+        "gflops": rate / 1e9,
+    }
+
+
+@torch.no_grad()
+def calibrate_and_quantize(
+    loaded: LoadedModel,
+    method: CalibratedMethod,
+    samples: torch.Tensor,
+    skip: Sequence[str] = (),
+    batch_size: int = 8,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Quantise every block linear of ``loaded.model`` not matched by ``skip`` with ``method``,
+    block by block on ``samples`` (int64 (n, ctx)), in place."""
+    model, arch = loaded.model, loaded.arch
+    patterns = [re.compile(p) for p in skip]
+    blocks = decoder_blocks(model, arch)
+    result = CalibrationResult(estimate=estimate(model, arch, samples))
+    est = result.estimate
+    log.warning(
+        "%s on %d blocks with %d samples x %d tokens: estimated peak memory %.0f MB (model %.0f, calibration activations %.0f, "
+        "block workspace %.0f), time ~%.0f s at %.0f GFLOP/s",
+        method.name, len(blocks), samples.shape[0], samples.shape[1], est["peak_mb"], est["model_mb"],
+        est["activations_mb"], est["block_workspace_mb"], est["seconds"], est["gflops"],
+    )
+    start = time.perf_counter()
+    batches = capture_block_inputs(model, arch, samples, batch_size)
+    bar = tqdm(total=len(blocks), desc=method.name, unit="block", disable=not progress)
+    for index, block in enumerate(blocks):
+        prefix = f"{arch.blocks}.{index}"
+        summary = []
+        for group in arch.linear_groups:
+            names = [n for n in group if not any(p.search(f"{prefix}.{n}") for p in patterns)]
+            if not names:
+                continue
+            linears = {n: block.get_submodule(n) for n in names}
+            for n, linear in linears.items():
+                if not isinstance(linear, nn.Linear) or isinstance(linear, QuantLinear):
+                    raise LowbitError(f"{prefix}.{n} is not a float nn.Linear (already quantised?); quantise the float model")
+            stats = method.statistics(next(iter(linears.values())).in_features)
+
+            def record(module, args, stats=stats):
+                stats.add(args[0])
+                raise _StopForward  # the group shares this input: nothing after it is needed
+
+            hooks = [linear.register_forward_pre_hook(record) for linear in linears.values()]
+            try:
+                for batch in batches:
+                    try:
+                        block(batch.hidden, **batch.block_kwargs[index])
+                    except _StopForward:
+                        pass
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for n, linear in linears.items():
+                full = f"{prefix}.{n}"
+                qweight, info = method.quantize(full, linear.weight, stats)
+                set_module(block, n, QuantLinear(qweight, linear.bias))
+                result.layers.append(LayerResult(full, qweight.shape, qweight.bits_per_weight, info))
+                summary.append(f"{n.rsplit('.', 1)[-1]} {_short(info)}")
+        for batch in batches:
+            batch.hidden = _block_output(block(batch.hidden, **batch.block_kwargs[index]))
+        bar.update(1)
+        if progress and summary:
+            tqdm.write(f"block {index}: " + ", ".join(summary))
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _short(info: dict) -> str:
+    """Per-layer output error for the progress line, beside RTN's when the method reports it."""
+    err, ref = info.get("output_error"), info.get("rtn_output_error")
+    if err is None:
+        return ""
+    return f"{err:.3g}" + ("" if ref is None else f" (rtn {ref:.3g})")

@@ -1,0 +1,174 @@
+"""lowbit's checkpoint format: one directory that rebuilds a working model on its own.
+
+    DIR/
+      lowbit.safetensors   every tensor of the model: packed QuantLinear buffers
+                           (``<layer>.qdata``, ``<layer>.scales``, ``<layer>.zeros``) and the
+                           float ones (embeddings, norms, lm_head); a tensor shared by tied
+                           weights is stored once. Its safetensors metadata holds the JSON
+                           header under the key "lowbit".
+      config.json          the Hugging Face config of the source model
+      tokenizer files      as the tokenizer saves them
+
+The header (format_version 1):
+    {"format": "lowbit", "format_version": 1, "lowbit_version": ...,
+     "source": "smollm2" | "/abs/path/model.gguf" | "/abs/path/hf-dir",
+     "model_type": "llama", "method": {"name": "rtn", ...},
+     "layers": {"model.layers.0.self_attn.q_proj":
+                   {"shape": [576, 576], "group_size": 128, "bias": false, "spec": {...}}},
+     "tied": {"lm_head.weight": "model.embed_tokens.weight"}}
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+from lowbit.models.architectures import architecture_for
+from lowbit.models.loading import CHECKPOINT_FILE, LoadedModel
+from lowbit.modules.quant_linear import QuantLinear
+from lowbit.modules.swap import set_module
+from lowbit.numerics.spec import QuantSpec
+from lowbit.packed.qweight import QuantizedWeight
+
+FORMAT_VERSION = 1
+
+
+def quantized_layers(model: torch.nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one copy of tensors that share storage; map each dropped name to the kept one."""
+    kept: dict[tuple, str] = {}
+    out, tied = {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in kept:
+            tied[name] = kept[key]
+            continue
+        kept[key] = name
+        out[name] = tensor.contiguous()
+    return out, tied
+
+
+def prepare_output_dir(out: Path) -> Path:
+    """Refuse an existing ``out``; return a fresh temporary sibling to write into."""
+    if out.exists():
+        raise LowbitError(f"output directory {out} already exists; choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def save_quantized(loaded: LoadedModel, out: str | Path) -> Path:
+    """Write ``loaded``, quantised by `lowbit.quantize_model`, to directory ``out``.
+
+    Written into a temporary sibling directory and renamed at the end: an error or an
+    interruption leaves no half-written ``out``.
+    """
+    if not loaded.is_quantized:
+        raise LowbitError("this model is not quantised; run quantize_model on it before saving")
+    out = Path(out)
+    tmp = prepare_output_dir(out)
+    try:
+        model = loaded.model
+        layers = {
+            name: {"shape": [m.out_features, m.in_features], "group_size": m.group_size, "bias": m.bias is not None, "spec": m.spec.to_dict()}
+            for name, m in quantized_layers(model).items()
+        }
+        tensors, tied = _dedupe_tied(model.state_dict())
+        header = {
+            "format": "lowbit",
+            "format_version": FORMAT_VERSION,
+            "lowbit_version": __version__,
+            "source": loaded.source,
+            "model_type": model.config.model_type,
+            "method": loaded.header["method"],
+            "layers": layers,
+            "tied": tied,
+        }
+        save_file(tensors, tmp / CHECKPOINT_FILE, metadata={"lowbit": json.dumps(header)})
+        model.config.to_json_file(tmp / "config.json")
+        loaded.tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_header(path: str | Path) -> dict:
+    """The JSON header of a lowbit directory (or of its lowbit.safetensors file)."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise LowbitError(f"could not read {file}: {err}; the file is missing, truncated or corrupted") from err
+    if "lowbit" not in meta:
+        raise LowbitError(f"{file} has no lowbit header; it was not written by lowbit")
+    header = json.loads(meta["lowbit"])
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise LowbitError(f"{file} has format version {header['format_version']}; this lowbit reads up to {FORMAT_VERSION}, upgrade lowbit")
+    return header
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``file`` in memory they own (not views of a memory map that would
+    stay resident as long as any tensor lives)."""
+    try:
+        return load_safetensors(file.read_bytes())
+    except (SafetensorError, OSError) as err:
+        raise LowbitError(f"could not read the tensors of {file}: {err}; the file is truncated or corrupted") from err
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Rebuild a working model from a lowbit directory alone.
+
+    The float model is built with its parameters on the meta device (no memory, no random
+    init), the quantised layers are put in from the stored packed tensors, then the remaining
+    float tensors are assigned.
+    """
+    path = Path(path)
+    header = read_header(path)
+    tensors = _load_tensors(path / CHECKPOINT_FILE)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError) as err:
+        raise LowbitError(f"could not read the config or tokenizer in {path}: {err}") from err
+    arch = architecture_for(config.model_type)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, info in header["layers"].items():
+        prefix = name + "."
+        own = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+        bias = own.pop("bias", None)
+        weight = QuantizedWeight.from_tensors(own, tuple(info["shape"]), info["group_size"], QuantSpec.from_dict(info["spec"]), name)
+        if info["bias"] and bias is None:
+            raise LowbitError(f"{name}: the checkpoint lacks its bias; it is incomplete, re-quantise it")
+        set_module(model, name, QuantLinear(weight, bias.to(dtype) if bias is not None else None))
+    floats = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    result = model.load_state_dict(floats, strict=False, assign=True)
+    quantized_prefixes = tuple(name + "." for name in header["layers"])
+    missing = [k for k in result.missing_keys if k not in header["tied"] and not k.startswith(quantized_prefixes)]
+    if missing or result.unexpected_keys:
+        raise LowbitError(f"{path}: tensors missing {missing[:5]} / unexpected {result.unexpected_keys[:5]}; the checkpoint does not match its config")
+    for name, target in header["tied"].items():
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, model.get_parameter(target))
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise LowbitError(f"{path}: no stored values for {meta[:5]}; the checkpoint is incomplete")
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path.resolve()), arch=arch, header=header)

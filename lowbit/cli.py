@@ -1,0 +1,191 @@
+"""The ``lowbit`` command: quantize, eval, info.
+
+User errors (`LowbitError`) print one line and exit 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger("lowbit")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    from lowbit.data.corpora import CORPORA, DEFAULT_CORPUS
+
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", metavar="FILE", help="evaluate on this UTF-8 text file (its second half)")
+    text.add_argument("--corpus", choices=sorted(CORPORA), help=f"named corpus (default {DEFAULT_CORPUS})")
+    p.add_argument("--windows", type=int, default=20, help="evaluation windows (default 20)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit.models.registry import DEFAULT_MODEL, NAMED_MODELS
+    from lowbit.modules.swap import DEFAULT_SKIP
+    from lowbit.numerics.spec import GRANULARITIES, RANGE_METHODS
+    from lowbit.pipeline import METHODS
+
+    parser = argparse.ArgumentParser(prog="lowbit", description="Quantise LLMs and measure what it costs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = f"a named model ({', '.join(NAMED_MODELS)}), a .gguf file or a checkpoint directory"
+
+    q = sub.add_parser("quantize", help="quantise a model and save it in lowbit's format")
+    q.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
+    q.add_argument("--method", default="rtn", choices=METHODS)
+    q.add_argument("--bits", type=int, required=True, help="code width, 2-8")
+    q.add_argument("--group-size", type=int, default=128, help="columns per group (default 128); the last group of a row may be shorter")
+    q.add_argument("--granularity", default="group", choices=[g for g in GRANULARITIES if g != "token"], help="who shares a scale (default group)")
+    q.add_argument("--asym", action="store_true", help="asymmetric range with a zero-point (default symmetric)")
+    q.add_argument("--zero-point", default="int", choices=["int", "float"], help="with --asym: integer Z (Eq. 3.3) or float offset (Q4_1/HQQ style)")
+    q.add_argument("--range", default="minmax", choices=RANGE_METHODS, help="range selection (default minmax)")
+    q.add_argument("--percentile", type=float, default=99.9, help="with --range percentile")
+    q.add_argument("--skip", action="append", metavar="REGEX", help=f"linears to leave in float (repeatable; default {' '.join(DEFAULT_SKIP)})")
+    q.add_argument("--out", required=True, help="new directory to write")
+    calib = q.add_argument_group("calibration (gptq)")
+    calib_text = calib.add_mutually_exclusive_group()
+    calib_text.add_argument("--calib-corpus", metavar="NAME", help="named corpus for calibration samples (default pydoc; its first half)")
+    calib_text.add_argument("--calib-text", metavar="FILE", help="UTF-8 text file for calibration samples (its first half)")
+    calib.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
+    calib.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration sample (default 512)")
+    calib.add_argument("--calib-batch", type=int, default=8, help="samples per forward pass (default 8)")
+    calib.add_argument("--seed", type=int, default=0, help="seed for the calibration sample offsets")
+    gptq = q.add_argument_group("gptq")
+    gptq.add_argument("--act-order", action="store_true", help="quantise columns by descending diag(H)")
+    gptq.add_argument("--static-groups", action="store_true", help="with --act-order: fix group scales in column order first (no g_idx)")
+    gptq.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
+    gptq.add_argument("--block-size", type=int, default=128, help="columns per lazy-update block (default 128)")
+    q.add_argument("--eval", action="store_true", help="then evaluate against the source model and print the before/after table")
+    _add_eval_args(q)
+
+    e = sub.add_parser("eval", help="perplexity, KLD and top-1 agreement of a model")
+    e.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
+    e.add_argument("--reference", help="model to compare with (default: a quantised directory's source; none for a float model)")
+    _add_eval_args(e)
+
+    i = sub.add_parser("info", help="what a checkpoint holds: layers, specs, sizes")
+    i.add_argument("path", help="a lowbit directory, a Hugging Face directory or a .gguf file")
+    return parser
+
+
+def _spec_from_args(args):
+    from lowbit.numerics.spec import QuantSpec
+
+    return QuantSpec(
+        bits=args.bits,
+        symmetric=not args.asym,
+        granularity=args.granularity,
+        group_size=args.group_size if args.granularity == "group" else None,
+        zero_point=args.zero_point,
+        range=args.range,
+        percentile=args.percentile,
+    )
+
+
+def _run_eval(model_ref: str, reference_ref: str | None, args, preloaded=None) -> int:
+    from lowbit.data.corpora import eval_windows, tokenize_split
+    from lowbit.evaluation import evaluate, results_table, write_json
+    from lowbit.models.loading import load_model
+
+    loaded = preloaded or load_model(model_ref)
+    if reference_ref is None and loaded.is_quantized:
+        reference_ref = loaded.header["source"]
+    reference = load_model(reference_ref) if reference_ref else None
+    split = tokenize_split(loaded.tokenizer, args.corpus, args.text)
+    windows = eval_windows(split, args.ctx, args.windows)
+    models = {}
+    if reference is not None:
+        models[f"{Path(reference_ref).name} (reference)"] = reference.model
+    label = Path(model_ref).name if loaded.is_quantized else model_ref
+    models[label] = loaded.model
+    print(f"evaluating on {split.label}: {len(windows)} windows of {args.ctx} tokens{' (BOS first)' if split.bos_id is not None else ''}", file=sys.stderr)
+    results = evaluate(models, windows, reference=None if reference is None else reference.model)
+    print(results_table(results, baseline=next(iter(models)) if reference is not None else None))
+    if args.json:
+        main_result = results[-1].to_dict()
+        payload = {
+            **main_result,
+            "model": model_ref,
+            "reference": reference_ref,
+            "corpus": split.label,
+            "ctx": args.ctx,
+            "windows": len(windows),
+            "method": loaded.header["method"] if loaded.is_quantized else None,
+            "results": [r.to_dict() for r in results],
+        }
+        write_json(args.json, payload)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from lowbit.checkpoint import prepare_output_dir, save_quantized
+    from lowbit.models.loading import load_model
+    from lowbit.modules.swap import DEFAULT_SKIP
+    from lowbit.calibration.methods import GPTQOptions
+    from lowbit.pipeline import CalibrationConfig, quantize_model, summarize_layers
+
+    spec = _spec_from_args(args)
+    out = Path(args.out)
+    if out.exists():  # fail before the slow part; save_quantized checks again
+        prepare_output_dir(out)
+    calibration = CalibrationConfig(
+        corpus=args.calib_corpus, text_file=args.calib_text, samples=args.calib_samples,
+        ctx=args.calib_ctx, seed=args.seed, batch_size=args.calib_batch,
+    )
+    options = GPTQOptions(block_size=args.block_size, damp=args.damp, act_order=args.act_order, static_groups=args.static_groups)
+    loaded = load_model(args.model)
+    result = quantize_model(loaded, spec, method=args.method, skip=args.skip or DEFAULT_SKIP, calibration=calibration, gptq=options)
+    save_quantized(loaded, out)
+    print(f"quantised {len(result.layers)} linears of {args.model} with {args.method} {spec.describe()} in {result.seconds:.1f} s -> {out}")
+    print(summarize_layers(result.layers))
+    if args.eval:
+        return _run_eval(str(out), None, args)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    return _run_eval(args.model, args.reference, args)
+
+
+def cmd_info(args) -> int:
+    from lowbit.info import describe_path
+
+    print(describe_path(args.path))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lowbit: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info}
+    start = time.perf_counter()
+    try:
+        code = commands[args.command](args)
+    except LowbitError as err:
+        print(f"lowbit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    log.info("%s took %.1f s", args.command, time.perf_counter() - start)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

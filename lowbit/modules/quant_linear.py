@@ -1,0 +1,53 @@
+"""`QuantLinear`: an ``nn.Linear`` replacement whose weight lives packed in memory."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.packed.qweight import QuantizedWeight
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W held as a `QuantizedWeight` (packed codes, scales, zeros).
+
+    The packed tensors are buffers, so ``state_dict`` holds exactly the stored form and the
+    float weight never stays in memory. Forward is the reference path: dequantise the whole
+    weight to the input's dtype, then ``F.linear``. Faster kernels replace ``forward`` for
+    formats they support and are tested against this path.
+
+    Input (..., in_features), output (..., out_features), in the input's float dtype.
+    """
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.spec = weight.spec
+        self.group_size = weight.group_size
+        for name, tensor in weight.tensors().items():
+            self.register_buffer(name, tensor)
+        for optional in ("zeros", "g_idx"):
+            if optional not in weight.tensors():
+                setattr(self, optional, None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        """The packed weight as a `QuantizedWeight` view over this module's buffers."""
+        return QuantizedWeight(
+            qdata=self.qdata,
+            scales=self.scales,
+            zeros=self.zeros,
+            shape=(self.out_features, self.in_features),
+            group_size=self.group_size,
+            spec=self.spec,
+            g_idx=self.g_idx,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.qweight.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.describe()}, bias={self.bias is not None}"

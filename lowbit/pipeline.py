@@ -1,0 +1,131 @@
+"""Model-level plumbing: choose the linears, quantise them with a method, swap them in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.calibration.engine import LayerResult, calibrate_and_quantize
+from lowbit.calibration.methods import GPTQMethod, GPTQOptions
+from lowbit.data.corpora import DEFAULT_CORPUS, calibration_samples, tokenize_split
+from lowbit.errors import LowbitError
+from lowbit.models.loading import LoadedModel
+from lowbit.modules.quant_linear import QuantLinear
+from lowbit.modules.swap import DEFAULT_SKIP, linear_layers, set_module
+from lowbit.numerics.quantize import weight_sqnr_db
+from lowbit.numerics.spec import QuantSpec
+
+METHODS = ("rtn", "gptq")
+CALIBRATED = ("gptq",)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where calibration samples come from: ``samples`` windows of ``ctx`` tokens at seeded
+    random offsets in the first half of ``corpus`` (or of ``text_file``), run through the
+    model ``batch_size`` at a time."""
+
+    corpus: str | None = None
+    text_file: str | None = None
+    samples: int = 128
+    ctx: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.samples < 1 or self.ctx < 2 or self.batch_size < 1:
+            raise LowbitError(f"calibration needs samples >= 1, ctx >= 2 and batch_size >= 1 (got {self.samples}, {self.ctx}, {self.batch_size})")
+
+    def tokens(self, tokenizer) -> torch.Tensor:
+        """int64 (samples, ctx) token ids."""
+        split = tokenize_split(tokenizer, self.corpus, self.text_file)
+        return calibration_samples(split, self.samples, self.ctx, self.seed)
+
+    def describe(self) -> dict:
+        data = asdict(self)
+        data["corpus"] = None if self.text_file else (self.corpus or DEFAULT_CORPUS)
+        data["text_file"] = None if self.text_file is None else str(Path(self.text_file).resolve())
+        return data
+
+
+@dataclass
+class QuantizeResult:
+    method: dict
+    seconds: float
+    layers: list[LayerResult] = field(default_factory=list)
+    estimate: dict = field(default_factory=dict)
+
+
+def quantize_model(
+    loaded: LoadedModel,
+    spec: QuantSpec,
+    method: str = "rtn",
+    skip: Sequence[str] = DEFAULT_SKIP,
+    calibration: CalibrationConfig | None = None,
+    gptq: GPTQOptions | None = None,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantise every linear of ``loaded.model`` not matched by ``skip`` (regexes), in place.
+
+    rtn: each weight on its own. gptq: block by block on calibration samples
+    (``calibration``, default 128 x 512 tokens of the default corpus), with ``gptq`` options.
+    Each ``nn.Linear`` is replaced by a `QuantLinear` holding the packed weight; the float
+    weight is dropped. Returns per-layer storage and errors.
+    """
+    if method not in METHODS:
+        raise LowbitError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if loaded.is_quantized:
+        raise LowbitError("this model is already quantised; quantise its float source instead")
+    layers = linear_layers(loaded.model, skip)
+    if not layers:
+        raise LowbitError(f"no linear layer is left to quantise: the skip patterns {list(skip)} match them all")
+    info = {"name": method, "spec": spec.to_dict(), "skip": list(skip)}
+    start = time.perf_counter()
+    if method in CALIBRATED:
+        arch = loaded.arch
+        n_blocks = len(loaded.model.get_submodule(arch.blocks))
+        known = {f"{arch.blocks}.{i}.{n}" for i in range(n_blocks) for n in arch.block_linears}
+        outside = [name for name, _ in layers if name not in known]
+        if outside:
+            raise LowbitError(
+                f"{method} quantises the linears the architecture table lists for each decoder block; "
+                f"{', '.join(outside[:4])} are not among them: add --skip for them or use rtn"
+            )
+        calibration = calibration or CalibrationConfig()
+        options = gptq or GPTQOptions()
+        samples = calibration.tokens(loaded.tokenizer)
+        engine = calibrate_and_quantize(loaded, GPTQMethod(spec, options), samples, skip=skip, batch_size=calibration.batch_size, progress=progress)
+        results, estimate = engine.layers, engine.estimate
+        info.update(calibration=calibration.describe(), options=asdict(options))
+    else:
+        results, estimate = [], {}
+        for name, linear in tqdm(layers, desc=f"{method} {spec.describe()}", disable=not progress, unit="layer"):
+            with torch.no_grad():
+                qweight = rtn_quantize(linear.weight, spec, name)
+                sqnr = weight_sqnr_db(linear.weight, qweight.dequantize())
+            set_module(loaded.model, name, QuantLinear(qweight, linear.bias))
+            results.append(LayerResult(name, qweight.shape, qweight.bits_per_weight, {"weight_sqnr_db": sqnr}))
+    seconds = time.perf_counter() - start
+    info["seconds"] = seconds
+    loaded.header = {"method": info, "source": loaded.source}
+    return QuantizeResult(method=info, seconds=seconds, layers=results, estimate=estimate)
+
+
+def summarize_layers(layers: Sequence[LayerResult]) -> str:
+    """One line: bits per weight over all layers, worst weight SQNR, and for calibrated
+    methods the total output error against RTN's on the same inputs."""
+    weights = sum(r.shape[0] * r.shape[1] for r in layers)
+    bpw = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in layers) / weights
+    text = f"{bpw:.3f} bits/weight, worst layer weight SQNR {min(r.info['weight_sqnr_db'] for r in layers):.1f} dB"
+    if all("output_error" in r.info and "rtn_output_error" in r.info for r in layers):
+        ours = sum(r.info["output_error"] for r in layers)
+        rtn = sum(r.info["rtn_output_error"] for r in layers)
+        better = sum(r.info["output_error"] < r.info["rtn_output_error"] for r in layers)
+        text += f"; summed layer output error {ours:.4g} vs RTN {rtn:.4g} ({ours / rtn:.2f}x), lower than RTN in {better}/{len(layers)} layers"
+    return text

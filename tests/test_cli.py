@@ -1,0 +1,93 @@
+"""The lowbit command on the tiny model: verbs, JSON, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_eval_info(capsys, tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--asym", "--out", str(out))
+    assert code == 0 and "quantised 14 linears" in stdout and out.is_dir()
+
+    report = tmp_path / "r.json"
+    code, stdout, _ = run(capsys, "eval", str(out), "--text", str(text_file), "--windows", "2", "--ctx", "64", "--json", str(report))
+    assert code == 0
+    assert "(reference)" in stdout and "q " in stdout  # before/after rows
+    data = json.loads(report.read_text())
+    for key in ("perplexity", "kld", "top1_agreement", "tokens", "bits_per_weight", "model_bytes"):
+        assert key in data
+    assert data["tokens"] == 2 * 63 and data["kld"] > 0 and data["reference"] == str(tiny_llama_dir.resolve())
+    assert data["bits_per_weight"] == pytest.approx(4 + 16 / 32 + 4 / 32)
+    assert [r["label"] for r in data["results"]][1] == "q"
+
+    code, stdout, _ = run(capsys, "info", str(out))
+    assert code == 0 and "W4 g32 asym" in stdout and "14 quantised linears" in stdout
+
+
+def test_eval_of_a_float_model_has_no_reference(capsys, tiny_llama_dir, text_file):
+    code, stdout, _ = run(capsys, "eval", str(tiny_llama_dir), "--text", str(text_file), "--windows", "1", "--ctx", "32")
+    assert code == 0 and "reference" not in stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bits", "9"], "bits=9 is outside 2-8"),
+        (["--bits", "1"], "bits=1 is outside 2-8"),
+        (["--bits", "4", "--group-size", "0"], "group_size=0 is not a positive integer"),
+        (["--bits", "4", "--group-size", "4096"], "group_size 4096 is larger than in_features 64"),
+    ],
+)
+def test_impossible_settings_exit_with_one_line(capsys, tiny_llama_dir, tmp_path, argv, message):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), *argv, "--out", str(out))
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("lowbit: error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_before_work(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--bits", "4", "--out", str(out))
+    assert code == 2 and "already exists" in err
+
+
+def test_bad_files(capsys, tmp_path, text_file):
+    fake = tmp_path / "m.gguf"
+    fake.write_bytes(b"hello world")
+    code, _, err = run(capsys, "eval", str(fake), "--text", str(text_file))
+    assert code == 2 and "not a GGUF file" in err
+    code, _, err = run(capsys, "info", str(tmp_path / "nothing"))
+    assert code == 2 and "not found" in err
+
+
+def test_short_text(capsys, tiny_llama_dir, tmp_path):
+    short = tmp_path / "s.txt"
+    short.write_text("a few words")
+    code, _, err = run(capsys, "eval", str(tiny_llama_dir), "--text", str(short))
+    assert code == 2 and "fewer than one window" in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit.cli", "eval", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("lowbit: error:") and "Traceback" not in proc.stderr

@@ -1,0 +1,106 @@
+"""Corpora, windows, and the evaluation metrics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TEXT, byte_tokenizer, tiny_llama
+from lowbit import QuantSpec, evaluate, load_model, quantize_model
+from lowbit.data import calibration_samples, eval_windows, load_text, tokenize_split
+from lowbit.errors import LowbitError
+
+
+def test_pydoc_corpus_is_available():
+    label, text = load_text("pydoc")
+    assert label == "pydoc" and len(text.split()) > 50_000
+
+
+def test_unknown_corpus_and_missing_file():
+    with pytest.raises(LowbitError, match="unknown"):
+        load_text("wikitext")
+    with pytest.raises(LowbitError, match="not found"):
+        load_text(text_file="/no/such/file.txt")
+
+
+def test_calibration_and_evaluation_are_disjoint(text_file):
+    tok = byte_tokenizer()
+    split = tokenize_split(tok, text_file=text_file)
+    assert len(split.calibration) + len(split.evaluation) == len(tok(TEXT, add_special_tokens=False).input_ids)
+    windows = eval_windows(split, ctx=64)
+    samples = calibration_samples(split, n_samples=8, ctx=64, seed=0)
+    n = len(split.calibration)
+    whole = torch.cat([split.calibration, split.evaluation])
+    # every evaluation window lies after the cut, every calibration sample before it
+    for w in windows:
+        start = next(i for i in range(n, len(whole) - 63) if torch.equal(whole[i : i + 64], w))
+        assert start >= n
+    for s in samples:
+        assert any(torch.equal(split.calibration[i : i + 64], s) for i in range(n - 63))
+
+
+def test_windows_are_deterministic_and_bos_prefixed(text_file):
+    tok = byte_tokenizer(bos=True)
+    split = tokenize_split(tok, text_file=text_file)
+    assert split.bos_id == 256
+    a, b = eval_windows(split, ctx=32, n_windows=3), eval_windows(split, ctx=32, n_windows=3)
+    assert torch.equal(a, b) and a.shape == (3, 32)
+    assert (a[:, 0] == 256).all() and not (a[:, 1:] == 256).any()
+    assert torch.equal(a[0, 1:], split.evaluation[:31])  # BOS + ctx-1 text tokens
+    s1, s2 = calibration_samples(split, 4, 32, seed=1), calibration_samples(split, 4, 32, seed=1)
+    assert torch.equal(s1, s2) and (s1[:, 0] == 256).all()
+    assert not torch.equal(s1, calibration_samples(split, 4, 32, seed=2))
+
+
+def test_text_too_short_for_a_window(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    split = tokenize_split(byte_tokenizer(), text_file=short)
+    with pytest.raises(LowbitError, match="fewer than one window of 512"):
+        eval_windows(split, ctx=512)
+
+
+def test_too_many_windows(text_file):
+    split = tokenize_split(byte_tokenizer(), text_file=text_file)
+    with pytest.raises(LowbitError, match="has room for"):
+        eval_windows(split, ctx=256, n_windows=10_000)
+
+
+def test_perplexity_kld_and_top1_match_their_definitions():
+    torch.manual_seed(0)
+    ref, other = tiny_llama(seed=1), tiny_llama(seed=2)
+    windows = torch.randint(0, 256, (3, 20))
+    results = evaluate({"ref": ref, "other": other}, windows, reference=ref, progress=False)
+    by = {r.label: r for r in results}
+    assert by["ref"].kld == pytest.approx(0.0, abs=1e-7) and by["ref"].top1_agreement == 1.0
+    nll = kld = agree = 0.0
+    with torch.no_grad():
+        for w in windows:
+            lp_ref = F.log_softmax(ref(w[None, :-1]).logits[0], -1)
+            lp = F.log_softmax(other(w[None, :-1]).logits[0], -1)
+            nll -= lp.gather(-1, w[1:, None]).sum().item()
+            kld += (lp_ref.exp() * (lp_ref - lp)).sum().item()
+            agree += (lp.argmax(-1) == lp_ref.argmax(-1)).sum().item()
+    assert by["other"].tokens == 3 * 19
+    assert by["other"].perplexity == pytest.approx(math.exp(nll / 57), rel=1e-5)
+    assert by["other"].kld == pytest.approx(kld / 57, rel=1e-4)
+    assert by["other"].top1_agreement == pytest.approx(agree / 57)
+    # a random model is close to uniform over 257 tokens
+    assert 150 < by["other"].perplexity < 400
+
+
+def test_quantisation_error_grows_as_bits_fall(tiny_llama_dir, text_file):
+    ref = load_model(str(tiny_llama_dir))
+    split = tokenize_split(ref.tokenizer, text_file=text_file)
+    windows = eval_windows(split, ctx=64, n_windows=4)
+    models = {"float": ref.model}
+    for bits in (8, 4, 2):
+        loaded = load_model(str(tiny_llama_dir))
+        quantize_model(loaded, QuantSpec(bits=bits, granularity="channel", group_size=None), progress=False)
+        models[f"w{bits}"] = loaded.model
+    by = {r.label: r for r in evaluate(models, windows, reference=ref.model, progress=False)}
+    assert by["w8"].kld < by["w4"].kld < by["w2"].kld
+    assert by["w8"].top1_agreement >= by["w2"].top1_agreement
+    assert by["float"].bits_per_weight == 32 and by["w4"].bits_per_weight == pytest.approx(4 + 16 / 64, rel=0.05)
+    assert by["w2"].model_bytes < by["w4"].model_bytes < by["w8"].model_bytes < by["float"].model_bytes
