@@ -14,7 +14,7 @@ The header (format_version 1):
      "source": "smollm2" | "/abs/path/model.gguf" | "/abs/path/hf-dir",
      "model_type": "llama", "method": {"name": "rtn", ...},
      "layers": {"model.layers.0.self_attn.q_proj":
-                   {"shape": [576, 576], "group_size": 128, "bias": false, "spec": {...}}},
+                   {"module": "QuantLinear", "shape": [576, 576], "group_size": 128, "bias": false, "spec": {...}}},
      "tied": {"lm_head.weight": "model.embed_tokens.weight"}}
 """
 
@@ -36,16 +36,15 @@ from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.models.architectures import architecture_for
 from lowbit.models.loading import CHECKPOINT_FILE, LoadedModel
-from lowbit.modules.quant_linear import QuantLinear
+from lowbit.modules import QUANTIZED_MODULES
 from lowbit.modules.swap import set_module
-from lowbit.numerics.spec import QuantSpec
-from lowbit.packed.qweight import QuantizedWeight
 
 FORMAT_VERSION = 1
 
 
-def quantized_layers(model: torch.nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    kinds = tuple(QUANTIZED_MODULES.values())
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -54,7 +53,7 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     out, tied = {}, {}
     for name, tensor in state.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-        if key in kept:
+        if tensor.numel() and key in kept:  # empty tensors share no data, whatever their pointer
             tied[name] = kept[key]
             continue
         kept[key] = name
@@ -82,10 +81,7 @@ def save_quantized(loaded: LoadedModel, out: str | Path) -> Path:
     tmp = prepare_output_dir(out)
     try:
         model = loaded.model
-        layers = {
-            name: {"shape": [m.out_features, m.in_features], "group_size": m.group_size, "bias": m.bias is not None, "spec": m.spec.to_dict()}
-            for name, m in quantized_layers(model).items()
-        }
+        layers = {name: {"module": type(m).__name__, **m.config()} for name, m in quantized_layers(model).items()}
         tensors, tied = _dedupe_tied(model.state_dict())
         header = {
             "format": "lowbit",
@@ -153,11 +149,14 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
     for name, info in header["layers"].items():
         prefix = name + "."
         own = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-        bias = own.pop("bias", None)
-        weight = QuantizedWeight.from_tensors(own, tuple(info["shape"]), info["group_size"], QuantSpec.from_dict(info["spec"]), name)
-        if info["bias"] and bias is None:
+        if info["bias"] and "bias" not in own:
             raise LowbitError(f"{name}: the checkpoint lacks its bias; it is incomplete, re-quantise it")
-        set_module(model, name, QuantLinear(weight, bias.to(dtype) if bias is not None else None))
+        if "bias" in own:
+            own["bias"] = own["bias"].to(dtype)
+        kind = QUANTIZED_MODULES.get(info.get("module", "QuantLinear"))
+        if kind is None:
+            raise LowbitError(f"{name}: module type {info['module']!r} is unknown to this lowbit; upgrade lowbit")
+        set_module(model, name, kind.from_state(info, own, name))
     floats = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     result = model.load_state_dict(floats, strict=False, assign=True)
     quantized_prefixes = tuple(name + "." for name in header["layers"])

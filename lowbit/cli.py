@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantise a model and save it in lowbit's format")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
     q.add_argument("--method", default="rtn", choices=METHODS)
-    q.add_argument("--bits", type=int, required=True, help="code width, 2-8")
+    q.add_argument("--bits", type=int, help="code width, 2-8 (weight-only methods; W8A8 methods are 8-bit)")
     q.add_argument("--group-size", type=int, default=128, help="columns per group (default 128); the last group of a row may be shorter")
     q.add_argument("--granularity", default="group", choices=[g for g in GRANULARITIES if g != "token"], help="who shares a scale (default group)")
     q.add_argument("--asym", action="store_true", help="asymmetric range with a zero-point (default symmetric)")
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     gptq.add_argument("--static-groups", action="store_true", help="with --act-order: fix group scales in column order first (no g_idx)")
     gptq.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
     gptq.add_argument("--block-size", type=int, default=128, help="columns per lazy-update block (default 128)")
+    awq = q.add_argument_group("awq")
+    awq.add_argument("--awq-grid", type=int, default=20, help="alpha values tried for the AWQ scales (default 20)")
+    awq.add_argument("--no-clip", action="store_true", help="skip AWQ's weight-clipping search")
+    act = q.add_argument_group("w8a8, smoothquant, llm-int8")
+    act.add_argument("--act-granularity", default="token", choices=["token", "tensor"], help="int8 activations: per-token dynamic (default) or per-tensor static (calibrated)")
+    act.add_argument("--alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'search' (per group, by W8A8 output error)")
+    act.add_argument("--alpha-grid", type=int, default=20, help="with --alpha search: grid steps over [0, 1] (default 20)")
+    act.add_argument("--threshold", type=float, default=6.0, help="LLM.int8() outlier magnitude (default 6.0)")
     q.add_argument("--eval", action="store_true", help="then evaluate against the source model and print the before/after table")
     _add_eval_args(q)
 
@@ -73,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="model to compare with (default: a quantised directory's source; none for a float model)")
     _add_eval_args(e)
 
+    o = sub.add_parser("outliers", help="activation outlier analysis of every linear's input (table, PNG plots, JSON)")
+    o.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
+    o_text = o.add_mutually_exclusive_group()
+    o_text.add_argument("--calib-corpus", metavar="NAME", help="named corpus (default pydoc; its first half)")
+    o_text.add_argument("--calib-text", metavar="FILE", help="UTF-8 text file (its first half)")
+    o.add_argument("--samples", type=int, default=32, help="samples (default 32)")
+    o.add_argument("--ctx", type=int, default=512, help="tokens per sample (default 512)")
+    o.add_argument("--threshold", type=float, default=6.0, help="outlier magnitude (default 6.0, as LLM.int8())")
+    o.add_argument("--out", help="directory for the PNG plots and outliers.json")
+
     i = sub.add_parser("info", help="what a checkpoint holds: layers, specs, sizes")
     i.add_argument("path", help="a lowbit directory, a Hugging Face directory or a .gguf file")
     return parser
@@ -80,7 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _spec_from_args(args):
     from lowbit.numerics.spec import QuantSpec
+    from lowbit.pipeline import INT8_METHODS
 
+    if args.method in INT8_METHODS:
+        if args.bits not in (None, 8):
+            raise LowbitError(f"{args.method} uses 8-bit weights and activations; drop --bits or pass --bits 8")
+        return QuantSpec(bits=8, granularity="channel", group_size=None)
+    if args.bits is None:
+        raise LowbitError(f"--bits is required for --method {args.method}; e.g. --bits 4")
     return QuantSpec(
         bits=args.bits,
         symmetric=not args.asym,
@@ -132,7 +157,7 @@ def cmd_quantize(args) -> int:
     from lowbit.checkpoint import prepare_output_dir, save_quantized
     from lowbit.models.loading import load_model
     from lowbit.modules.swap import DEFAULT_SKIP
-    from lowbit.calibration.methods import GPTQOptions
+    from lowbit.calibration.methods import AWQOptions, GPTQOptions, W8A8Options
     from lowbit.pipeline import CalibrationConfig, quantize_model, summarize_layers
 
     spec = _spec_from_args(args)
@@ -144,10 +169,23 @@ def cmd_quantize(args) -> int:
         ctx=args.calib_ctx, seed=args.seed, batch_size=args.calib_batch,
     )
     options = GPTQOptions(block_size=args.block_size, damp=args.damp, act_order=args.act_order, static_groups=args.static_groups)
+    if args.alpha == "search":
+        alpha = None
+    else:
+        try:
+            alpha = float(args.alpha)
+        except ValueError:
+            raise LowbitError(f"--alpha {args.alpha!r} is neither a number in [0, 1] nor 'search'") from None
+        if not 0.0 <= alpha <= 1.0:
+            raise LowbitError(f"--alpha {alpha} is outside [0, 1]")
+    w8a8 = W8A8Options(act_granularity=args.act_granularity, alpha=alpha, alpha_grid=args.alpha_grid)
+    awq = AWQOptions(grid=args.awq_grid, clip=not args.no_clip)
     loaded = load_model(args.model)
-    result = quantize_model(loaded, spec, method=args.method, skip=args.skip or DEFAULT_SKIP, calibration=calibration, gptq=options)
+    result = quantize_model(loaded, spec, method=args.method, skip=args.skip or DEFAULT_SKIP, calibration=calibration,
+                            gptq=options, awq=awq, w8a8=w8a8, threshold=args.threshold)
     save_quantized(loaded, out)
-    print(f"quantised {len(result.layers)} linears of {args.model} with {args.method} {spec.describe()} in {result.seconds:.1f} s -> {out}")
+    what = spec.describe() if "spec" in result.method else ", ".join(f"{k}={v}" for k, v in result.method["options"].items())
+    print(f"quantised {len(result.layers)} linears of {args.model} with {args.method} ({what}) in {result.seconds:.1f} s -> {out}")
     print(summarize_layers(result.layers))
     if args.eval:
         return _run_eval(str(out), None, args)
@@ -156,6 +194,26 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     return _run_eval(args.model, args.reference, args)
+
+
+def cmd_outliers(args) -> int:
+    from lowbit.analysis.outliers import analyse_outliers, summary_table, write_plots
+    from lowbit.evaluation import write_json
+    from lowbit.models.loading import load_model
+    from lowbit.pipeline import CalibrationConfig
+
+    loaded = load_model(args.model)
+    if loaded.is_quantized:
+        raise LowbitError("outlier analysis needs a float model; give the source model, not a quantised directory")
+    samples = CalibrationConfig(corpus=args.calib_corpus, text_file=args.calib_text, samples=args.samples, ctx=args.ctx).tokens(loaded.tokenizer)
+    report = analyse_outliers(loaded, samples, threshold=args.threshold)
+    print(summary_table(report))
+    if args.out:
+        for path in write_plots(report, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+        write_json(Path(args.out) / "outliers.json", report.to_dict())
+        print(f"wrote {Path(args.out) / 'outliers.json'}", file=sys.stderr)
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -173,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info}
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "outliers": cmd_outliers, "info": cmd_info}
     start = time.perf_counter()
     try:
         code = commands[args.command](args)

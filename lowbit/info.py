@@ -18,6 +18,18 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def layer_label(info: dict) -> str:
+    """Short description of one layer entry of a checkpoint header."""
+    module = info.get("module", "QuantLinear")
+    if module == "QuantLinear":
+        return QuantSpec.from_dict(info["spec"]).describe()
+    if module == "W8A8Linear":
+        return f"W8A8 act per-{info['act_granularity']}"
+    if module == "LLMInt8Linear":
+        return f"LLM.int8() t={info['threshold']:g} ({info['n_outlier_channels']} fp ch)"
+    return module
+
+
 def describe_lowbit(path: Path) -> str:
     header = read_header(path)
     file = path / CHECKPOINT_FILE
@@ -42,13 +54,13 @@ def describe_lowbit(path: Path) -> str:
     quant_bytes = quant_weights = 0
     specs = Counter()
     for name, info in header["layers"].items():
-        spec = QuantSpec.from_dict(info["spec"])
+        label = layer_label(info)
         nbytes = sum(v for k, v in sizes.items() if k.startswith(name + ".") and not k.endswith(".bias"))
         numel = info["shape"][0] * info["shape"][1]
         quant_bytes += nbytes
         quant_weights += numel
-        specs[spec.describe()] += 1
-        lines.append(f"{name:<44} {'x'.join(map(str, info['shape'])):>12} {spec.describe():<22} {8 * nbytes / numel:>7.3f} {nbytes:>10}")
+        specs[label] += 1
+        lines.append(f"{name:<44} {'x'.join(map(str, info['shape'])):>12} {label:<22} {8 * nbytes / numel:>7.3f} {nbytes:>10}")
     float_bytes = sum(sizes.values()) - quant_bytes
     lines += [
         "",

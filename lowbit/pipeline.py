@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.calibration.engine import LayerResult, calibrate_and_quantize
-from lowbit.calibration.methods import GPTQMethod, GPTQOptions
+from lowbit.calibration.methods import AWQMethod, AWQOptions, GPTQMethod, GPTQOptions, LLMInt8Method, W8A8Method, W8A8Options
 from lowbit.data.corpora import DEFAULT_CORPUS, calibration_samples, tokenize_split
 from lowbit.errors import LowbitError
 from lowbit.models.loading import LoadedModel
@@ -21,8 +21,9 @@ from lowbit.modules.swap import DEFAULT_SKIP, linear_layers, set_module
 from lowbit.numerics.quantize import weight_sqnr_db
 from lowbit.numerics.spec import QuantSpec
 
-METHODS = ("rtn", "gptq")
-CALIBRATED = ("gptq",)
+METHODS = ("rtn", "gptq", "awq", "w8a8", "smoothquant", "llm-int8")
+CALIBRATED = ("gptq", "awq", "w8a8", "smoothquant", "llm-int8")
+INT8_METHODS = ("w8a8", "smoothquant", "llm-int8")  # 8-bit weights and activations; --bits does not apply
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,19 @@ def quantize_model(
     skip: Sequence[str] = DEFAULT_SKIP,
     calibration: CalibrationConfig | None = None,
     gptq: GPTQOptions | None = None,
+    awq: AWQOptions | None = None,
+    w8a8: W8A8Options | None = None,
+    threshold: float = 6.0,
     progress: bool = True,
 ) -> QuantizeResult:
     """Quantise every linear of ``loaded.model`` not matched by ``skip`` (regexes), in place.
 
-    rtn: each weight on its own. gptq: block by block on calibration samples
-    (``calibration``, default 128 x 512 tokens of the default corpus), with ``gptq`` options.
-    Each ``nn.Linear`` is replaced by a `QuantLinear` holding the packed weight; the float
-    weight is dropped. Returns per-layer storage and errors.
+    Weight-only methods use ``spec``: rtn (each weight on its own), gptq (``gptq`` options),
+    awq (``awq`` options). W8A8 methods ignore ``spec`` (weights are int8 per channel):
+    w8a8, smoothquant (``w8a8`` options: activation granularity, α), llm-int8
+    (``threshold``). Calibrated methods run block by block on ``calibration`` samples
+    (default 128 x 512 tokens of the default corpus). Each ``nn.Linear`` is replaced by a
+    quantised module and its float weight dropped. Returns per-layer storage and errors.
     """
     if method not in METHODS:
         raise LowbitError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
@@ -98,11 +104,13 @@ def quantize_model(
                 f"{', '.join(outside[:4])} are not among them: add --skip for them or use rtn"
             )
         calibration = calibration or CalibrationConfig()
-        options = gptq or GPTQOptions()
+        calibrated, options = _calibrated_method(method, spec, gptq, awq, w8a8, threshold)
         samples = calibration.tokens(loaded.tokenizer)
-        engine = calibrate_and_quantize(loaded, GPTQMethod(spec, options), samples, skip=skip, batch_size=calibration.batch_size, progress=progress)
+        engine = calibrate_and_quantize(loaded, calibrated, samples, skip=skip, batch_size=calibration.batch_size, progress=progress)
         results, estimate = engine.layers, engine.estimate
-        info.update(calibration=calibration.describe(), options=asdict(options))
+        info.update(calibration=calibration.describe(), options=options)
+        if method in INT8_METHODS:
+            del info["spec"]
     else:
         results, estimate = [], {}
         for name, linear in tqdm(layers, desc=f"{method} {spec.describe()}", disable=not progress, unit="layer"):
@@ -117,15 +125,31 @@ def quantize_model(
     return QuantizeResult(method=info, seconds=seconds, layers=results, estimate=estimate)
 
 
+def _calibrated_method(method, spec, gptq, awq, w8a8, threshold):
+    """The engine's method object for ``method`` and the options the header records."""
+    if method == "gptq":
+        options = gptq or GPTQOptions()
+        return GPTQMethod(spec, options), asdict(options)
+    if method == "awq":
+        options = awq or AWQOptions()
+        return AWQMethod(spec, options), asdict(options)
+    if method == "llm-int8":
+        return LLMInt8Method(threshold), {"threshold": threshold}
+    options = w8a8 or W8A8Options()
+    options = W8A8Options(options.act_granularity, method == "smoothquant", options.alpha, options.alpha_grid)
+    return W8A8Method(options), asdict(options)
+
+
 def summarize_layers(layers: Sequence[LayerResult]) -> str:
     """One line: bits per weight over all layers, worst weight SQNR, and for calibrated
-    methods the total output error against RTN's on the same inputs."""
+    methods the summed layer output error against the baseline's on the same inputs."""
     weights = sum(r.shape[0] * r.shape[1] for r in layers)
     bpw = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in layers) / weights
     text = f"{bpw:.3f} bits/weight, worst layer weight SQNR {min(r.info['weight_sqnr_db'] for r in layers):.1f} dB"
-    if all("output_error" in r.info and "rtn_output_error" in r.info for r in layers):
+    if all("output_error" in r.info and "baseline_output_error" in r.info for r in layers):
         ours = sum(r.info["output_error"] for r in layers)
-        rtn = sum(r.info["rtn_output_error"] for r in layers)
-        better = sum(r.info["output_error"] < r.info["rtn_output_error"] for r in layers)
-        text += f"; summed layer output error {ours:.4g} vs RTN {rtn:.4g} ({ours / rtn:.2f}x), lower than RTN in {better}/{len(layers)} layers"
+        base = sum(r.info["baseline_output_error"] for r in layers)
+        name = layers[0].info.get("baseline", "baseline")
+        better = sum(r.info["output_error"] < r.info["baseline_output_error"] for r in layers)
+        text += f"; summed layer output error {ours:.4g} vs {name} {base:.4g} ({ours / base:.2f}x), lower in {better}/{len(layers)} layers"
     return text

@@ -31,11 +31,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.models.architectures import Architecture, decoder_blocks
+from lowbit.models.architectures import Architecture, LinearGroup, decoder_blocks
 from lowbit.models.loading import LoadedModel
-from lowbit.modules.quant_linear import QuantLinear
+from lowbit.modules import QUANTIZED_MODULES, storage_bytes
 from lowbit.modules.swap import set_module
-from lowbit.packed.qweight import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +44,16 @@ class Statistics(Protocol):
 
 
 class CalibratedMethod(Protocol):
-    """What the engine asks of an algorithm."""
+    """What the engine asks of an algorithm (see `lowbit.calibration.methods`)."""
 
     name: str
 
     def statistics(self, in_features: int) -> Statistics:
-        """A fresh accumulator for the inputs of a layer with ``in_features`` inputs."""
+        """A fresh accumulator for the input of one group of linears."""
 
-    def quantize(self, name: str, weight: torch.Tensor, stats: Statistics) -> tuple[QuantizedWeight, dict]:
-        """The packed weight and a report (e.g. {"output_error": ..., "rtn_output_error": ...})."""
+    def quantize_group(self, block: nn.Module, group: LinearGroup, linears: dict[str, nn.Linear], selected: list[str],
+                       stats: Statistics, arch: Architecture) -> list[tuple[str, nn.Module, dict]]:
+        """(name in block, replacement module, report) for each selected linear."""
 
 
 @dataclass
@@ -165,14 +165,15 @@ def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor) -> dic
     block_params = sum(p.numel() for p in block0.parameters())
     block_bytes = sum(p.numel() * p.element_size() for p in block0.parameters())
     other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith(arch.blocks + "."))
-    in_dims = [block0.get_submodule(name).in_features for group in arch.linear_groups for name in group[:1]]
+    in_dims = [block0.get_submodule(group.linears[0]).in_features for group in arch.groups]
     activations = 2 * n_tokens * hidden * 4
     stats = max(in_dims) ** 2 * 4 * 3  # a Hessian, its inverse factor and a working copy
     model_bytes = other_bytes + len(blocks) * block_bytes
-    passes = len(arch.linear_groups) + 1  # a partial pass per group, a full one for the outputs
+    passes = len(arch.groups) + 1  # a partial pass per group, a full one for the outputs
     flops = 2 * n_tokens * block_params * passes * len(blocks)
-    columns = sum(block0.get_submodule(n).in_features for g in arch.linear_groups for n in g) * len(blocks)
-    gptq_flops = sum(block0.get_submodule(n).in_features ** 2 * block0.get_submodule(n).out_features * 4 for g in arch.linear_groups for n in g) * len(blocks)
+    linears = [block0.get_submodule(n) for n in arch.block_linears]
+    columns = sum(m.in_features for m in linears) * len(blocks)
+    gptq_flops = sum(m.in_features**2 * m.out_features * 4 for m in linears) * len(blocks)
     rate = _matmul_gflops() * 1e9
     seconds = (flops + gptq_flops) / rate + columns * 80e-6  # ~80 µs of Python per weight column
     return {
@@ -213,13 +214,13 @@ def calibrate_and_quantize(
     for index, block in enumerate(blocks):
         prefix = f"{arch.blocks}.{index}"
         summary = []
-        for group in arch.linear_groups:
-            names = [n for n in group if not any(p.search(f"{prefix}.{n}") for p in patterns)]
+        for group in arch.groups:
+            names = [n for n in group.linears if not any(p.search(f"{prefix}.{n}") for p in patterns)]
             if not names:
                 continue
             linears = {n: block.get_submodule(n) for n in names}
             for n, linear in linears.items():
-                if not isinstance(linear, nn.Linear) or isinstance(linear, QuantLinear):
+                if not isinstance(linear, nn.Linear) or isinstance(linear, tuple(QUANTIZED_MODULES.values())):
                     raise LowbitError(f"{prefix}.{n} is not a float nn.Linear (already quantised?); quantise the float model")
             stats = method.statistics(next(iter(linears.values())).in_features)
 
@@ -237,11 +238,12 @@ def calibrate_and_quantize(
             finally:
                 for hook in hooks:
                     hook.remove()
-            for n, linear in linears.items():
+            everyone = {n: block.get_submodule(n) for n in group.linears}
+            for n, module, info in method.quantize_group(block, group, everyone, names, stats, arch):
                 full = f"{prefix}.{n}"
-                qweight, info = method.quantize(full, linear.weight, stats)
-                set_module(block, n, QuantLinear(qweight, linear.bias))
-                result.layers.append(LayerResult(full, qweight.shape, qweight.bits_per_weight, info))
+                set_module(block, n, module)
+                shape = (module.out_features, module.in_features)
+                result.layers.append(LayerResult(full, shape, 8 * storage_bytes(module) / (shape[0] * shape[1]), info))
                 summary.append(f"{n.rsplit('.', 1)[-1]} {_short(info)}")
         for batch in batches:
             batch.hidden = _block_output(block(batch.hidden, **batch.block_kwargs[index]))
@@ -255,7 +257,7 @@ def calibrate_and_quantize(
 
 def _short(info: dict) -> str:
     """Per-layer output error for the progress line, beside RTN's when the method reports it."""
-    err, ref = info.get("output_error"), info.get("rtn_output_error")
+    err, ref = info.get("output_error"), info.get("baseline_output_error")
     if err is None:
         return ""
-    return f"{err:.3g}" + ("" if ref is None else f" (rtn {ref:.3g})")
+    return f"{err:.3g}" + ("" if ref is None else f" ({info.get('baseline', 'baseline')} {ref:.3g})")

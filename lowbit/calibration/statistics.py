@@ -23,3 +23,38 @@ class HessianAccumulator:
         total = self.tokens + rows.shape[0]
         self.hessian.mul_(self.tokens / total).addmm_(rows.T, rows, alpha=2.0 / total)
         self.tokens = total
+
+
+class InputStatistics:
+    """Per-channel |x| maximum and mean over every input row seen, plus the first
+    ``keep_rows`` rows themselves (whole calibration samples, so every position is
+    represented) for searches that need real inputs (SmoothQuant's α, AWQ's scales and
+    clipping).
+
+    absmax, absmean: float32 (in_features,); rows(): float32 (kept, in_features).
+    """
+
+    def __init__(self, in_features: int, keep_rows: int = 4096):
+        self.absmax = torch.zeros(in_features)
+        self.abssum = torch.zeros(in_features, dtype=torch.float64)
+        self.tokens = 0
+        self.keep_rows = keep_rows
+        self._kept: list[torch.Tensor] = []
+        self._n_kept = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        mags = rows.abs()
+        self.absmax = torch.maximum(self.absmax, mags.amax(0))
+        self.abssum += mags.sum(0, dtype=torch.float64)
+        self.tokens += rows.shape[0]
+        if self._n_kept < self.keep_rows:
+            self._kept.append(rows[: self.keep_rows - self._n_kept].clone())
+            self._n_kept += len(self._kept[-1])
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return (self.abssum / max(self.tokens, 1)).to(torch.float32)
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self._kept)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.modules.quant_linear import QuantLinear
+from lowbit.modules import QUANTIZED_MODULES, storage_bytes
 
 
 @dataclass
@@ -63,10 +63,9 @@ def linear_bits_per_weight(model: nn.Module, exclude: tuple[str, ...] = ("lm_hea
     for name, module in model.named_modules():
         if any(name.endswith(e) for e in exclude):
             continue
-        if isinstance(module, QuantLinear):
-            qweight = module.qweight
-            bits += 8 * qweight.nbytes
-            count += qweight.numel
+        if isinstance(module, tuple(QUANTIZED_MODULES.values())):
+            bits += 8 * storage_bytes(module)
+            count += module.out_features * module.in_features
         elif isinstance(module, nn.Linear):
             bits += 8 * module.weight.numel() * module.weight.element_size()
             count += module.weight.numel()

@@ -1,8 +1,13 @@
 """What lowbit knows about each model family, in one table.
 
 Algorithms never branch on the model class: they ask this table where the decoder blocks
-are and which linears a block holds, in the order they run (linears in one tuple read the
-same input). Adding a family is adding a row.
+are, which linears a block holds and in what order they run (linears in one group read the
+same input), and which operation produces each group's input. The last fact is what
+SmoothQuant and AWQ need to fold a per-channel scale out of a group's input and into the
+operation before it: a norm (its weight, and bias for LayerNorm) or a linear (its output
+rows: v_proj before o_proj, up_proj before down_proj, fc1 before fc2, all of which reach
+the next linear through an operation that commutes with a positive per-channel scale).
+Adding a family is adding a row.
 """
 
 from __future__ import annotations
@@ -15,47 +20,68 @@ from lowbit.errors import LowbitError
 
 
 @dataclass(frozen=True)
+class LinearGroup:
+    """Linears of a block that read the same input, and where that input comes from.
+
+    role: a short name for reports ("attn_in", "attn_out", "mlp_in", "mlp_out").
+    linears: names inside the block, in the order the model calls them.
+    source: name inside the block of the module whose output is the group's input.
+    source_kind: "norm" (RMSNorm / LayerNorm: scale its weight, and bias) or "linear"
+        (scale its output rows and bias).
+    """
+
+    role: str
+    linears: tuple[str, ...]
+    source: str
+    source_kind: str
+
+
+@dataclass(frozen=True)
 class Architecture:
     """One model family.
 
     model_types: values of ``config.model_type`` this row covers.
     blocks: dotted path from the CausalLM module to the ModuleList of decoder blocks.
-    linear_groups: names inside a block of its linears, grouped by shared input, in
-        execution order (e.g. q/k/v read the same normed hidden state, then o reads the
-        attention output).
+    groups: the block's linear groups in execution order.
+    norm_offset: the norm multiplies by (offset + weight): 0 for Llama-style RMSNorm and
+        LayerNorm, 1 for Gemma's RMSNorm.
     """
 
     name: str
     model_types: tuple[str, ...]
     blocks: str
-    linear_groups: tuple[tuple[str, ...], ...]
+    groups: tuple[LinearGroup, ...]
+    norm_offset: float = 0.0
 
     @property
     def block_linears(self) -> tuple[str, ...]:
-        return tuple(name for group in self.linear_groups for name in group)
+        return tuple(name for group in self.groups for name in group.linears)
 
 
-_LLAMA_LIKE = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+def _llama_like(mlp_norm: str) -> tuple[LinearGroup, ...]:
+    return (
+        LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", "norm"),
+        LinearGroup("attn_out", ("self_attn.o_proj",), "self_attn.v_proj", "linear"),
+        LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), mlp_norm, "norm"),
+        LinearGroup("mlp_out", ("mlp.down_proj",), "mlp.up_proj", "linear"),
+    )
+
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama",), "model.layers", _LLAMA_LIKE),
-    Architecture("qwen2", ("qwen2",), "model.layers", _LLAMA_LIKE),
-    Architecture("mistral", ("mistral",), "model.layers", _LLAMA_LIKE),
-    Architecture("gemma3", ("gemma3_text",), "model.layers", _LLAMA_LIKE),
+    Architecture("llama", ("llama",), "model.layers", _llama_like("post_attention_layernorm")),
+    Architecture("qwen2", ("qwen2",), "model.layers", _llama_like("post_attention_layernorm")),
+    Architecture("mistral", ("mistral",), "model.layers", _llama_like("post_attention_layernorm")),
+    # Gemma 3 normalises attention and MLP outputs too; the MLP's input norm is pre_feedforward_layernorm.
+    Architecture("gemma3", ("gemma3_text",), "model.layers", _llama_like("pre_feedforward_layernorm"), norm_offset=1.0),
     Architecture(
         "opt",
         ("opt",),
         "model.decoder.layers",
         (
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("self_attn.out_proj",),
-            ("fc1",),
-            ("fc2",),
+            LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm", "norm"),
+            LinearGroup("attn_out", ("self_attn.out_proj",), "self_attn.v_proj", "linear"),
+            LinearGroup("mlp_in", ("fc1",), "final_layer_norm", "norm"),
+            LinearGroup("mlp_out", ("fc2",), "fc1", "linear"),  # ReLU(x / s) = ReLU(x) / s for s > 0
         ),
     ),
 )

@@ -1,6 +1,16 @@
 """Quantised modules and the plumbing that puts them into a model."""
 
+from lowbit.modules.int8 import LLMInt8Linear, W8A8Linear
 from lowbit.modules.quant_linear import QuantLinear
 from lowbit.modules.swap import DEFAULT_SKIP, linear_layers, set_module
 
-__all__ = ["DEFAULT_SKIP", "QuantLinear", "linear_layers", "set_module"]
+# Every module type a checkpoint may hold, by the name its header records.
+QUANTIZED_MODULES = {cls.__name__: cls for cls in (QuantLinear, W8A8Linear, LLMInt8Linear)}
+
+
+def storage_bytes(module) -> int:
+    """Bytes a quantised module stores for its weight (buffers; the bias excluded)."""
+    return sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+
+
+__all__ = ["DEFAULT_SKIP", "LLMInt8Linear", "QUANTIZED_MODULES", "QuantLinear", "W8A8Linear", "linear_layers", "set_module", "storage_bytes"]

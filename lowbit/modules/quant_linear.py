@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import QuantizedWeight
 
 
@@ -48,6 +49,17 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.qweight.dequantize(x.dtype), bias)
+
+    def config(self) -> dict:
+        """What a checkpoint header records to rebuild this module (tensors aside)."""
+        return {"shape": [self.out_features, self.in_features], "group_size": self.group_size, "bias": self.bias is not None, "spec": self.spec.to_dict()}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], name: str) -> "QuantLinear":
+        """Rebuild from `config` and the module's stored tensors (shapes checked)."""
+        bias = tensors.pop("bias", None)
+        weight = QuantizedWeight.from_tensors(tensors, tuple(config["shape"]), config["group_size"], QuantSpec.from_dict(config["spec"]), name)
+        return cls(weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.describe()}, bias={self.bias is not None}"

@@ -1,13 +1,16 @@
-"""GPTQ vs RTN on the packaged models, each quantisation a real `lowbit quantize` run.
+"""Weight-only methods side by side: RTN, GPTQ and AWQ on the packaged models, each
+quantisation a real `lowbit quantize` run.
 
-    python bench/gptq_table.py [--models smollm2 gemma3-270m] [--corpus shakespeare] [--windows 40]
-                               [--calib-samples 128] [--calib-ctx 512]
+    python bench/weight_only.py [--models smollm2 gemma3-270m] [--corpus shakespeare] [--windows 40]
+                                [--calib-samples 128] [--calib-ctx 512]
 
 Every row is quantised by the CLI in its own process (so its wall time and peak RSS are its
 own, read from the child's rusage), calibrated on the first half of the corpus, then all
 rows are scored in one process on windows from the second half against the float model
-(one reference pass per window). Prints a Markdown table per model and writes
-bench/results/gptq_<model>.json.
+(one reference pass per window). For scoring, each quantised layer is replaced by a float
+linear holding its dequantised weight: the same arithmetic as QuantLinear's reference
+forward (dequantise, then F.linear), without paying the dequantisation on every window.
+Prints a Markdown table per model and writes bench/results/weight_only_<model>.json.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ import torch
 
 from lowbit import evaluate, load_model, load_quantized
 from lowbit.data import eval_windows, tokenize_split
-from lowbit.evaluation import write_json
+from lowbit.evaluation import linear_bits_per_weight, model_bytes, write_json
+from lowbit.modules import QuantLinear, set_module
 
-SETTINGS = [("W4 g128", ["--bits", "4", "--group-size", "128"]), ("W4 g64", ["--bits", "4", "--group-size", "64"]),
-            ("W3 g128", ["--bits", "3", "--group-size", "128"]), ("W2 g64", ["--bits", "2", "--group-size", "64"])]
-VARIANTS = [("rtn sym", ["--method", "rtn"]), ("rtn asym", ["--method", "rtn", "--asym"]),
-            ("gptq sym", ["--method", "gptq"]), ("gptq asym", ["--method", "gptq", "--asym"])]
-EXTRA = [("W4 g128", "gptq asym act-order+static", ["--bits", "4", "--group-size", "128", "--method", "gptq", "--asym", "--act-order", "--static-groups"])]
+SETTINGS = {"W4 g128": ["--bits", "4", "--group-size", "128"], "W4 g64": ["--bits", "4", "--group-size", "64"],
+            "W3 g128": ["--bits", "3", "--group-size", "128"], "W2 g64": ["--bits", "2", "--group-size", "64"]}
+METHODS = {"rtn sym": ["--method", "rtn"], "rtn asym": ["--method", "rtn", "--asym"], "gptq sym": ["--method", "gptq"],
+           "gptq asym": ["--method", "gptq", "--asym"], "awq asym": ["--method", "awq", "--asym"],
+           "gptq asym act-order+static": ["--method", "gptq", "--asym", "--act-order", "--static-groups"]}
+ROWS = [(setting, method) for setting in ("W4 g128", "W4 g64") for method in ("rtn sym", "rtn asym", "gptq sym", "gptq asym", "awq asym")]
+ROWS += [("W4 g128", "gptq asym act-order+static")]
+ROWS += [(setting, method) for setting in ("W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym", "awq asym")]
 
 
 def timed_quantize(args: list[str]) -> tuple[float, float]:
@@ -59,8 +66,20 @@ def share_float_tensors(model: torch.nn.Module, reference: torch.nn.Module) -> N
             setattr(model.get_submodule(owner), attr, other)
 
 
+def materialize(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every QuantLinear by an nn.Linear holding its dequantised weight (same forward)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight = torch.nn.Parameter(module.qweight.dequantize(torch.float32), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = module.bias
+            set_module(model, name, linear)
+    return model
+
+
 def run_model(name: str, args, workdir: Path) -> dict:
-    rows = [(s, v, [*sa, *va]) for s, sa in SETTINGS for v, va in VARIANTS] + EXTRA
+    rows = [(setting, method, [*SETTINGS[setting], *METHODS[method]]) for setting, method in ROWS]
     calib = ["--calib-corpus", args.corpus, "--calib-samples", str(args.calib_samples), "--calib-ctx", str(args.calib_ctx)]
     quantized = []
     for setting, variant, flags in rows:
@@ -71,13 +90,18 @@ def run_model(name: str, args, workdir: Path) -> dict:
     split = tokenize_split(reference.tokenizer, args.corpus)
     windows = eval_windows(split, args.ctx, args.windows)
     models = {"float (GGUF dequantised)": reference.model}
+    storage = {}
     for label, out, _, _ in quantized:
-        models[label] = load_quantized(out).model
+        model = load_quantized(out).model
+        storage[label] = (linear_bits_per_weight(model), model_bytes(model))  # of the packed model
+        models[label] = materialize(model)
         share_float_tensors(models[label], reference.model)
     results = [r.to_dict() for r in evaluate(models, windows, reference=reference.model)]
     timing = {label: (seconds, rss) for label, _, seconds, rss in quantized}
     for r in results:
         r["quant_wall_seconds"], r["quant_peak_rss_mb"] = timing.get(r["label"], (0.0, 0.0))
+        if r["label"] in storage:
+            r["bits_per_weight"], r["model_bytes"] = storage[r["label"]]
     return {"model": name, "corpus": args.corpus, "windows": len(windows), "ctx": args.ctx, "tokens": results[0]["tokens"],
             "calib_samples": args.calib_samples, "calib_ctx": args.calib_ctx, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "results": results}
@@ -110,7 +134,7 @@ def main() -> None:
             payload["wall_seconds"] = time.perf_counter() - start
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        write_json(Path(args.out) / f"gptq_{name}.json", payload)
+        write_json(Path(args.out) / f"weight_only_{name}.json", payload)
         print(f"\n### {name}: {payload['tokens']} tokens of {args.corpus} ({payload['windows']} x {args.ctx}); "
               f"calibration {args.calib_samples} x {args.calib_ctx} tokens from the first half\n")
         print(markdown(payload["results"]))
