@@ -32,6 +32,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lowbit.models.registry import DEFAULT_MODEL, NAMED_MODELS
     from lowbit.modules.swap import DEFAULT_SKIP
+    from lowbit.numerics.formats import CODEBOOKS
     from lowbit.numerics.spec import GRANULARITIES, RANGE_METHODS
     from lowbit.pipeline import METHODS
 
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric range with a zero-point (default symmetric)")
     q.add_argument("--zero-point", default="int", choices=["int", "float"], help="with --asym: integer Z (Eq. 3.3) or float offset (Q4_1/HQQ style)")
     q.add_argument("--range", default="minmax", choices=RANGE_METHODS, help="range selection (default minmax)")
+    q.add_argument("--format", default="int", choices=["int", *sorted(CODEBOOKS)], help="rtn: number format (default int; codebooks are absmax-scaled)")
+    q.add_argument("--double-quant", action="store_true", help="store absmax scales in 8 bits (QLoRA double quantisation)")
     q.add_argument("--percentile", type=float, default=99.9, help="with --range percentile")
     q.add_argument("--skip", action="append", metavar="REGEX", help=f"linears to leave in float (repeatable; default {' '.join(DEFAULT_SKIP)})")
     q.add_argument("--out", required=True, help="new directory to write")
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     gptq.add_argument("--act-order", action="store_true", help="quantise columns by descending diag(H)")
     gptq.add_argument("--static-groups", action="store_true", help="with --act-order: fix group scales in column order first (no g_idx)")
     gptq.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
-    gptq.add_argument("--block-size", type=int, default=128, help="columns per lazy-update block (default 128)")
+    gptq.add_argument("--block-size", type=int, help="gptq: columns per lazy-update block (default 128); nf4/fp4: weights per absmax block (default 64)")
     awq = q.add_argument_group("awq")
     awq.add_argument("--awq-grid", type=int, default=20, help="alpha values tried for the AWQ scales (default 20)")
     awq.add_argument("--no-clip", action="store_true", help="skip AWQ's weight-clipping search")
@@ -98,15 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _spec_from_args(args):
     from lowbit.numerics.spec import QuantSpec
-    from lowbit.pipeline import INT8_METHODS
+    from lowbit.pipeline import CODEBOOK_METHODS, INT8_METHODS
 
+    if args.method in CODEBOOK_METHODS:
+        if args.bits not in (None, 4):
+            raise LowbitError(f"{args.method} is a 4-bit format; drop --bits or pass --bits 4")
+        block = args.block_size or 64
+        # float32 absmax per block, as bitsandbytes stores it, unless double-quantised
+        return QuantSpec(bits=4, format=args.method, group_size=block, double_quant=args.double_quant, scale_dtype="float32")
     if args.method in INT8_METHODS:
         if args.bits not in (None, 8):
             raise LowbitError(f"{args.method} uses 8-bit weights and activations; drop --bits or pass --bits 8")
         return QuantSpec(bits=8, granularity="channel", group_size=None)
     if args.bits is None:
         raise LowbitError(f"--bits is required for --method {args.method}; e.g. --bits 4")
+    if args.format != "int" and args.method != "rtn":
+        raise LowbitError(f"--format {args.format} applies to --method rtn (or use --method nf4 / fp4)")
     return QuantSpec(
+        format=args.format,
+        double_quant=args.double_quant,
         bits=args.bits,
         symmetric=not args.asym,
         granularity=args.granularity,
@@ -168,7 +181,7 @@ def cmd_quantize(args) -> int:
         corpus=args.calib_corpus, text_file=args.calib_text, samples=args.calib_samples,
         ctx=args.calib_ctx, seed=args.seed, batch_size=args.calib_batch,
     )
-    options = GPTQOptions(block_size=args.block_size, damp=args.damp, act_order=args.act_order, static_groups=args.static_groups)
+    options = GPTQOptions(block_size=args.block_size or 128, damp=args.damp, act_order=args.act_order, static_groups=args.static_groups)
     if args.alpha == "search":
         alpha = None
     else:

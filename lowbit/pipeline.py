@@ -21,7 +21,8 @@ from lowbit.modules.swap import DEFAULT_SKIP, linear_layers, set_module
 from lowbit.numerics.quantize import weight_sqnr_db
 from lowbit.numerics.spec import QuantSpec
 
-METHODS = ("rtn", "gptq", "awq", "w8a8", "smoothquant", "llm-int8")
+METHODS = ("rtn", "nf4", "fp4", "gptq", "awq", "w8a8", "smoothquant", "llm-int8")
+CODEBOOK_METHODS = ("nf4", "fp4")  # round-to-nearest in a codebook format with block-wise absmax scales
 CALIBRATED = ("gptq", "awq", "w8a8", "smoothquant", "llm-int8")
 INT8_METHODS = ("w8a8", "smoothquant", "llm-int8")  # 8-bit weights and activations; --bits does not apply
 
@@ -88,6 +89,8 @@ def quantize_model(
         raise LowbitError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
     if loaded.is_quantized:
         raise LowbitError("this model is already quantised; quantise its float source instead")
+    if method in CODEBOOK_METHODS and spec.format != method:
+        raise LowbitError(f"method {method} needs QuantSpec(format={method!r}, ...), got format {spec.format!r}")
     layers = linear_layers(loaded.model, skip)
     if not layers:
         raise LowbitError(f"no linear layer is left to quantise: the skip patterns {list(skip)} match them all")

@@ -6,8 +6,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.numerics.double_quant import DoubleQuant
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import QuantizedWeight
+
+
+class _DequantLinear(torch.autograd.Function):
+    """y = x Wᵀ + b for a frozen packed W, saving no float copy of W for backward."""
+
+    @staticmethod
+    def forward(ctx, x, module, bias):
+        ctx.module = module
+        ctx.has_bias = bias is not None
+        return F.linear(x, module.qweight.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight = ctx.module.qweight.dequantize(grad_out.dtype)
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_out @ weight, None, grad_bias
 
 
 class QuantLinear(nn.Module):
@@ -26,28 +43,38 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.spec = weight.spec
         self.group_size = weight.group_size
+        self.scale_shape = tuple(weight.scales.shape)
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
-        for optional in ("zeros", "g_idx"):
+        for optional in ("scales", "zeros", "g_idx"):
             if optional not in weight.tensors():
                 setattr(self, optional, None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @property
     def qweight(self) -> QuantizedWeight:
-        """The packed weight as a `QuantizedWeight` view over this module's buffers."""
+        """The packed weight as a `QuantizedWeight` view over this module's buffers
+        (double-quantised scales are expanded here, so they stay 8-bit in memory)."""
+        scale_dq = None
+        if self.spec.double_quant:
+            scale_dq = DoubleQuant(self.scales_q, self.scales_block, self.scales_offset, self.scale_shape)
         return QuantizedWeight(
             qdata=self.qdata,
-            scales=self.scales,
+            scales=scale_dq.dequantize() if scale_dq is not None else self.scales,
             zeros=self.zeros,
             shape=(self.out_features, self.in_features),
             group_size=self.group_size,
             spec=self.spec,
             g_idx=self.g_idx,
+            scale_dq=scale_dq,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # training through a frozen quantised layer (QLoRA): keep only the packed weight
+            # for backward and dequantise it again there, as bitsandbytes does
+            return _DequantLinear.apply(x, self, bias)
         return F.linear(x, self.qweight.dequantize(x.dtype), bias)
 
     def config(self) -> dict:

@@ -42,6 +42,8 @@ def divide_norm_output(norm: nn.Module, s: torch.Tensor, offset: float = 0.0) ->
 def divide_linear_output(linear: nn.Module, s: torch.Tensor) -> None:
     """Make ``linear``'s output row i come out divided by s_i (float or already quantised)."""
     if isinstance(linear, QuantLinear):
+        if linear.spec.double_quant:
+            raise LowbitError("cannot rescale the rows of a layer whose scales are double-quantised")
         if linear.scales.shape[0] != linear.out_features:
             raise LowbitError("cannot rescale the rows of a per-tensor quantised layer exactly; quantise it per channel or per group")
         linear.scales.copy_((linear.scales.float() / s[:, None]).to(linear.scales.dtype))

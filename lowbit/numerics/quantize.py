@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import SpecError
+from lowbit.numerics.double_quant import DoubleQuant, double_quantize
 from lowbit.numerics.formats import CodebookFormat
 from lowbit.numerics.spec import QuantSpec
 
@@ -43,6 +44,8 @@ class Quantized:
     g_idx: int64 (cols,) group of each column when groups are not runs of consecutive
         columns (GPTQ with act-order and no static groups); None when column j is in group
         j // group_size.
+    scale_dq: with ``spec.double_quant``, the 8-bit stored form of ``scale`` (which then
+        holds its dequantised values, the ones the codes were computed against).
     """
 
     codes: torch.Tensor
@@ -51,6 +54,7 @@ class Quantized:
     group_size: int
     spec: QuantSpec
     g_idx: torch.Tensor | None = None
+    scale_dq: DoubleQuant | None = None
 
 
 def group_size_of(shape: tuple[int, int], spec: QuantSpec, name: str = "this tensor") -> int:
@@ -232,11 +236,15 @@ def quantize(x: torch.Tensor, spec: QuantSpec, name: str = "this tensor") -> Qua
     group_size = group_size_of(tuple(x.shape), spec, name)
     rows = _as_rows(x.to(torch.float32), spec)
     scale, zero = find_params(rows, spec, group_size)
+    scale_dq = None
+    if spec.double_quant:
+        scale_dq = double_quantize(scale)
+        scale = scale_dq.dequantize()
     cols = rows.shape[1]
     s = expand_groups(scale, group_size, cols)
     z = None if zero is None else expand_groups(zero, group_size, cols)
     codes = encode(rows, s, z, spec).reshape(x.shape)
-    return Quantized(codes=codes, scale=scale, zero=zero, group_size=group_size, spec=spec)
+    return Quantized(codes=codes, scale=scale, zero=zero, group_size=group_size, spec=spec, scale_dq=scale_dq)
 
 
 def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -34,6 +34,8 @@ class QuantSpec:
     format: ``int`` or the name of a registered codebook (absmax scaled, symmetric).
     scale_dtype: how scales (and float offsets) are stored; ``float16`` like every common
         checkpoint format. Codes are computed against the stored (rounded) scale.
+    double_quant: store the scales themselves in 8 bits (QLoRA's double quantisation,
+        `lowbit.numerics.double_quant`); absmax-scaled formats only (no zero-point).
     """
 
     bits: int = 4
@@ -45,6 +47,7 @@ class QuantSpec:
     percentile: float = 99.9
     format: str = "int"
     scale_dtype: str = "float16"
+    double_quant: bool = False
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -72,6 +75,9 @@ class QuantSpec:
                 raise SpecError(f"codebook format {self.format!r} is absmax-scaled; it has no asymmetric form")
             if CODEBOOKS[self.format].bits != self.bits:
                 raise SpecError(f"format {self.format!r} has {CODEBOOKS[self.format].bits}-bit codes, not bits={self.bits}")
+
+        if self.double_quant and not self.symmetric:
+            raise SpecError("double quantisation applies to absmax scales; it needs a symmetric or codebook format (no zero-point)")
 
     @cached_property
     def number_format(self) -> IntFormat | CodebookFormat:
@@ -105,7 +111,8 @@ class QuantSpec:
         kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-float0")
         fmt = "" if self.format == "int" else f" {self.format}"
         rng = "" if self.range == "minmax" else f" {self.range}"
-        return f"W{self.bits}{fmt} {where} {kind}{rng}"
+        dq = " dq" if self.double_quant else ""
+        return f"W{self.bits}{fmt} {where} {kind}{rng}{dq}"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.double_quant import DoubleQuant
 from lowbit.numerics.packing import pack, packed_length, unpack
 from lowbit.numerics.quantize import Quantized, dequantize
 from lowbit.numerics.spec import QuantSpec
@@ -23,7 +24,10 @@ class QuantizedWeight:
     qdata:  uint8 (out_features, packed_length(in_features, bits)): the codes of each row
             packed along in_features (`lowbit.numerics.packing`).
     scales: ``spec.scale_dtype`` (out_features, n_groups) with n_groups = ceil(in_features /
-            group_size); (1, 1) per tensor; (out_features, 1) per channel.
+            group_size); (1, 1) per tensor; (out_features, 1) per channel. With
+            ``spec.double_quant`` the scales are stored 8-bit instead (`DoubleQuant`:
+            scales_q uint8 (rows * n_groups,), scales_block float32, scales_offset float32)
+            and ``scales`` holds their dequantised values in memory only.
     zeros:  asymmetric ``int``: uint8 (packed_length(rows * n_groups, bits),), the integer
             zero-points (rows, n_groups) flattened row-major and packed like the codes (they
             fit in ``bits`` bits; one flat run wastes no padding per row);
@@ -44,6 +48,7 @@ class QuantizedWeight:
     group_size: int
     spec: QuantSpec
     g_idx: torch.Tensor | None = None
+    scale_dq: DoubleQuant | None = None
 
     @classmethod
     def from_quantized(cls, q: Quantized) -> "QuantizedWeight":
@@ -58,12 +63,13 @@ class QuantizedWeight:
                 zeros = q.zero.to(store)
         return cls(
             qdata=pack(q.codes, q.spec.bits),
-            scales=q.scale.to(store),
+            scales=q.scale if q.scale_dq is not None else q.scale.to(store),
             zeros=zeros,
             shape=(out_features, in_features),
             group_size=q.group_size,
             spec=q.spec,
             g_idx=None if q.g_idx is None else q.g_idx.to(torch.int32),
+            scale_dq=q.scale_dq,
         )
 
     @property
@@ -87,6 +93,7 @@ class QuantizedWeight:
             group_size=self.group_size,
             spec=self.spec,
             g_idx=None if self.g_idx is None else self.g_idx.long(),
+            scale_dq=self.scale_dq,
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -95,7 +102,11 @@ class QuantizedWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name, as a checkpoint holds them."""
-        out = {"qdata": self.qdata, "scales": self.scales}
+        out = {"qdata": self.qdata}
+        if self.scale_dq is not None:
+            out.update(self.scale_dq.tensors())
+        else:
+            out["scales"] = self.scales
         if self.zeros is not None:
             out["zeros"] = self.zeros
         if self.g_idx is not None:
@@ -108,7 +119,11 @@ class QuantizedWeight:
         out_features, in_features = shape
         n_groups = 1 if spec.granularity in ("tensor", "channel", "token") else -(-in_features // group_size)
         rows = 1 if spec.granularity == "tensor" else out_features
-        expect = {"qdata": (out_features, packed_length(in_features, spec.bits)), "scales": (rows, n_groups)}
+        expect = {"qdata": (out_features, packed_length(in_features, spec.bits))}
+        if spec.double_quant:
+            expect.update(DoubleQuant.expected_shapes((rows, n_groups)))
+        else:
+            expect["scales"] = (rows, n_groups)
         if spec.has_zero:
             expect["zeros"] = (rows, n_groups) if spec.zero_point == "float" else (packed_length(rows * n_groups, spec.bits),)
         for key, want in expect.items():
@@ -120,14 +135,16 @@ class QuantizedWeight:
         g_idx = tensors.get("g_idx")
         if g_idx is not None and (tuple(g_idx.shape) != (in_features,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
             raise LowbitError(f"{name}.g_idx must hold {in_features} group indices below {n_groups}; the checkpoint is corrupted")
+        scale_dq = DoubleQuant.from_tensors(tensors, (rows, n_groups)) if spec.double_quant else None
         return cls(
             qdata=tensors["qdata"],
-            scales=tensors["scales"],
+            scales=scale_dq.dequantize() if scale_dq is not None else tensors["scales"],
             zeros=tensors.get("zeros"),
             shape=(out_features, in_features),
             group_size=group_size,
             spec=spec,
             g_idx=g_idx,
+            scale_dq=scale_dq,
         )
 
     @property
