@@ -30,6 +30,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lowbit.data.corpora import CORPORA
     from lowbit.models.registry import DEFAULT_MODEL, NAMED_MODELS
     from lowbit.modules.swap import DEFAULT_SKIP
     from lowbit.numerics.formats import CODEBOOKS
@@ -83,6 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
     e.add_argument("--reference", help="model to compare with (default: a quantised directory's source; none for a float model)")
     _add_eval_args(e)
+
+    f = sub.add_parser("finetune", help="QLoRA (NF4 base + LoRA adapters) or QAT (straight-through estimator) fine-tuning")
+    f.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
+    f.add_argument("--method", required=True, choices=["qlora", "qat"])
+    f_text = f.add_mutually_exclusive_group()
+    f_text.add_argument("--corpus", choices=sorted(CORPORA), help="training text (its first half; held-out windows from the second)")
+    f_text.add_argument("--text", metavar="FILE", help="UTF-8 training text file")
+    f.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    f.add_argument("--lr", type=float, help="learning rate (default 2e-4 qlora, 2e-5 qat)")
+    f.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
+    f.add_argument("--ctx", type=int, default=256, help="tokens per window (default 256)")
+    f.add_argument("--eval-windows", type=int, default=16, help="held-out windows for perplexity (default 16)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True, help="qlora: directory for the adapters; qat: the quantised checkpoint")
+    f.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    fl = f.add_argument_group("qlora")
+    fl.add_argument("--rank", type=int, default=8)
+    fl.add_argument("--lora-alpha", type=float, default=16.0)
+    fl.add_argument("--lora-dropout", type=float, default=0.05)
+    fl.add_argument("--targets", nargs="+", help="regexes of the linears to adapt (default: every attention and MLP projection)")
+    fl.add_argument("--block-size", type=int, default=64, help="NF4 absmax block (default 64)")
+    fl.add_argument("--no-double-quant", action="store_true", help="keep the NF4 block scales in float32")
+    fl.add_argument("--merge-out", help="also write the merged float model (W + BA) to this directory")
+    fq = f.add_argument_group("qat")
+    fq.add_argument("--bits", type=int, default=4)
+    fq.add_argument("--group-size", type=int, default=128)
+    fq.add_argument("--lsq", action="store_true", help="learn the step sizes (LSQ)")
 
     o = sub.add_parser("outliers", help="activation outlier analysis of every linear's input (table, PNG plots, JSON)")
     o.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
@@ -209,6 +237,36 @@ def cmd_eval(args) -> int:
     return _run_eval(args.model, args.reference, args)
 
 
+def cmd_finetune(args) -> int:
+    from lowbit.evaluation import write_json
+    from lowbit.numerics.spec import QuantSpec
+    from lowbit.training.finetune import qat_finetune, qlora_finetune
+    from lowbit.training.lora import LoRAConfig
+    from lowbit.training.trainer import TrainConfig
+
+    lr = args.lr or (2e-4 if args.method == "qlora" else 2e-5)
+    config = TrainConfig(steps=args.steps, lr=lr, batch_size=args.batch, ctx=args.ctx, seed=args.seed)
+    if args.method == "qlora":
+        lora = LoRAConfig(rank=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout, **({"targets": tuple(args.targets)} if args.targets else {}))
+        report = qlora_finetune(args.model, args.out, lora, config, block_size=args.block_size, double_quant=not args.no_double_quant,
+                                corpus=args.corpus, text_file=args.text, eval_n=args.eval_windows, merged_out=args.merge_out)
+        label = f"NF4 base ({report.extra['spec']})"
+    else:
+        spec = QuantSpec(bits=args.bits, group_size=args.group_size)
+        report = qat_finetune(args.model, args.out, spec, config, lsq=args.lsq, corpus=args.corpus, text_file=args.text, eval_n=args.eval_windows)
+        label = f"RTN PTQ ({report.extra['spec']})"
+    print(f"held-out perplexity over {report.eval_tokens} tokens:")
+    print(f"  float model          {report.float_perplexity:9.3f}")
+    print(f"  {label:<20} {report.before_perplexity:9.3f}")
+    print(f"  after {args.method:<14} {report.after_perplexity:9.3f}   ({args.steps} steps, {report.seconds:.0f} s, "
+          f"loss {report.losses[0]:.3f} -> {sum(report.losses[-10:]) / len(report.losses[-10:]):.3f}, "
+          f"{report.trainable_parameters} trainable parameters, optimizer state {report.optimizer_state_bytes / 1e6:.1f} MB)")
+    print(f"wrote {args.out}")
+    if args.json:
+        write_json(args.json, report.to_dict())
+    return 0
+
+
 def cmd_outliers(args) -> int:
     from lowbit.analysis.outliers import analyse_outliers, summary_table, write_plots
     from lowbit.evaluation import write_json
@@ -244,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "outliers": cmd_outliers, "info": cmd_info}
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "info": cmd_info}
     start = time.perf_counter()
     try:
         code = commands[args.command](args)

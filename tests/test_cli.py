@@ -91,3 +91,36 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("lowbit: error:") and "Traceback" not in proc.stderr
+
+
+def test_finetune_qlora_and_qat(capsys, tiny_llama_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    from conftest import TEXT
+
+    text.write_text(TEXT * 3)
+    adapters = tmp_path / "adapters"
+    code, stdout, _ = run(capsys, "finetune", "--model", str(tiny_llama_dir), "--method", "qlora", "--text", str(text), "--steps", "6",
+                          "--batch", "2", "--ctx", "32", "--eval-windows", "2", "--rank", "2", "--block-size", "32", "--lr", "1e-2",
+                          "--out", str(adapters), "--merge-out", str(tmp_path / "merged"), "--json", str(tmp_path / "r.json"))
+    assert code == 0 and "after qlora" in stdout
+    assert (adapters / "adapters.safetensors").is_file() and (tmp_path / "merged" / "config.json").is_file()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["losses"]) == 6 and report["before_perplexity"] > 0
+    code, stdout, _ = run(capsys, "finetune", "--model", str(tiny_llama_dir), "--method", "qat", "--text", str(text), "--steps", "3",
+                          "--batch", "2", "--ctx", "32", "--eval-windows", "2", "--bits", "4", "--group-size", "32", "--lsq",
+                          "--out", str(tmp_path / "qat"))
+    assert code == 0 and "after qat" in stdout
+    code, stdout, _ = run(capsys, "info", str(tmp_path / "qat"))
+    assert code == 0 and '"name": "qat"' in stdout
+
+
+def test_outliers_verb(capsys, tiny_llama_dir, text_file, tmp_path):
+    code, stdout, _ = run(capsys, "outliers", str(tiny_llama_dir), "--calib-text", str(text_file), "--samples", "2", "--ctx", "32",
+                          "--out", str(tmp_path / "o"))
+    assert code == 0 and "attn_in" in stdout and "mlp_out" in stdout
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"max_magnitude_per_layer.png", "channel_layer_heatmap.png", "outliers.json"}
+
+
+def test_w8a8_rejects_other_bit_widths(capsys, tiny_llama_dir, tmp_path):
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--method", "smoothquant", "--bits", "4", "--out", str(tmp_path / "q"))
+    assert code == 2 and "8-bit weights and activations" in err

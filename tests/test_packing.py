@@ -20,6 +20,17 @@ def test_pack_round_trip_is_exact(bits, n):
     assert torch.equal(unpack(packed, bits, n), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("n", [1, 5, 8, 13, 576])
+def test_fast_paths_equal_the_reference(bits, n):
+    from lowbit.numerics.packing import pack_reference, unpack_reference
+
+    codes = torch.randint(0, 2**bits, (4, n), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert torch.equal(packed, pack_reference(codes, bits))
+    assert torch.equal(unpack(packed, bits, n), unpack_reference(packed, bits, n))
+
+
 def test_packed_sizes():
     assert packed_length(576, 4) == 288  # two codes a byte
     assert packed_length(576, 3) == 216  # eight codes in three bytes

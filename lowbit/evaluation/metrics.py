@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.modules import QUANTIZED_MODULES, storage_bytes
 
 
@@ -72,6 +73,44 @@ def linear_bits_per_weight(model: nn.Module, exclude: tuple[str, ...] = ("lm_hea
     return bits / count if count else float("nan")
 
 
+# Positions x vocabulary elements of one float32 chunk of logits: 32 M floats = 128 MB, so
+# a 262k-vocabulary model (Gemma) projects 128 positions at a time. The chunk buffers are
+# allocated once per `evaluate` call and reused for every window and model: freshly mapped
+# memory costs ~1 s per GB to touch on our machines, and a window's logits, log-probs and
+# KL terms for each model scored used to be fresh allocations every time.
+CHUNK_ELEMENTS = 32 * 1024 * 1024
+
+
+def final_hidden_states(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The hidden states the output projection reads, (positions, hidden), without
+    materialising the full logits (``logits_to_keep=1``)."""
+    out = model(inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1][0]
+
+
+def log_probs_into(model: nn.Module, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """log softmax of the model's logits for ``hidden`` (n, hidden), written into ``out``
+    (>= n rows, float32) and returned as its first n rows."""
+    head = model.get_output_embeddings()
+    view = out[: hidden.shape[0]]
+    if type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32:
+        torch.mm(hidden.float(), head.weight.t(), out=view)
+    else:
+        view.copy_(head(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        view.div_(cap).tanh_().mul_(cap)
+    return view.sub_(torch.logsumexp(view, -1, keepdim=True))
+
+
+def _check_chunked_head(model: nn.Module, inputs: torch.Tensor, hidden: torch.Tensor) -> None:
+    """The chunked projection must reproduce the model's own logits (checked on one window)."""
+    full = F.log_softmax(model(inputs, use_cache=False).logits[0].float(), dim=-1)
+    mine = log_probs_into(model, hidden, torch.empty_like(full))
+    if not torch.allclose(mine, full, rtol=1e-4, atol=1e-4):
+        raise LowbitError(f"{type(model).__name__}: the last hidden state through the output embeddings does not give the model's logits; lowbit's evaluation does not support this model")
+
+
 @torch.no_grad()
 def evaluate(
     models: dict[str, nn.Module],
@@ -81,36 +120,56 @@ def evaluate(
 ) -> list[EvalResult]:
     """Score each model on ``windows`` (int64 (n, ctx)), each against ``reference``.
 
-    The reference's log-probabilities are computed once per window and shared; a model that
-    is the reference object itself is not run twice. Models run in their own dtype; logits
-    are compared in float32.
+    Each model runs once per window up to its final hidden states; the output projection,
+    log-softmax, KLD and top-1 are then computed in chunks of positions, the reference's
+    chunk once and shared. A model that is the reference object itself is not run twice.
+    KL is summed as Σ P_ref (log P_ref - log P) with the difference taken first, so small
+    divergences do not cancel away in float32.
     """
+    ref_label = next((label for label, m in models.items() if m is reference), "__reference__")
+    runs = {label: m for label, m in models.items() if m is not reference}  # each model run once
+    if reference is not None:
+        runs[ref_label] = reference
     nll = {label: 0.0 for label in models}
     kld = {label: 0.0 for label in models}
     agree = {label: 0 for label in models}
-    seconds = {label: 0.0 for label in models}
-    ref_seconds = 0.0
+    seconds = {label: 0.0 for label in runs}
+    vocab = next(iter(runs.values())).get_output_embeddings().out_features
+    step = max(1, min(windows.shape[1], CHUNK_ELEMENTS // vocab))
+    work, ref_work, ref_prob = (torch.empty(step, vocab) for _ in range(3))
     positions = 0
-    for window in tqdm(windows, desc="evaluating", disable=not progress, unit="window"):
+    for index, window in enumerate(tqdm(windows, desc="evaluating", disable=not progress, unit="window")):
         inputs, targets = window[None, :-1], window[1:]
-        ref_logp = None
-        if reference is not None:
+        hidden = {}
+        for label, model in runs.items():
             start = time.perf_counter()
-            ref_logp = F.log_softmax(reference(inputs).logits[0].float(), dim=-1)
-            ref_seconds = time.perf_counter() - start
-            ref_top = ref_logp.argmax(-1)
-        for label, model in models.items():
-            if model is reference:
-                logp = ref_logp
-                seconds[label] += ref_seconds
-            else:
+            hidden[label] = final_hidden_states(model, inputs)
+            seconds[label] += time.perf_counter() - start
+            if index == 0:
+                _check_chunked_head(model, inputs, hidden[label])
+        for lo in range(0, len(targets), step):
+            chunk_targets = targets[lo : lo + step]
+            n = len(chunk_targets)
+            ref_logp = ref_top = None
+            if reference is not None:
                 start = time.perf_counter()
-                logp = F.log_softmax(model(inputs).logits[0].float(), dim=-1)
+                ref_logp = log_probs_into(reference, hidden[ref_label][lo : lo + step], ref_work)
+                seconds[ref_label] += time.perf_counter() - start
+                ref_top = ref_logp.argmax(-1)
+                ref_p = torch.exp(ref_logp, out=ref_prob[:n])
+            for label, model in models.items():
+                if model is reference:
+                    nll[label] -= ref_logp.gather(-1, chunk_targets[:, None]).sum().item()
+                    agree[label] += n
+                    continue
+                start = time.perf_counter()
+                logp = log_probs_into(model, hidden[label][lo : lo + step], work)
                 seconds[label] += time.perf_counter() - start
-            nll[label] -= logp.gather(-1, targets[:, None]).sum().item()
-            if ref_logp is not None:
-                kld[label] += F.kl_div(logp, ref_logp, reduction="sum", log_target=True).item()
-                agree[label] += (logp.argmax(-1) == ref_top).sum().item()
+                nll[label] -= logp.gather(-1, chunk_targets[:, None]).sum().item()
+                if ref_logp is not None:
+                    agree[label] += (logp.argmax(-1) == ref_top).sum().item()
+                    diff = logp.neg_().add_(ref_logp)  # log P_ref - log P, in place
+                    kld[label] += torch.dot(ref_p.reshape(-1), diff.reshape(-1)).item()
         positions += len(targets)
     return [
         EvalResult(
@@ -121,7 +180,7 @@ def evaluate(
             tokens=positions,
             bits_per_weight=linear_bits_per_weight(model),
             model_bytes=model_bytes(model),
-            seconds=seconds[label],
+            seconds=seconds[ref_label if model is reference else label],
         )
         for label, model in models.items()
     ]
