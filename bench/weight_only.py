@@ -36,8 +36,8 @@ SETTINGS = {"W4 g128": ["--bits", "4", "--group-size", "128"], "W4 g64": ["--bit
 METHODS = {"rtn sym": ["--method", "rtn"], "rtn asym": ["--method", "rtn", "--asym"], "gptq sym": ["--method", "gptq"],
            "gptq asym": ["--method", "gptq", "--asym"], "awq asym": ["--method", "awq", "--asym"],
            "gptq asym act-order+static": ["--method", "gptq", "--asym", "--act-order", "--static-groups"]}
-ROWS = [(setting, method) for setting in ("W4 g128", "W4 g64") for method in ("rtn sym", "rtn asym", "gptq sym", "gptq asym", "awq asym")]
-ROWS += [("W4 g128", "gptq asym act-order+static")]
+ROWS = [("W4 g128", method) for method in ("rtn sym", "rtn asym", "gptq sym", "gptq asym", "awq asym", "gptq asym act-order+static")]
+ROWS += [("W4 g64", method) for method in ("rtn sym", "gptq sym", "gptq asym", "awq asym")]
 ROWS += [(setting, method) for setting in ("W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym", "awq asym")]
 
 

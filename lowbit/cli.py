@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration sample (default 512)")
     calib.add_argument("--calib-batch", type=int, default=8, help="samples per forward pass (default 8)")
     calib.add_argument("--seed", type=int, default=0, help="seed for the calibration sample offsets")
+    calib.add_argument("--true-sequential", action="store_true", help="collect each linear group's inputs after the earlier groups of its block are quantised (slower)")
     gptq = q.add_argument_group("gptq")
     gptq.add_argument("--act-order", action="store_true", help="quantise columns by descending diag(H)")
     gptq.add_argument("--static-groups", action="store_true", help="with --act-order: fix group scales in column order first (no g_idx)")
@@ -207,7 +208,7 @@ def cmd_quantize(args) -> int:
         prepare_output_dir(out)
     calibration = CalibrationConfig(
         corpus=args.calib_corpus, text_file=args.calib_text, samples=args.calib_samples,
-        ctx=args.calib_ctx, seed=args.seed, batch_size=args.calib_batch,
+        ctx=args.calib_ctx, seed=args.seed, batch_size=args.calib_batch, true_sequential=args.true_sequential,
     )
     options = GPTQOptions(block_size=args.block_size or 128, damp=args.damp, act_order=args.act_order, static_groups=args.static_groups)
     if args.alpha == "search":

@@ -31,7 +31,7 @@ INT8_METHODS = ("w8a8", "smoothquant", "llm-int8")  # 8-bit weights and activati
 class CalibrationConfig:
     """Where calibration samples come from: ``samples`` windows of ``ctx`` tokens at seeded
     random offsets in the first half of ``corpus`` (or of ``text_file``), run through the
-    model ``batch_size`` at a time."""
+    model ``batch_size`` at a time; ``true_sequential`` as in `calibrate_and_quantize`."""
 
     corpus: str | None = None
     text_file: str | None = None
@@ -39,6 +39,7 @@ class CalibrationConfig:
     ctx: int = 512
     seed: int = 0
     batch_size: int = 8
+    true_sequential: bool = False
 
     def __post_init__(self):
         if self.samples < 1 or self.ctx < 2 or self.batch_size < 1:
@@ -109,7 +110,8 @@ def quantize_model(
         calibration = calibration or CalibrationConfig()
         calibrated, options = _calibrated_method(method, spec, gptq, awq, w8a8, threshold)
         samples = calibration.tokens(loaded.tokenizer)
-        engine = calibrate_and_quantize(loaded, calibrated, samples, skip=skip, batch_size=calibration.batch_size, progress=progress)
+        engine = calibrate_and_quantize(loaded, calibrated, samples, skip=skip, batch_size=calibration.batch_size,
+                                        true_sequential=calibration.true_sequential, progress=progress)
         results, estimate = engine.layers, engine.estimate
         info.update(calibration=calibration.describe(), options=options)
         if method in INT8_METHODS:

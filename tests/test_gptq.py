@@ -214,3 +214,16 @@ def test_skipped_block_linears_stay_float(tmp_path):
                    calibration=CalibrationConfig(text_file=str(text), samples=4, ctx=32), progress=False)
     assert type(loaded.model.model.layers[0].mlp.down_proj) is nn.Linear
     assert isinstance(loaded.model.model.layers[0].mlp.up_proj, QuantLinear)
+
+
+def test_true_sequential_sees_the_quantised_earlier_groups(tmp_path):
+    samples = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    hessians = {}
+    for true_sequential in (False, True):
+        lm = loaded_tiny("llama")
+        method = RecordingGPTQ(QuantSpec(bits=3, group_size=32))
+        calibrate_and_quantize(lm, method, samples, batch_size=2, true_sequential=true_sequential, progress=False)
+        hessians[true_sequential] = method.hessians
+    q, o = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
+    torch.testing.assert_close(hessians[True][q], hessians[False][q])  # the first group's input is the same
+    assert not torch.allclose(hessians[True][o], hessians[False][o])  # o_proj's input now carries q/k/v's error

@@ -4,12 +4,14 @@ block at a time, quantise that block, and feed its quantised outputs to the next
 The engine never runs the whole model on the calibration set. It first captures what the
 model feeds block 0 (hidden states) and every block (keyword arguments: attention masks,
 rotary embeddings, positions) by standing cheap recorders in for the blocks, so only the
-embeddings compute. Then, for each block in turn and for each group of linears that read
-the same input (in execution order, from the architecture table), it runs the samples
-through the block up to that group, streams the group's input into the method's
-statistics (e.g. GPTQ's Hessian), quantises the group's linears and swaps them in; later
-groups thus see the outputs of already-quantised ones, as in GPTQ's "true sequential"
-mode. Finally the quantised block's outputs become the next block's inputs.
+embeddings compute. Then, for each block in turn, it runs the samples through the block
+once, streaming the input of every group of linears that read the same input (from the
+architecture table) into the method's statistics (e.g. GPTQ's Hessian), and quantises the
+groups in execution order, swapping the quantised modules in. With ``true_sequential``
+each group instead gets its own pass, stopped at its input, after the groups before it are
+quantised, so it sees their quantisation error (the GPTQ repository's --true-sequential;
+up to len(groups) + 1 passes instead of 2). Finally the quantised block's outputs become
+the next block's inputs.
 
 Peak memory is the model's non-block weights, one block, the calibration hidden states
 (two copies at most) and one group's statistics; nothing here needs the other blocks'
@@ -156,7 +158,7 @@ def _matmul_gflops() -> float:
     return 2 * 512**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor) -> dict:
+def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor, true_sequential: bool = False) -> dict:
     """Rough peak memory (MB) and time (s) of a calibration run, printed before it starts."""
     blocks = decoder_blocks(model, arch)
     block0 = blocks[0]
@@ -169,7 +171,7 @@ def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor) -> dic
     activations = 2 * n_tokens * hidden * 4
     stats = max(in_dims) ** 2 * 4 * 3  # a Hessian, its inverse factor and a working copy
     model_bytes = other_bytes + len(blocks) * block_bytes
-    passes = len(arch.groups) + 1  # a partial pass per group, a full one for the outputs
+    passes = len(arch.groups) + 1 if true_sequential else 2  # statistics pass(es), then the outputs
     flops = 2 * n_tokens * block_params * passes * len(blocks)
     linears = [block0.get_submodule(n) for n in arch.block_linears]
     columns = sum(m.in_features for m in linears) * len(blocks)
@@ -193,14 +195,21 @@ def calibrate_and_quantize(
     samples: torch.Tensor,
     skip: Sequence[str] = (),
     batch_size: int = 8,
+    true_sequential: bool = False,
     progress: bool = True,
 ) -> CalibrationResult:
     """Quantise every block linear of ``loaded.model`` not matched by ``skip`` with ``method``,
-    block by block on ``samples`` (int64 (n, ctx)), in place."""
+    block by block on ``samples`` (int64 (n, ctx)), in place.
+
+    true_sequential: collect each group's statistics in its own pass, after the groups
+    before it are quantised (the GPTQ repository's --true-sequential); default: one pass of
+    the float block collects every group's, which costs 2 block passes instead of up to
+    len(groups) + 1.
+    """
     model, arch = loaded.model, loaded.arch
     patterns = [re.compile(p) for p in skip]
     blocks = decoder_blocks(model, arch)
-    result = CalibrationResult(estimate=estimate(model, arch, samples))
+    result = CalibrationResult(estimate=estimate(model, arch, samples, true_sequential))
     est = result.estimate
     log.warning(
         "%s on %d blocks with %d samples x %d tokens: estimated peak memory %.0f MB (model %.0f, calibration activations %.0f, "
@@ -213,38 +222,30 @@ def calibrate_and_quantize(
     bar = tqdm(total=len(blocks), desc=method.name, unit="block", disable=not progress)
     for index, block in enumerate(blocks):
         prefix = f"{arch.blocks}.{index}"
-        summary = []
+        groups = []  # (group, names to quantise)
         for group in arch.groups:
             names = [n for n in group.linears if not any(p.search(f"{prefix}.{n}") for p in patterns)]
-            if not names:
-                continue
-            linears = {n: block.get_submodule(n) for n in names}
-            for n, linear in linears.items():
+            for n in names:
+                linear = block.get_submodule(n)
                 if not isinstance(linear, nn.Linear) or isinstance(linear, tuple(QUANTIZED_MODULES.values())):
                     raise LowbitError(f"{prefix}.{n} is not a float nn.Linear (already quantised?); quantise the float model")
-            stats = method.statistics(next(iter(linears.values())).in_features)
-
-            def record(module, args, stats=stats):
-                stats.add(args[0])
-                raise _StopForward  # the group shares this input: nothing after it is needed
-
-            hooks = [linear.register_forward_pre_hook(record) for linear in linears.values()]
-            try:
-                for batch in batches:
-                    try:
-                        block(batch.hidden, **batch.block_kwargs[index])
-                    except _StopForward:
-                        pass
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            everyone = {n: block.get_submodule(n) for n in group.linears}
-            for n, module, info in method.quantize_group(block, group, everyone, names, stats, arch):
-                full = f"{prefix}.{n}"
-                set_module(block, n, module)
-                shape = (module.out_features, module.in_features)
-                result.layers.append(LayerResult(full, shape, 8 * storage_bytes(module) / (shape[0] * shape[1]), info))
-                summary.append(f"{n.rsplit('.', 1)[-1]} {_short(info)}")
+            if names:
+                groups.append((group, names))
+        summary = []
+        # true sequential: one pass per group, stopped at its input, after the earlier groups
+        # are quantised; otherwise one pass of the float block feeds every group's statistics
+        rounds = [[g] for g in groups] if true_sequential else [groups]
+        for round_groups in rounds:
+            stats = {g.role: method.statistics(block.get_submodule(names[0]).in_features) for g, names in round_groups}
+            _collect(block, index, batches, [(block.get_submodule(g.linears[0]), stats[g.role]) for g, _ in round_groups])
+            for group, names in round_groups:
+                everyone = {n: block.get_submodule(n) for n in group.linears}
+                for n, module, info in method.quantize_group(block, group, everyone, names, stats[group.role], arch):
+                    full = f"{prefix}.{n}"
+                    set_module(block, n, module)
+                    shape = (module.out_features, module.in_features)
+                    result.layers.append(LayerResult(full, shape, 8 * storage_bytes(module) / (shape[0] * shape[1]), info))
+                    summary.append(f"{n.rsplit('.', 1)[-1]} {_short(info)}")
         for batch in batches:
             batch.hidden = _block_output(block(batch.hidden, **batch.block_kwargs[index]))
         bar.update(1)
@@ -253,6 +254,32 @@ def calibrate_and_quantize(
     bar.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _collect(block: nn.Module, index: int, batches: list[CapturedBatch], taps: list[tuple[nn.Module, Statistics]]) -> None:
+    """Run the batches through ``block``, feeding each tapped linear's input to its statistics;
+    the forward stops once the last tap has fired (nothing after it is needed)."""
+    fired: set[int] = set()
+
+    def tap(stats, position):
+        def hook(module, args):
+            stats.add(args[0])
+            fired.add(position)
+            if len(fired) == len(taps):
+                raise _StopForward
+        return hook
+
+    hooks = [linear.register_forward_pre_hook(tap(stats, i)) for i, (linear, stats) in enumerate(taps)]
+    try:
+        for batch in batches:
+            fired.clear()
+            try:
+                block(batch.hidden, **batch.block_kwargs[index])
+            except _StopForward:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _short(info: dict) -> str:
