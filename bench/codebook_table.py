@@ -5,7 +5,8 @@ quantisation: error on Gaussian data, on the models' own weights, and perplexity
 
 Part 1 (Gaussian data and real weights) measures relative weight error ||W - Ŵ||² / ||W||²
 and bits per weight (all constants included). Part 2 quantises each model with every
-format and scores all of them in one process against the float model.
+format and scores all of them in one process against the float model. Writes
+bench/results/codebooks_<model>.json.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def main() -> None:
                 r["weight_relative_error"] = errors[r["label"]]["relative_error"]
         payload[name] = {"corpus": args.corpus, "windows": len(windows), "tokens": results[0]["tokens"], "results": results,
                          "wall_seconds": time.perf_counter() - start}
+        write_json(Path(args.out) / f"codebooks_{name}.json", {"block": args.block, "gaussian": payload["gaussian"], **payload[name]})
         base = results[0]["perplexity"]
         print(f"\n### {name}: {results[0]['tokens']} tokens of {args.corpus}\n")
         print("| format | bits/w | weight rel. error | ppl | Δppl | KLD | top-1 % |\n|---|---:|---:|---:|---:|---:|---:|")
@@ -95,7 +97,6 @@ def main() -> None:
             rel = r.get("weight_relative_error")
             print(f"| {r['label']} | {r['bits_per_weight']:.3f} | {'-' if rel is None else f'{rel:.5f}'} | {r['perplexity']:.3f} | "
                   f"{100 * (r['perplexity'] / base - 1):+.1f}% | {r['kld']:.4f} | {100 * r['top1_agreement']:.1f} |")
-    write_json(Path(args.out) / "codebooks.json", payload)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
     fq.add_argument("--group-size", type=int, default=128)
     fq.add_argument("--lsq", action="store_true", help="learn the step sizes (LSQ)")
 
+    g = sub.add_parser("generate", help="greedy generation with lowbit's decode loop, printing the text and tokens/s")
+    g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--kv-bits", type=int, choices=[2, 4, 8], help="quantise the KV cache (keys per channel, values per token)")
+    g.add_argument("--kv-group", type=int, default=32, help="KV group: tokens per key group, channels per value group (default 32)")
+    g.add_argument("--kv-residual", type=int, default=128, help="newest tokens kept in full precision (default 128)")
+    g.add_argument("--no-kernels", action="store_true", help="run quantised layers on the reference path")
+
+    r = sub.add_parser("roofline", help="predicted (and with --measure, measured) decode tokens/s and prefill time per weight format")
+    r.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help}, or llama-1b for a random 1.1B Llama (default {DEFAULT_MODEL})")
+    r.add_argument("--bandwidth", type=float, help="memory bandwidth, GB/s")
+    r.add_argument("--flops", type=float, help="peak compute, TFLOP/s")
+    r.add_argument("--measure", action="store_true", help="measure this machine, run the decode loop for each format, and compare")
+    r.add_argument("--ctx", type=int, default=512, help="prompt length for prefill; decode is priced at this context (default 512)")
+    r.add_argument("--new-tokens", type=int, default=32, help="with --measure: tokens generated per format (default 32)")
+    r.add_argument("--kv-bits", type=float, default=32.0, help="KV-cache bits per element for the prediction (default 32, float32)")
+    r.add_argument("--out", help="write the chart (PNG) here, and a JSON beside it")
+
+    bd = sub.add_parser("bench-decode", help="decode speed table (float32, bf16, W8, W4) with the roofline prediction beside each")
+    bd.add_argument("--models", nargs="+", default=[DEFAULT_MODEL, "llama-1b"], help="models (llama-1b: random 1.1B Llama)")
+    bd.add_argument("--ctx", type=int, default=64, help="prompt tokens (default 64)")
+    bd.add_argument("--new-tokens", type=int, default=32)
+    bd.add_argument("--out-dir", help="write a PNG chart and JSON per model here")
+
     o = sub.add_parser("outliers", help="activation outlier analysis of every linear's input (table, PNG plots, JSON)")
     o.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
     o_text = o.add_mutually_exclusive_group()
@@ -268,6 +293,59 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from lowbit.inference.generate import generate
+    from lowbit.inference.kv_cache import KVSpec
+    from lowbit.models.loading import load_model
+
+    loaded = load_model(args.model)
+    if loaded.is_quantized and not args.no_kernels:
+        from lowbit.kernels.cpu import use_cpu_kernels
+
+        use_cpu_kernels(loaded.model)
+    kv = None if args.kv_bits is None else KVSpec(bits=args.kv_bits, group_size=args.kv_group, residual=args.kv_residual)
+    ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids
+    result = generate(loaded.model, ids, args.max_new_tokens, kv=kv, eos_token_id=loaded.tokenizer.eos_token_id)
+    print(args.prompt + loaded.tokenizer.decode(result.tokens, skip_special_tokens=True))
+    print(f"\n{result.prompt_tokens} prompt tokens in {result.prefill_seconds:.2f} s; {len(result.tokens)} new tokens, "
+          f"decode {result.decode_tokens_per_second:.1f} tokens/s; KV cache {result.cache_bytes / 1e6:.2f} MB"
+          f"{'' if kv is None else f' ({args.kv_bits}-bit)'}", file=sys.stderr)
+    return 0
+
+
+def cmd_roofline(args) -> int:
+    from lowbit.analysis.roofline import Machine, measure_machine
+    from lowbit.analysis.roofline_report import predicted_rows, roofline_table, write_chart
+    from lowbit.evaluation import write_json
+    from lowbit.inference.speed import measure_variants, random_llama
+    from lowbit.models.loading import load_model
+
+    model = random_llama() if args.model == "llama-1b" else load_model(args.model).model
+    if args.measure:
+        machine = measure_machine()
+    elif args.bandwidth and args.flops:
+        machine = Machine(bandwidth_gbps=args.bandwidth, peak_gflops=args.flops * 1000)
+    else:
+        raise LowbitError("give --bandwidth GBps and --flops TFLOPs, or --measure to measure this machine")
+    print(f"machine: {machine.bandwidth_gbps:.1f} GB/s, {machine.peak_gflops:.0f} GFLOP/s (ridge {machine.ridge:.1f} FLOP/byte)")
+    rows = measure_variants(model, machine, args.ctx, args.new_tokens) if args.measure else predicted_rows(model, machine, args.ctx, args.kv_bits)
+    print(roofline_table(rows))
+    if args.out:
+        write_chart(rows, machine, model, args.ctx, args.out)
+        write_json(Path(args.out).with_suffix(".json"), {"model": args.model, "machine": vars(machine), "ctx": args.ctx, "rows": [r.to_dict() for r in rows]})
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_decode(args) -> int:
+    for model in args.models:
+        print(f"\n== {model} ==")
+        out = None if not args.out_dir else str(Path(args.out_dir) / f"roofline_{model}.png")
+        ns = argparse.Namespace(model=model, bandwidth=None, flops=None, measure=True, ctx=args.ctx, new_tokens=args.new_tokens, kv_bits=32.0, out=out)
+        cmd_roofline(ns)
+    return 0
+
+
 def cmd_outliers(args) -> int:
     from lowbit.analysis.outliers import analyse_outliers, summary_table, write_plots
     from lowbit.evaluation import write_json
@@ -303,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "info": cmd_info}
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers,
+                "generate": cmd_generate, "roofline": cmd_roofline, "bench-decode": cmd_bench_decode, "info": cmd_info}
     start = time.perf_counter()
     try:
         code = commands[args.command](args)

@@ -124,3 +124,15 @@ def test_outliers_verb(capsys, tiny_llama_dir, text_file, tmp_path):
 def test_w8a8_rejects_other_bit_widths(capsys, tiny_llama_dir, tmp_path):
     code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--method", "smoothquant", "--bits", "4", "--out", str(tmp_path / "q"))
     assert code == 2 and "8-bit weights and activations" in err
+
+
+def test_generate_and_roofline(capsys, tiny_llama_dir, tmp_path):
+    code, stdout, err = run(capsys, "generate", str(tiny_llama_dir), "--prompt", "Quantisation is", "--max-new-tokens", "5", "--kv-bits", "4",
+                            "--kv-group", "4", "--kv-residual", "2")
+    assert code == 0 and stdout.startswith("Quantisation is") and "tokens/s" in err
+    chart = tmp_path / "r.png"
+    code, stdout, _ = run(capsys, "roofline", str(tiny_llama_dir), "--bandwidth", "20", "--flops", "0.2", "--ctx", "64", "--out", str(chart))
+    assert code == 0 and "memory" in stdout and "W4" in stdout
+    assert chart.read_bytes()[:4] == b"\x89PNG" and json.loads(chart.with_suffix(".json").read_text())["rows"]
+    code, _, err = run(capsys, "roofline", str(tiny_llama_dir))
+    assert code == 2 and "--measure" in err

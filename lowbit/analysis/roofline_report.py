@@ -1,0 +1,84 @@
+"""Tables and the chart of `lowbit roofline`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from torch import nn
+
+from lowbit.analysis.roofline import Machine, StepCost, decode_cost, prefill_cost
+from lowbit.inference.speed import SpeedRow
+
+# Storage bits per weight of each variant's quantised linears (codes + float16 scales).
+VARIANT_BITS = {"float32": 32.0, "bf16": 16.0, "W8": 8.0 + 16 / 2048, "W4": 4.0 + 16 / 128}
+
+
+def predicted_rows(model: nn.Module, machine: Machine, ctx: int, kv_bits: float = 32.0) -> list[SpeedRow]:
+    """The roofline's prediction for each variant without building it: the float model's
+    step with its block linears re-priced at the variant's bits (lm_head keeps the model's
+    width, or 16 bits for bf16)."""
+    base = decode_cost(model, ctx, kv_bits)
+    base_prefill = prefill_cost(model, ctx, kv_bits)
+    head = model.get_output_embeddings()
+    head_weights = head.in_features * head.out_features
+    weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)) - head_weights
+    rows = []
+    for variant, bits in VARIANT_BITS.items():
+        head_bits = 16.0 if variant == "bf16" else 32.0
+        weight_bytes = int(weights * bits / 8 + head_weights * head_bits / 8)
+        step = StepCost(weight_bytes, base.kv_bytes, base.flops)
+        prefill = StepCost(weight_bytes, base_prefill.kv_bytes, base_prefill.flops)
+        rows.append(SpeedRow(variant, bits, weight_bytes, float("nan"), 1.0 / step.seconds(machine), float("nan"),
+                             prefill.seconds(machine), step.intensity, step.bound(machine)))
+    return rows
+
+
+def roofline_table(rows: list[SpeedRow]) -> str:
+    base = next((r for r in rows if r.variant == "float32"), rows[0])
+    head = f"{'format':<10} {'bits/w':>7} {'weights MB':>10} {'FLOP/B':>7} {'bound':>7} {'pred tok/s':>10} {'meas tok/s':>10} {'meas/pred':>9} {'x fp32':>7} {'prefill s':>9} {'pred prefill':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        measured = r.decode_tokens_per_second
+        has = not math.isnan(measured)
+        lines.append(
+            f"{r.variant:<10} {r.bits_per_weight:>7.2f} {r.weight_bytes / 1e6:>10.1f} {r.intensity:>7.2f} {r.bound:>7} "
+            f"{r.predicted_tokens_per_second:>10.1f} {(f'{measured:.1f}' if has else '-'):>10} "
+            f"{(f'{measured / r.predicted_tokens_per_second:.2f}' if has else '-'):>9} "
+            f"{(f'{measured / base.decode_tokens_per_second:.2f}' if has else '-'):>7} "
+            f"{(f'{r.prefill_seconds:.2f}' if has else '-'):>9} {r.predicted_prefill_seconds:>12.3f}"
+        )
+    return "\n".join(lines)
+
+
+def write_chart(rows: list[SpeedRow], machine: Machine, model: nn.Module, ctx: int, out: str | Path) -> Path:
+    """Tokens/s against bits per weight: the bandwidth roof for this model (linears at b bits,
+    lm_head in float32, KV in float32), its compute ceiling, and the variants' points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = decode_cost(model, ctx)
+    head = model.get_output_embeddings()
+    head_bytes = head.in_features * head.out_features * 4
+    weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)) - head.in_features * head.out_features
+    bits = [b / 4 for b in range(6, 130)]
+    roof = [1.0 / max((weights * b / 8 + head_bytes + base.kv_bytes) / (machine.bandwidth_gbps * 1e9), base.flops / (machine.peak_gflops * 1e9)) for b in bits]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(bits, roof, color="black", lw=1.5, label=f"roofline ({machine.bandwidth_gbps:.0f} GB/s, {machine.peak_gflops:.0f} GFLOP/s)")
+    for r in rows:
+        ax.scatter([r.bits_per_weight], [r.predicted_tokens_per_second], marker="x", color="grey")
+        if not math.isnan(r.decode_tokens_per_second):
+            ax.scatter([r.bits_per_weight], [r.decode_tokens_per_second], s=40, label=f"{r.variant} measured")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per weight (block linears)")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(f"Decode roofline at context {ctx}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,1 @@
+"""Inference: the lean decode loop and the quantised KV cache."""

@@ -1,0 +1,99 @@
+"""Decode speed of float and quantised variants of one model, beside the roofline.
+
+Variants (built from the same float32 model in one process, so ratios are side by side):
+  float32   the model as loaded
+  bf16      a bfloat16 copy
+  W8        int8 per output channel, symmetric, CPU kernel
+  W4        int4 groups of 128, symmetric, CPU kernel
+  W4 ref    the same int4 model on QuantLinear's reference path (dequantise + matmul)
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lowbit.analysis.roofline import Machine, decode_cost, prefill_cost
+from lowbit.inference.generate import generate
+from lowbit.kernels.cpu import use_cpu_kernels
+from lowbit.models.architectures import architecture_for
+from lowbit.models.loading import LoadedModel
+from lowbit.numerics.spec import QuantSpec
+from lowbit.pipeline import quantize_model
+
+VARIANTS = ("float32", "bf16", "W8", "W4", "W4 ref")
+SPECS = {"W8": QuantSpec(bits=8, granularity="channel", group_size=None), "W4": QuantSpec(bits=4, group_size=128)}
+
+
+@dataclass
+class SpeedRow:
+    variant: str
+    bits_per_weight: float
+    weight_bytes: int
+    decode_tokens_per_second: float
+    predicted_tokens_per_second: float
+    prefill_seconds: float
+    predicted_prefill_seconds: float
+    intensity: float
+    bound: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_llama(hidden: int = 2048, intermediate: int = 5632, layers: int = 22, heads: int = 32, kv_heads: int = 4, vocab: int = 32000, seed: int = 0) -> nn.Module:
+    """A Llama-shaped model with random weights (TinyLlama-1.1B's shape by default): 1.1 B
+    parameters whose 4.4 GB of float32 weights dominate every decode step's memory traffic."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def build_variant(model: nn.Module, variant: str) -> nn.Module:
+    """A new model for ``variant`` (float32 returns ``model`` itself)."""
+    if variant == "float32":
+        return model
+    if variant == "bf16":
+        return copy.deepcopy(model).to(torch.bfloat16)
+    spec = SPECS[variant.split()[0]]
+    copy_ = copy.deepcopy(model)
+    loaded = LoadedModel(model=copy_, tokenizer=None, source="speed", arch=architecture_for(copy_.config.model_type))
+    quantize_model(loaded, spec, method="rtn", progress=False)
+    if not variant.endswith("ref"):
+        use_cpu_kernels(copy_)
+    return copy_
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    from lowbit.evaluation.metrics import linear_bits_per_weight
+
+    return linear_bits_per_weight(model)
+
+
+def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, new_tokens: int = 32,
+                     variants: tuple[str, ...] = VARIANTS, warmup: int = 4) -> list[SpeedRow]:
+    """Decode tokens/s (batch 1, greedy, lean loop) and prefill time of each variant, with
+    the roofline's prediction for the same step (context = the middle of the generation)."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for variant in variants:
+        built = build_variant(model, variant)
+        generate(built, prompt[:, :8], max_new_tokens=warmup)  # warm caches, allocators, kernels
+        result = generate(built, prompt, max_new_tokens=new_tokens)
+        step = decode_cost(built, prompt_len + new_tokens // 2)
+        prefill = prefill_cost(built, prompt_len)
+        rows.append(SpeedRow(variant, bits_per_weight(built), step.weight_bytes, result.decode_tokens_per_second,
+                             1.0 / step.seconds(machine), result.prefill_seconds, prefill.seconds(machine), step.intensity, step.bound(machine)))
+        if built is not model:
+            del built
+            gc.collect()
+    return rows

@@ -1,0 +1,1 @@
+"""Fast paths: CPU kernels for the packed formats (each tested against the reference path)."""

@@ -1,0 +1,138 @@
+"""CPU kernels for decode-sized batches: W4 and W8 weight-only GEMM (fp32 activations).
+
+The C++ source (`cpu_kernels.cpp`) is compiled once per machine with -O3 -march=native
+-fopenmp by torch's extension builder (needs a C++ compiler and ninja) into the lowbit cache
+(`~/.cache/lowbit/kernels/<key>`), then loaded from there. `KernelLinear` wraps a
+`QuantLinear` whose format the kernel supports and computes batches of up to 16 tokens with
+it; larger batches (prefill) are compute-bound and go through the reference dequantise +
+BLAS matmul, which is the faster choice there. `QuantLinear`'s reference path stays the
+ground truth the tests compare against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.registry import cache_dir
+from lowbit.modules.quant_linear import QuantLinear
+from lowbit.modules.swap import set_module
+from lowbit.numerics.formats import IntFormat
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+MAX_KERNEL_TOKENS = 16
+
+
+@lru_cache(maxsize=1)
+def load_kernels():
+    """Compile (first time on a machine) and load the extension; a clear error if impossible."""
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
+    build = cache_dir() / "kernels" / key
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(name=f"lowbit_cpu_{key}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                  build_directory=str(build), verbose=bool(os.environ.get("LOWBIT_VERBOSE_BUILD")))
+    except (RuntimeError, OSError, ImportError) as err:
+        raise LowbitError(f"could not build lowbit's CPU kernels ({err}); they need a C++ compiler (g++) and ninja (pip install ninja)") from err
+
+
+def kernel_support(module: QuantLinear) -> str | None:
+    """None if the kernel computes ``module``, else why not."""
+    spec = module.spec
+    if not isinstance(spec.number_format, IntFormat) or spec.bits not in (4, 8):
+        return f"{spec.describe()}: the kernels cover 4- and 8-bit integer formats"
+    if spec.granularity not in ("group", "channel"):
+        return "per-tensor scales"
+    if module.g_idx is not None:
+        return "act-order groups (g_idx)"
+    if spec.double_quant:
+        return "double-quantised scales"
+    if module.in_features % 32 or module.group_size % 32:
+        return f"in_features {module.in_features} / group {module.group_size} not multiples of 32"
+    return None
+
+
+def _interleave_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (N, K), K % 32 == 0 -> the kernel's int4 layout uint8 (N, K/2)."""
+    n, k = codes.shape
+    runs = codes.reshape(n, k // 32, 2, 16)
+    return (runs[:, :, 0, :] | (runs[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
+
+
+class KernelLinear(nn.Module):
+    """A `QuantLinear` prepared for the CPU kernel (see module docstring).
+
+    q: uint8, the kernel's layout; scales, zeros: float32 (N, n_groups), zeros in code units.
+    The original QuantLinear is kept for batches above MAX_KERNEL_TOKENS and for saving.
+    """
+
+    def __init__(self, module: QuantLinear):
+        super().__init__()
+        reason = kernel_support(module)
+        if reason is not None:
+            raise LowbitError(f"the CPU kernel cannot run this layer: {reason}")
+        self.kernels = load_kernels()
+        self.reference = module
+        self.in_features, self.out_features = module.in_features, module.out_features
+        q = module.qweight.to_quantized()
+        fmt = module.spec.number_format
+        codes = q.codes
+        self.int4 = module.spec.bits == 4
+        self.register_buffer("q", _interleave_int4(codes) if self.int4 else codes.contiguous())
+        scale = q.scale.float().expand(self.out_features, -1).contiguous()
+        if q.zero is None:  # symmetric: code c stands for c + q_min, so Z = -q_min in code units
+            zero = torch.full_like(scale, float(-fmt.qmin))
+        elif module.spec.zero_point == "float":  # x = S q + m = S (q - (-m / S))
+            zero = (-q.zero.float() / q.scale.float()).expand_as(scale).contiguous()
+        else:
+            zero = q.zero.float().expand_as(scale).contiguous()
+        self.register_buffer("scales", scale)
+        self.register_buffer("zeros", zero)
+        self.group_size = module.group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        if x2d.shape[0] > MAX_KERNEL_TOKENS:
+            return self.reference(x)
+        y = self.kernels.gemm(x2d.to(torch.float32).contiguous(), self.q, self.scales, self.zeros, self.group_size, self.int4)
+        if self.reference.bias is not None:
+            y = y + self.reference.bias.float()
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def use_cpu_kernels(model: nn.Module) -> dict[str, str]:
+    """Swap every supported QuantLinear for a KernelLinear, in place. Returns, for each
+    QuantLinear left on the reference path, why (so nothing falls back silently)."""
+    skipped = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            reason = kernel_support(module)
+            if reason is None:
+                set_module(model, name, KernelLinear(module))
+            else:
+                skipped[name] = reason
+    if skipped:
+        log.warning("%d quantised layers stay on the reference path (e.g. %s: %s)", len(skipped), *next(iter(skipped.items())))
+    return skipped
+
+
+def reference_gemm(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+    """What KernelLinear must equal: dequantise, then matmul (QuantLinear's forward)."""
+    return F.linear(x, module.qweight.dequantize(torch.float32), None if module.bias is None else module.bias.float())
+
+
+__all__ = ["KernelLinear", "kernel_support", "load_kernels", "reference_gemm", "use_cpu_kernels"]

@@ -1,0 +1,164 @@
+"""CPU kernels against the reference path, the quantised KV cache, and the lean decode loop."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from conftest import tiny_llama, tiny_model
+from lowbit.algorithms import rtn_quantize
+from lowbit.errors import LowbitError
+from lowbit.evaluation.kv import kv_cache_quality
+from lowbit.inference.generate import generate
+from lowbit.inference.kv_cache import KVSpec, QuantizedKVCache, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from lowbit.kernels.cpu import KernelLinear, kernel_support, reference_gemm, use_cpu_kernels
+from lowbit.modules import QuantLinear
+from lowbit.numerics import QuantSpec
+from lowbit.pipeline import quantize_model
+
+KERNEL_SPECS = [
+    QuantSpec(bits=4, group_size=32),
+    QuantSpec(bits=4, group_size=64, symmetric=False),
+    QuantSpec(bits=4, group_size=128, symmetric=False, zero_point="float"),
+    QuantSpec(bits=4, granularity="channel", group_size=None),
+    QuantSpec(bits=8, granularity="channel", group_size=None),
+    QuantSpec(bits=8, group_size=128, symmetric=False),
+]
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("shape", [(96, 576), (40, 160), (256, 1536)])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 40])
+def test_cpu_kernel_equals_reference(spec, shape, tokens):
+    out_features, in_features = shape
+    if spec.granularity == "group" and spec.group_size > in_features:
+        pytest.skip("group larger than the row")
+    g = torch.Generator().manual_seed(out_features + tokens)
+    linear = nn.Linear(in_features, out_features, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g) * 0.05)
+    module = QuantLinear(rtn_quantize(linear.weight, spec), linear.bias)
+    kernel = KernelLinear(module)
+    x = torch.randn(2, tokens, in_features, generator=g) if tokens > 16 else torch.randn(tokens, in_features, generator=g)
+    expected = reference_gemm(x, module)
+    torch.testing.assert_close(kernel(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_declines_what_it_cannot_run():
+    linear = nn.Linear(100, 8)
+    assert "multiples of 32" in kernel_support(QuantLinear(rtn_quantize(linear.weight, QuantSpec(bits=4, group_size=50))))
+    assert "4- and 8-bit" in kernel_support(QuantLinear(rtn_quantize(nn.Linear(64, 8).weight, QuantSpec(bits=3, group_size=32))))
+    with pytest.raises(LowbitError, match="cannot run this layer"):
+        KernelLinear(QuantLinear(rtn_quantize(nn.Linear(64, 8).weight, QuantSpec(bits=3, group_size=32))))
+
+
+def test_model_with_kernels_matches_reference(tiny_llama_dir):
+    from lowbit import load_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    quantize_model(loaded, QuantSpec(bits=4, group_size=32), progress=False)
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        expected = loaded.model(x).logits
+        skipped = use_cpu_kernels(loaded.model)
+        assert skipped == {} and isinstance(loaded.model.model.layers[0].mlp.down_proj, KernelLinear)
+        # decode-sized steps go through the kernel
+        torch.testing.assert_close(loaded.model(x).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_kv_chunks_round_trip_within_their_error_bound(bits):
+    g = torch.Generator().manual_seed(bits)
+    keys = torch.randn(1, 2, 32, 16, generator=g)
+    keys[..., 3] += 8  # an outlier key channel, as KIVI observed
+    values = torch.randn(1, 2, 32, 16, generator=g)
+    spec = KVSpec(bits=bits, group_size=32, residual=0)
+    qk, qv = quantize_keys(keys, spec), quantize_values(values, spec)
+    k_hat = dequantize_keys(qk, tuple(keys.shape), torch.float32)
+    v_hat = dequantize_values(qv, tuple(values.shape), torch.float32)
+    # per key channel over the tokens: |error| <= one step of that channel's range
+    k_step = (torch.maximum(keys.amax(2, keepdim=True), torch.zeros(1)) - torch.minimum(keys.amin(2, keepdim=True), torch.zeros(1))) / (2**bits - 1)
+    assert ((keys - k_hat).abs() <= k_step * 1.01 + 1e-3).all()
+    v_step = (torch.maximum(values.amax(-1, keepdim=True), torch.zeros(1)) - torch.minimum(values.amin(-1, keepdim=True), torch.zeros(1))) / (2**bits - 1)
+    assert ((values - v_hat).abs() <= v_step * 1.01 + 1e-3).all()
+
+
+def test_quantized_cache_keeps_a_full_precision_window_and_shrinks():
+    spec = KVSpec(bits=4, group_size=16, residual=8)
+    from transformers import LlamaConfig
+
+    cache = QuantizedKVCache(spec, LlamaConfig(num_hidden_layers=1))
+    keys, values = torch.randn(1, 2, 50, 64), torch.randn(1, 2, 50, 64)
+    k_out, v_out = cache.layers[0].update(keys[:, :, :30], values[:, :, :30])
+    k_out, v_out = cache.layers[0].update(keys[:, :, 30:], values[:, :, 30:])
+    layer = cache.layers[0]
+    assert layer.get_seq_length() == 50 and k_out.shape[2] == 50
+    assert layer.quantized_tokens == 32 and layer.keys.shape[2] == 18  # 18 >= residual 8, < 8 + 16
+    torch.testing.assert_close(k_out[:, :, 32:], keys[:, :, 32:])  # the newest tokens are exact
+    assert not torch.equal(k_out[:, :, :32], keys[:, :, :32])
+    float_bytes = 2 * keys.numel() * 4
+    assert cache.stored_bytes() < 0.5 * float_bytes
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_eight_bit_kv_cache_barely_moves_the_model(family):
+    model = tiny_model(family)
+    windows = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(0))
+    q8 = kv_cache_quality(model, windows, KVSpec(bits=8, group_size=16, residual=16), chunk=16)
+    q2 = kv_cache_quality(model, windows, KVSpec(bits=2, group_size=16, residual=16), chunk=16)
+    assert q8.kld < q2.kld and q8.kld < 1e-3
+    assert q2.cache_bytes < q8.cache_bytes < q8.float_cache_bytes
+
+
+def test_chunked_float_cache_equals_one_pass():
+    model = tiny_llama(seed=1)
+    window = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(1))
+    from lowbit.evaluation.kv import _chunked_logprobs
+
+    chunked = _chunked_logprobs(model, window, DynamicCache(config=model.config), chunk=16)
+    with torch.no_grad():
+        whole = torch.log_softmax(model(window[None, :-1]).logits[0], -1)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+def test_lean_loop_matches_transformers_greedy(family):
+    model = tiny_model(family, seed=2)
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    ours = generate(model, prompt, max_new_tokens=20)
+    with torch.no_grad():
+        theirs = model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert ours.tokens == theirs[0, 10:].tolist()
+    assert ours.decode_tokens_per_second > 0
+
+
+def test_lean_loop_with_a_quantised_cache_runs_and_mostly_agrees():
+    model = tiny_llama(seed=3)
+    prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    exact = generate(model, prompt, max_new_tokens=16)
+    q8 = generate(model, prompt, max_new_tokens=16, kv=KVSpec(bits=8, group_size=16, residual=8))
+    assert sum(a == b for a, b in zip(exact.tokens, q8.tokens)) >= 12
+
+
+def test_roofline_prices_bytes_and_flops():
+    from lowbit.analysis.roofline import Machine, decode_cost, prefill_cost
+
+    model = tiny_llama(seed=5)
+    step = decode_cost(model, context=100)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert step.weight_bytes == sum(m.weight.numel() * 4 for m in linears)
+    assert step.kv_bytes == 2 * 2 * 16 * 100 * 4 * 2  # 2 layers x (K, V) x 2 kv heads x head_dim 16 x 100 tokens x 4 bytes
+    assert step.flops == pytest.approx(2 * sum(m.weight.numel() for m in linears) + 2 * 4 * 4 * 16 * 100)
+    slow_memory = Machine(bandwidth_gbps=1.0, peak_gflops=1e6)
+    assert step.bound(slow_memory) == "memory" and step.seconds(slow_memory) == pytest.approx(step.bytes / 1e9)
+    assert prefill_cost(model, 512).intensity > 50 * step.intensity  # prefill reuses each weight 512 times
+    quantize_model(_loaded(model), QuantSpec(bits=4, group_size=32), progress=False)
+    assert decode_cost(model, context=100).weight_bytes < 0.3 * step.weight_bytes
+
+
+def _loaded(model):
+    from conftest import byte_tokenizer
+    from lowbit.models import architecture_for
+    from lowbit.models.loading import LoadedModel
+
+    return LoadedModel(model=model, tokenizer=byte_tokenizer(), source="tiny", arch=architecture_for(model.config.model_type))
