@@ -44,6 +44,20 @@ def test_cpu_kernel_equals_reference(spec, shape, tokens):
     torch.testing.assert_close(kernel(x), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_portable_kernel_path_equals_reference(spec, tokens):
+    """The SIMD path runs on this machine; the portable one (CPUs without AVX2) is checked too."""
+    g = torch.Generator().manual_seed(tokens)
+    module = QuantLinear(rtn_quantize(torch.randn(72, 576, generator=g) * 0.05, spec))
+    kernel = KernelLinear(module)
+    x = torch.randn(tokens, 576, generator=g)
+    expected = reference_gemm(x, module)
+    got = kernel.kernels.gemm_portable(x, kernel.q, kernel.scales, kernel.zeros, kernel.group_size, kernel.int4)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernel(x), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_kernel_declines_what_it_cannot_run():
     linear = nn.Linear(100, 8)
     assert "multiples of 32" in kernel_support(QuantLinear(rtn_quantize(linear.weight, QuantSpec(bits=4, group_size=50))))

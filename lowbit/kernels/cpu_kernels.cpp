@@ -15,16 +15,16 @@
 #include <torch/extension.h>
 #include <algorithm>
 #include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int kMaxBatch = 16;
 
-template <bool kInt4>
-void gemm_lowbit(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
-                 int64_t M, int64_t N, int64_t K, int64_t G) {
-  const int64_t ng = (K + G - 1) / G;
-  const int64_t row_bytes = kInt4 ? K / 2 : K;
+// Per-group sums of the activations, sum_{k in g} x[m, k]: the zero-point term of every row.
+std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng) {
   std::vector<float> xsum(M * ng, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ng; ++g) {
@@ -32,6 +32,17 @@ void gemm_lowbit(const uint8_t* q, const float* s, const float* z, const float* 
       for (int64_t k = g * G; k < std::min((g + 1) * G, K); ++k) acc += x[m * K + k];
       xsum[m * ng + g] = acc;
     }
+  return xsum;
+}
+
+// Portable path (any compiler, any CPU): the codes of a run of 32 columns widened to float,
+// then one dot product per token. Used where AVX2/FMA are absent.
+template <bool kInt4>
+void gemm_portable(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
+                   int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t ng = (K + G - 1) / G;
+  const int64_t row_bytes = kInt4 ? K / 2 : K;
+  const std::vector<float> xsum = group_sums(x, M, K, G, ng);
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* qrow = q + n * row_bytes;
@@ -43,20 +54,17 @@ void gemm_lowbit(const uint8_t* q, const float* s, const float* z, const float* 
         float w[32];
         if (kInt4) {
           const uint8_t* b = qrow + c / 2;
-#pragma omp simd
           for (int j = 0; j < 16; ++j) {
             w[j] = static_cast<float>(b[j] & 15);
             w[16 + j] = static_cast<float>(b[j] >> 4);
           }
         } else {
           const uint8_t* b = qrow + c;
-#pragma omp simd
           for (int j = 0; j < 32; ++j) w[j] = static_cast<float>(b[j]);
         }
         for (int64_t m = 0; m < M; ++m) {
           const float* xm = x + m * K + c;
           float p = 0.f;
-#pragma omp simd reduction(+ : p)
           for (int j = 0; j < 32; ++j) p += w[j] * xm[j];
           part[m] += p;
         }
@@ -68,23 +76,139 @@ void gemm_lowbit(const uint8_t* q, const float* s, const float* z, const float* 
   }
 }
 
-torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4) {
+#if defined(__AVX2__) && defined(__FMA__)
+// AVX2 path. A run of 32 codes becomes four 8-float vectors in registers (one 16- or
+// 32-byte load, nibble mask/shift for int4, zero-extend and convert); each token in a tile
+// of up to four multiplies them into two vector accumulators per token (two, so that the
+// FMAs of consecutive columns do not wait on each other). The accumulators are reduced
+// once per group, where the group's scale and zero-point are applied.
+inline __m256 widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
+
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+template <bool kInt4, int MT>
+void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const float* x, const float* xsum,
+              float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
+  float acc[MT] = {0.f};
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 a0[MT], a1[MT];
+    for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    const int64_t end = std::min((g + 1) * G, K);
+    for (int64_t c = g * G; c < end; c += 32) {
+      __m256 w0, w1, w2, w3;
+      if (kInt4) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + c / 2));
+        const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+        w0 = widen8(lo);
+        w1 = widen8(_mm_srli_si128(lo, 8));
+        w2 = widen8(hi);
+        w3 = widen8(_mm_srli_si128(hi, 8));
+      } else {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + c));
+        const __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
+        w0 = widen8(v0);
+        w1 = widen8(_mm_srli_si128(v0, 8));
+        w2 = widen8(v1);
+        w3 = widen8(_mm_srli_si128(v1, 8));
+      }
+      for (int m = 0; m < MT; ++m) {
+        const float* xm = x + m * K + c;
+        a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a0[m]);
+        a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a1[m]);
+        a0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a0[m]);
+        a1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a1[m]);
+      }
+    }
+    const float sc = srow[g], zp = zrow[g];
+    for (int m = 0; m < MT; ++m) acc[m] += sc * (hsum(_mm256_add_ps(a0[m], a1[m])) - zp * xsum[m * ng + g]);
+  }
+  for (int m = 0; m < MT; ++m) y[m * N] = acc[m];
+}
+
+template <bool kInt4>
+void gemm_avx2(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
+               int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t ng = (K + G - 1) / G;
+  const int64_t row_bytes = kInt4 ? K / 2 : K;
+  const std::vector<float> xsum = group_sums(x, M, K, G, ng);
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* qrow = q + n * row_bytes;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = x + m0 * K;
+      const float* xs = xsum.data() + m0 * ng;
+      float* ym = y + m0 * N + n;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: row_tile<kInt4, 1>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
+        case 2: row_tile<kInt4, 2>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
+        case 3: row_tile<kInt4, 3>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
+        default: row_tile<kInt4, 4>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
+      }
+    }
+  }
+}
+#endif
+
+template <bool kInt4>
+void gemm_lowbit(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
+                 int64_t M, int64_t N, int64_t K, int64_t G) {
+#if defined(__AVX2__) && defined(__FMA__)
+  gemm_avx2<kInt4>(q, s, z, x, y, M, N, K, G);
+#else
+  gemm_portable<kInt4>(q, s, z, x, y, M, N, K, G);
+#endif
+}
+
+bool has_avx2() {
+#if defined(__AVX2__) && defined(__FMA__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor run_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4,
+                       bool portable) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 (M, K)");
   TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous(), "q must be contiguous uint8");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales and zeros must be float32");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous() && zeros.is_contiguous(),
+              "scales and zeros must be contiguous float32");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   TORCH_CHECK(M <= kMaxBatch, "batch larger than 16");
   TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0, "K and the group size must be multiples of 32");
+  TORCH_CHECK(q.size(1) == (int4 ? K / 2 : K), "q's row length does not match K");
   auto y = torch::empty({M, N}, x.options());
-  if (int4)
-    gemm_lowbit<true>(q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size);
-  else
-    gemm_lowbit<false>(q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = zeros.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (portable) {
+    if (int4) gemm_portable<true>(qp, sp, zp, xp, yp, M, N, K, group_size);
+    else gemm_portable<false>(qp, sp, zp, xp, yp, M, N, K, group_size);
+  } else {
+    if (int4) gemm_lowbit<true>(qp, sp, zp, xp, yp, M, N, K, group_size);
+    else gemm_lowbit<false>(qp, sp, zp, xp, yp, M, N, K, group_size);
+  }
   return y;
+}
+
+torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4) {
+  return run_gemm(x, q, scales, zeros, group_size, int4, false);
+}
+
+torch::Tensor gemm_portable_op(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4) {
+  return run_gemm(x, q, scales, zeros, group_size, int4, true);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "low-bit weight-only GEMM for small batches (fp32 activations)");
+  m.def("gemm_portable", &gemm_portable_op, "the same GEMM on the portable path (for tests)");
+  m.def("has_avx2", &has_avx2, "whether this build uses the AVX2/FMA path");
 }
