@@ -65,13 +65,6 @@ def kernel_support(module: QuantLinear) -> str | None:
     return None
 
 
-def _interleave_int4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (N, K), K % 32 == 0 -> the kernel's int4 layout uint8 (N, K/2)."""
-    n, k = codes.shape
-    runs = codes.reshape(n, k // 32, 2, 16)
-    return (runs[:, :, 0, :] | (runs[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
-
-
 class KernelLinear(nn.Module):
     """A `QuantLinear` prepared for the CPU kernel (see module docstring).
 
@@ -89,9 +82,8 @@ class KernelLinear(nn.Module):
         self.in_features, self.out_features = module.in_features, module.out_features
         q = module.qweight.to_quantized()
         fmt = module.spec.number_format
-        codes = q.codes
         self.int4 = module.spec.bits == 4
-        self.register_buffer("q", _interleave_int4(codes) if self.int4 else codes.contiguous())
+        self.q = module.qdata.contiguous()  # the kernel reads lowbit's packing as it is: no second copy of the codes
         scale = q.scale.float().expand(self.out_features, -1).contiguous()
         if q.zero is None:  # symmetric: code c stands for c + q_min, so Z = -q_min in code units
             zero = torch.full_like(scale, float(-fmt.qmin))

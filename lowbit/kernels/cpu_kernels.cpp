@@ -4,10 +4,10 @@
 //
 // which is W = S (Q - Z) (report Eq. 3.2) applied group by group without ever building W.
 // Layouts (prepared by lowbit/kernels/cpu.py from a QuantizedWeight):
-//   int4: uint8 (N, K/2); within each run of 32 columns of a row, byte j (0..15) holds
-//         column j in its low nibble and column 16 + j in its high nibble, so a 16-byte
-//         load gives two contiguous 16-column slices after a mask and a shift.
-//   int8: uint8 (N, K), one code per column.
+//   int4: uint8 (N, K/2), lowbit's own packing (QuantLinear.qdata, used in place, no copy):
+//         byte j holds column 2j in its low nibble and column 2j + 1 in its high nibble, so
+//         a little-endian 32-bit word holds 8 consecutive columns, column i at bit 4i.
+//   int8: uint8 (N, K), one code per column (QuantLinear.qdata as well).
 //   scales, zeros: float32 (N, K/G); zeros are in code units (symmetric: 2^(b-1); a float
 //         offset m becomes -m/s).
 //   The last group of a row may be shorter (K % G columns), as everywhere in lowbit.
@@ -55,8 +55,8 @@ void gemm_portable(const uint8_t* q, const float* s, const float* z, const float
         if (kInt4) {
           const uint8_t* b = qrow + c / 2;
           for (int j = 0; j < 16; ++j) {
-            w[j] = static_cast<float>(b[j] & 15);
-            w[16 + j] = static_cast<float>(b[j] >> 4);
+            w[2 * j] = static_cast<float>(b[j] & 15);
+            w[2 * j + 1] = static_cast<float>(b[j] >> 4);
           }
         } else {
           const uint8_t* b = qrow + c;
@@ -77,12 +77,18 @@ void gemm_portable(const uint8_t* q, const float* s, const float* z, const float
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// AVX2 path. A run of 32 codes becomes four 8-float vectors in registers (one 16- or
-// 32-byte load, nibble mask/shift for int4, zero-extend and convert); each token in a tile
+// AVX2 path. A run of 32 codes becomes four 8-float vectors in registers. int4: each
+// 32-bit word (8 columns) is broadcast to the 8 lanes straight from memory, shifted by
+// 0, 4, ..., 28 bits lane by lane and masked, so no byte shuffles are needed; int8: one
+// 32-byte load, zero-extended 8 bytes at a time. Then each token in a tile
 // of up to four multiplies them into two vector accumulators per token (two, so that the
 // FMAs of consecutive columns do not wait on each other). The accumulators are reduced
 // once per group, where the group's scale and zero-point are applied.
 inline __m256 widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
+
+inline __m256 nibbles8(__m256i word, __m256i shifts, __m256i low4) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), low4));
+}
 
 inline float hsum(__m256 v) {
   __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -95,7 +101,7 @@ template <bool kInt4, int MT>
 void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const float* x, const float* xsum,
               float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
   float acc[MT] = {0.f};
-  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
   for (int64_t g = 0; g < ng; ++g) {
     __m256 a0[MT], a1[MT];
     for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
@@ -103,12 +109,11 @@ void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const f
     for (int64_t c = g * G; c < end; c += 32) {
       __m256 w0, w1, w2, w3;
       if (kInt4) {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + c / 2));
-        const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
-        w0 = widen8(lo);
-        w1 = widen8(_mm_srli_si128(lo, 8));
-        w2 = widen8(hi);
-        w3 = widen8(_mm_srli_si128(hi, 8));
+        const float* words = reinterpret_cast<const float*>(qrow + c / 2);  // 4 words, 8 codes each
+        w0 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words)), shifts, low4);
+        w1 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 1)), shifts, low4);
+        w2 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 2)), shifts, low4);
+        w3 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 3)), shifts, low4);
       } else {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + c));
         const __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
