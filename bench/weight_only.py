@@ -2,7 +2,7 @@
 quantisation a real `lowbit quantize` run.
 
     python bench/weight_only.py [--models smollm2 gemma3-270m] [--corpus shakespeare] [--windows 40]
-                                [--calib-samples 128] [--calib-ctx 512]
+                                [--calib-samples 128] [--calib-ctx 512] [--rows all|core]
 
 Every row is quantised by the CLI in its own process (so its wall time and peak RSS are its
 own, read from the child's rusage), calibrated on the first half of the corpus, then all
@@ -39,6 +39,8 @@ METHODS = {"rtn sym": ["--method", "rtn"], "rtn asym": ["--method", "rtn", "--as
 ROWS = [("W4 g128", method) for method in ("rtn sym", "rtn asym", "gptq sym", "gptq asym", "awq asym", "gptq asym act-order+static")]
 ROWS += [("W4 g64", method) for method in ("rtn sym", "gptq sym", "gptq asym", "awq asym")]
 ROWS += [(setting, method) for setting in ("W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym", "awq asym")]
+# the issue's comparison only (RTN vs GPTQ vs AWQ, asymmetric, at W4 g128, W3 g128, W2 g64), for slower models
+CORE_ROWS = [(setting, method) for setting in ("W4 g128", "W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym", "awq asym")]
 
 
 def timed_quantize(args: list[str]) -> tuple[float, float]:
@@ -79,7 +81,7 @@ def materialize(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_model(name: str, args, workdir: Path) -> dict:
-    rows = [(setting, method, [*SETTINGS[setting], *METHODS[method]]) for setting, method in ROWS]
+    rows = [(setting, method, [*SETTINGS[setting], *METHODS[method]]) for setting, method in (CORE_ROWS if args.rows == "core" else ROWS)]
     calib = ["--calib-corpus", args.corpus, "--calib-samples", str(args.calib_samples), "--calib-ctx", str(args.calib_ctx)]
     quantized = []
     for setting, variant, flags in rows:
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-ctx", type=int, default=512)
+    parser.add_argument("--rows", choices=["all", "core"], default="all", help="core: RTN/GPTQ/AWQ asym at W4 g128, W3 g128, W2 g64")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     for name in args.models:
