@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.modules.int8 import LLMInt8Linear, W8A8Linear
+from lowbit.modules.int8 import LLMInt8Linear, W8A8Linear, int8_matmul
 from lowbit.numerics import QuantSpec, Quantized, quantize
 from lowbit.numerics.qmatmul import quantized_matmul
 
@@ -28,6 +28,18 @@ def reference_w8a8(x, weight, x_quantized: Quantized | None = None):
     xq = x_quantized or quantize(x2d, QuantSpec(bits=8, granularity="token", group_size=None, scale_dtype="float32"))
     wq = quantize(weight.detach(), QuantSpec(bits=8, granularity="channel", group_size=None, scale_dtype="float32"))
     return quantized_matmul(xq, wq)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 8), (17, 2500, 24), (5, 1024, 3)])
+def test_cpu_int8_matmul_equals_torch_int_mm_exactly(m, k, n):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    x[0], w[0] = 127, -127  # the extreme products, summed over whole rows
+    expected = x.long() @ w.long().t()
+    assert torch.equal(int8_matmul(x, w).long(), expected)
+    if m > 16:  # torch's CPU _int_mm wants more than 16 rows
+        assert torch.equal(torch._int_mm(x, w.t()).long(), expected)
 
 
 def test_w8a8_per_token_equals_the_integer_reference():
