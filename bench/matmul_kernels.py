@@ -9,7 +9,7 @@ Llama-shaped model of `lowbit bench-decode`) and batch of tokens, the median tim
 
 - float32 and bfloat16 `F.linear` (the baselines),
 - torch's built-ins: `_weight_int8pack_mm` (int8 per-channel weights), `_weight_int4pack_mm_for_cpu`
-  (4-bit groups of 128, bf16 activations) and `_int_mm` (int8 × int8 → int32, W8A8's core),
+  (4-bit groups of 128, bf16 activations) and `_int_mm` (int8 × int8 → int32),
 - lowbit: the reference path (dequantise, then BLAS), the CPU kernel for W8 per-channel and
   W4 g128 (symmetric and asymmetric), and the W8A8 layer (per-token dynamic activations).
 
@@ -88,7 +88,7 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
             "torch _weight_int8pack_mm (fp32 x)": lambda: torch._weight_int8pack_mm(x, int8_w, int8_s),
             "torch _weight_int4pack_mm_for_cpu g128 (bf16 x)": None,
             "torch _int_mm (int8 x int8)": lambda: torch._int_mm(x_int8, int8_w.t()),
-            "lowbit W8A8 per-token (quantise x + _int_mm + scales)": lambda: w8a8(x),
+            "lowbit W8A8 per-token (quantise x, exact int8 product, scales)": lambda: w8a8(x),
         }
         try:
             int4 = builtin_int4(weight)
