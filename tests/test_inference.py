@@ -167,7 +167,12 @@ def test_roofline_prices_bytes_and_flops():
     assert step.bound(slow_memory) == "memory" and step.seconds(slow_memory) == pytest.approx(step.bytes / 1e9)
     assert prefill_cost(model, 512).intensity > 50 * step.intensity  # prefill reuses each weight 512 times
     quantize_model(_loaded(model), QuantSpec(bits=4, group_size=32), progress=False)
-    assert decode_cost(model, context=100).weight_bytes < 0.3 * step.weight_bytes
+    packed = decode_cost(model, context=100).weight_bytes
+    assert packed < 0.3 * step.weight_bytes
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    use_cpu_kernels(model)  # the kernels read the same codes, with float32 scales and zeros
+    scales = sum(m.scales.numel() for m in quantized)
+    assert decode_cost(model, context=100).weight_bytes - packed == scales * (4 + 4 - 2)  # fp16 scales -> fp32 scales + fp32 zeros
 
 
 def _loaded(model):

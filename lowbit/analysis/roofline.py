@@ -54,9 +54,8 @@ def _timed(fn) -> float:
 def _linear_bytes(module: nn.Module) -> int:
     if isinstance(module, tuple(QUANTIZED_MODULES.values())):
         return storage_bytes(module)
-    reference = getattr(module, "reference", None)  # a KernelLinear reads its own layout
-    if reference is not None:
-        return sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+    if hasattr(module, "read_bytes"):  # a KernelLinear: the codes, plus its float32 scales and zeros
+        return module.read_bytes()
     return module.weight.numel() * module.weight.element_size()
 
 

@@ -95,6 +95,11 @@ class KernelLinear(nn.Module):
         self.register_buffer("zeros", zero)
         self.group_size = module.group_size
 
+    def read_bytes(self) -> int:
+        """Bytes one forward reads from memory: codes, scales, zeros (and bias)."""
+        tensors = [self.q, self.scales, self.zeros] + ([] if self.reference.bias is None else [self.reference.bias])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
