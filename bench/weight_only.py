@@ -2,7 +2,7 @@
 quantisation a real `lowbit quantize` run.
 
     python bench/weight_only.py [--models smollm2 gemma3-270m] [--corpus shakespeare] [--windows 40]
-                                [--calib-samples 128] [--calib-ctx 512] [--rows all|core]
+                                [--calib-samples 128] [--calib-ctx 512] [--rows all|core|gptq]
 
 Every row is quantised by the CLI in its own process (so its wall time and peak RSS are its
 own, read from the child's rusage), calibrated on the first half of the corpus, then all
@@ -41,6 +41,7 @@ ROWS += [("W4 g64", method) for method in ("rtn sym", "gptq sym", "gptq asym", "
 ROWS += [(setting, method) for setting in ("W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym", "awq asym")]
 # the issue's comparison only (RTN vs GPTQ vs AWQ, asymmetric, at W4 g128, W3 g128, W2 g64), for slower models
 CORE_ROWS = [(setting, method) for setting in ("W4 g128", "W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym", "awq asym")]
+GPTQ_ROWS = [(setting, method) for setting in ("W4 g128", "W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym")]
 
 
 def timed_quantize(args: list[str]) -> tuple[float, float]:
@@ -81,7 +82,7 @@ def materialize(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_model(name: str, args, workdir: Path) -> dict:
-    rows = [(setting, method, [*SETTINGS[setting], *METHODS[method]]) for setting, method in (CORE_ROWS if args.rows == "core" else ROWS)]
+    rows = [(setting, method, [*SETTINGS[setting], *METHODS[method]]) for setting, method in {"core": CORE_ROWS, "gptq": GPTQ_ROWS}.get(args.rows, ROWS)]
     calib = ["--calib-corpus", args.corpus, "--calib-samples", str(args.calib_samples), "--calib-ctx", str(args.calib_ctx)]
     quantized = []
     for setting, variant, flags in rows:
@@ -126,7 +127,8 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-ctx", type=int, default=512)
-    parser.add_argument("--rows", choices=["all", "core"], default="all", help="core: RTN/GPTQ/AWQ asym at W4 g128, W3 g128, W2 g64")
+    parser.add_argument("--rows", choices=["all", "core", "gptq"], default="all",
+                        help="core: RTN/GPTQ/AWQ asym at W4 g128, W3 g128, W2 g64; gptq: the same without AWQ")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     for name in args.models:

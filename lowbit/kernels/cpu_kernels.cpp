@@ -80,9 +80,10 @@ void gemm_portable(const uint8_t* q, const float* s, const float* z, const float
 // AVX2 path. A run of 32 codes becomes four 8-float vectors in registers. int4: each
 // 32-bit word (8 columns) is broadcast to the 8 lanes straight from memory, shifted by
 // 0, 4, ..., 28 bits lane by lane and masked, so no byte shuffles are needed; int8: one
-// 32-byte load, zero-extended 8 bytes at a time. Then each token in a tile of up to four
-// multiplies them into its vector accumulators (see row_tile), which are reduced once per
-// group, where the group's scale and zero-point are applied.
+// 32-byte load, zero-extended 8 bytes at a time. Then each token in a tile
+// of up to four multiplies them into two vector accumulators per token (two, so that the
+// FMAs of consecutive columns do not wait on each other). The accumulators are reduced
+// once per group, where the group's scale and zero-point are applied.
 inline __m256 widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
 inline __m256 nibbles8(__m256i word, __m256i shifts, __m256i low4) {
@@ -99,40 +100,38 @@ inline float hsum(__m256 v) {
 template <bool kInt4, int MT>
 void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const float* x, const float* xsum,
               float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
-  // NA independent accumulators per token: an FMA's latency is several cycles, so one token
-  // alone needs four chains to keep the FMA units busy; with two or more tokens two suffice.
-  constexpr int NA = MT == 1 ? 4 : 2;
   float acc[MT] = {0.f};
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
   for (int64_t g = 0; g < ng; ++g) {
-    __m256 a[MT][NA];
-    for (int m = 0; m < MT; ++m)
-      for (int i = 0; i < NA; ++i) a[m][i] = _mm256_setzero_ps();
+    __m256 a0[MT], a1[MT];
+    for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
     const int64_t end = std::min((g + 1) * G, K);
     for (int64_t c = g * G; c < end; c += 32) {
-      __m256 w[4];
+      __m256 w0, w1, w2, w3;
       if (kInt4) {
         const float* words = reinterpret_cast<const float*>(qrow + c / 2);  // 4 words, 8 codes each
-        for (int i = 0; i < 4; ++i) w[i] = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + i)), shifts, low4);
+        w0 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words)), shifts, low4);
+        w1 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 1)), shifts, low4);
+        w2 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 2)), shifts, low4);
+        w3 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 3)), shifts, low4);
       } else {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + c));
         const __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
-        w[0] = widen8(v0);
-        w[1] = widen8(_mm_srli_si128(v0, 8));
-        w[2] = widen8(v1);
-        w[3] = widen8(_mm_srli_si128(v1, 8));
+        w0 = widen8(v0);
+        w1 = widen8(_mm_srli_si128(v0, 8));
+        w2 = widen8(v1);
+        w3 = widen8(_mm_srli_si128(v1, 8));
       }
       for (int m = 0; m < MT; ++m) {
         const float* xm = x + m * K + c;
-        for (int i = 0; i < 4; ++i) a[m][i % NA] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xm + 8 * i), a[m][i % NA]);
+        a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a0[m]);
+        a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a1[m]);
+        a0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a0[m]);
+        a1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a1[m]);
       }
     }
     const float sc = srow[g], zp = zrow[g];
-    for (int m = 0; m < MT; ++m) {
-      __m256 sum = a[m][0];
-      for (int i = 1; i < NA; ++i) sum = _mm256_add_ps(sum, a[m][i]);
-      acc[m] += sc * (hsum(sum) - zp * xsum[m * ng + g]);
-    }
+    for (int m = 0; m < MT; ++m) acc[m] += sc * (hsum(_mm256_add_ps(a0[m], a1[m])) - zp * xsum[m * ng + g]);
   }
   for (int m = 0; m < MT; ++m) y[m * N] = acc[m];
 }
