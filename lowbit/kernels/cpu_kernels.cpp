@@ -35,17 +35,24 @@ std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G, i
   return xsum;
 }
 
+// The row loop both paths share: the per-group activation sums once, then the rows split
+// across threads; row(n, qrow, xsum, ng) computes output column n for every token.
+template <bool kInt4, typename RowFn>
+void for_each_row(const uint8_t* q, const float* x, int64_t M, int64_t N, int64_t K, int64_t G, RowFn row) {
+  const int64_t ng = (K + G - 1) / G;
+  const int64_t row_bytes = kInt4 ? K / 2 : K;
+  const std::vector<float> xsum = group_sums(x, M, K, G, ng);
+  const float* xs = xsum.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) row(n, q + n * row_bytes, xs, ng);
+}
+
 // Portable path (any compiler, any CPU): the codes of a run of 32 columns widened to float,
 // then one dot product per token. Used where AVX2/FMA are absent.
 template <bool kInt4>
 void gemm_portable(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
                    int64_t M, int64_t N, int64_t K, int64_t G) {
-  const int64_t ng = (K + G - 1) / G;
-  const int64_t row_bytes = kInt4 ? K / 2 : K;
-  const std::vector<float> xsum = group_sums(x, M, K, G, ng);
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* qrow = q + n * row_bytes;
+  for_each_row<kInt4>(q, x, M, N, K, G, [&](int64_t n, const uint8_t* qrow, const float* xsum, int64_t ng) {
     float acc[kMaxBatch] = {0.f};
     for (int64_t g = 0; g < ng; ++g) {
       float part[kMaxBatch] = {0.f};
@@ -73,7 +80,7 @@ void gemm_portable(const uint8_t* q, const float* s, const float* z, const float
       for (int64_t m = 0; m < M; ++m) acc[m] += sc * (part[m] - zp * xsum[m * ng + g]);
     }
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = acc[m];
-  }
+  });
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -139,15 +146,10 @@ void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const f
 template <bool kInt4>
 void gemm_avx2(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
                int64_t M, int64_t N, int64_t K, int64_t G) {
-  const int64_t ng = (K + G - 1) / G;
-  const int64_t row_bytes = kInt4 ? K / 2 : K;
-  const std::vector<float> xsum = group_sums(x, M, K, G, ng);
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* qrow = q + n * row_bytes;
+  for_each_row<kInt4>(q, x, M, N, K, G, [&](int64_t n, const uint8_t* qrow, const float* xsum, int64_t ng) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const float* xm = x + m0 * K;
-      const float* xs = xsum.data() + m0 * ng;
+      const float* xs = xsum + m0 * ng;
       float* ym = y + m0 * N + n;
       switch (std::min<int64_t>(4, M - m0)) {
         case 1: row_tile<kInt4, 1>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
@@ -156,7 +158,7 @@ void gemm_avx2(const uint8_t* q, const float* s, const float* z, const float* x,
         default: row_tile<kInt4, 4>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
       }
     }
-  }
+  });
 }
 #endif
 
