@@ -39,6 +39,7 @@ ROWS = {
     "SmoothQuant α search per-tensor": ["--method", "smoothquant", "--act-granularity", "tensor", "--alpha", "search"],
     "W8A8 per-token dynamic": ["--method", "w8a8", "--act-granularity", "token"],
     "SmoothQuant α=0.5 per-token": ["--method", "smoothquant", "--act-granularity", "token", "--alpha", "0.5"],
+    "SmoothQuant α=0.8 per-token": ["--method", "smoothquant", "--act-granularity", "token", "--alpha", "0.8"],
     "SmoothQuant α search per-token": ["--method", "smoothquant", "--act-granularity", "token", "--alpha", "search"],
     "LLM.int8() t=6": ["--method", "llm-int8", "--threshold", "6"],
 }

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-group", type=int, default=32, help="KV group: tokens per key group, channels per value group (default 32)")
     g.add_argument("--kv-residual", type=int, default=128, help="newest tokens kept in full precision (default 128)")
     g.add_argument("--no-kernels", action="store_true", help="run quantised layers on the reference path")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: fp16 on the GPU, quantised layers on the Triton kernels, decode steps replayed as a CUDA graph")
 
     r = sub.add_parser("roofline", help="predicted (and with --measure, measured) decode tokens/s and prefill time per weight format")
     r.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help}, or llama-1b for a random 1.1B Llama (default {DEFAULT_MODEL})")
@@ -294,12 +296,22 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import torch
+
     from lowbit.inference.generate import generate
     from lowbit.inference.kv_cache import KVSpec
     from lowbit.models.loading import load_model
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise LowbitError("--device cuda: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
     loaded = load_model(args.model)
-    if loaded.is_quantized and not args.no_kernels:
+    if args.device == "cuda":
+        loaded.model.to(device="cuda", dtype=torch.float16)  # packed codes stay uint8; scales become fp16
+        if loaded.is_quantized and not args.no_kernels:
+            from lowbit.kernels.triton_gemm import use_triton_kernels
+
+            use_triton_kernels(loaded.model)
+    elif loaded.is_quantized and not args.no_kernels:
         from lowbit.kernels.cpu import use_cpu_kernels
 
         use_cpu_kernels(loaded.model)
@@ -308,7 +320,7 @@ def cmd_generate(args) -> int:
     result = generate(loaded.model, ids, args.max_new_tokens, kv=kv, eos_token_id=loaded.tokenizer.eos_token_id)
     print(args.prompt + loaded.tokenizer.decode(result.tokens, skip_special_tokens=True))
     print(f"\n{result.prompt_tokens} prompt tokens in {result.prefill_seconds:.2f} s; {len(result.tokens)} new tokens, "
-          f"decode {result.decode_tokens_per_second:.1f} tokens/s; KV cache {result.cache_bytes / 1e6:.2f} MB"
+          f"decode {result.decode_tokens_per_second:.1f} tokens/s ({result.mode}); KV cache {result.cache_bytes / 1e6:.2f} MB"
           f"{'' if kv is None else f' ({args.kv_bits}-bit)'}", file=sys.stderr)
     return 0
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lowbit.cli import main
 
@@ -130,6 +131,9 @@ def test_generate_and_roofline(capsys, tiny_llama_dir, tmp_path):
     code, stdout, err = run(capsys, "generate", str(tiny_llama_dir), "--prompt", "Quantisation is", "--max-new-tokens", "5", "--kv-bits", "4",
                             "--kv-group", "4", "--kv-residual", "2")
     assert code == 0 and stdout.startswith("Quantisation is") and "tokens/s" in err
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "generate", str(tiny_llama_dir), "--prompt", "x", "--device", "cuda")
+        assert code == 2 and "no CUDA GPU" in err
     chart = tmp_path / "r.png"
     code, stdout, _ = run(capsys, "roofline", str(tiny_llama_dir), "--bandwidth", "20", "--flops", "0.2", "--ctx", "64", "--out", str(chart))
     assert code == 0 and "memory" in stdout and "W4" in stdout

@@ -146,6 +146,32 @@ def test_lean_loop_matches_transformers_greedy(family):
     assert ours.decode_tokens_per_second > 0
 
 
+def test_lean_loop_stops_at_eos_and_refuses_a_graph_without_cuda():
+    model = tiny_model("llama", seed=2)
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    full = generate(model, prompt, max_new_tokens=12)
+    eos = full.tokens[4]
+    stopped = generate(model, prompt, max_new_tokens=12, eos_token_id=eos)
+    assert stopped.tokens == full.tokens[: full.tokens.index(eos) + 1] and stopped.mode == "eager"
+    if not torch.cuda.is_available():
+        with pytest.raises(LowbitError, match="CUDA"):
+            generate(model, prompt, max_new_tokens=4, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cuda_graph_decode_equals_eager_and_transformers(family):
+    model = tiny_model(family, seed=2).to("cuda")
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    eager = generate(model, prompt, max_new_tokens=20, cuda_graph=False)
+    graph = generate(model, prompt, max_new_tokens=20, cuda_graph=True)
+    assert eager.mode == "eager" and graph.mode == "cuda graph"
+    assert graph.tokens == eager.tokens
+    with torch.no_grad():
+        theirs = model.generate(prompt.cuda(), max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert eager.tokens == theirs[0, 10:].tolist()
+
+
 def test_lean_loop_with_a_quantised_cache_runs_and_mostly_agrees():
     model = tiny_llama(seed=3)
     prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))

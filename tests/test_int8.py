@@ -40,6 +40,8 @@ def test_cpu_int8_matmul_equals_torch_int_mm_exactly(m, k, n):
     assert torch.equal(int8_matmul(x, w).long(), expected)
     if m > 16:  # torch's CPU _int_mm wants more than 16 rows
         assert torch.equal(torch._int_mm(x, w.t()).long(), expected)
+    if torch.cuda.is_available():  # cuBLAS's int8 path (rows padded below 17), or the float one
+        assert torch.equal(int8_matmul(x.cuda(), w.cuda()).long().cpu(), expected)
 
 
 def test_w8a8_per_token_equals_the_integer_reference():

@@ -1,0 +1,174 @@
+"""GPU kernels (Triton) for decode-sized batches: W4A16 and W8A16, group-wise or per channel,
+symmetric or asymmetric, reading `QuantLinear`'s packed codes as they are stored.
+
+The weight of a `QuantLinear` is W[n, k] = S[n, g(k)] (q[n, k] - Z[n, g(k)]) (report Eq. 3.2,
+g(k) = k // group_size). The kernel folds the zero into an offset, W = q S + B with
+B = -Z S, both kept in the activation dtype, and computes Y = X Wᵀ tile by tile: a program
+owns BLOCK_N output features and BLOCK_M tokens, walks K in chunks of BLOCK_K, unpacks the
+chunk's codes in registers, scales them, and feeds the tensor cores (fp32 accumulation).
+At 4 bits a byte holds codes k = 2i (low nibble) and 2i + 1 (high nibble), so instead of
+interleaving the nibbles the kernel splits X into its even and odd columns and does two
+products per chunk: X_even·Wloᵀ + X_odd·Whiᵀ.
+
+At batch 1–16 the product is bound by reading the weight (§10: arithmetic intensity ≈ M
+FLOPs per weight byte at W8, 2M at W4), so the kernel's whole job is to read 4 (or 8) bits
+per weight instead of 16, with enough programs in flight to keep HBM busy; block sizes are
+autotuned per shape. Larger batches (prefill) are compute-bound and go to the reference
+dequantise + cuBLAS path, like the CPU kernel's.
+
+Triton is imported lazily: lowbit builds, imports and passes its tests without it. With
+TRITON_INTERPRET=1 set before this module is imported, the kernels run in Triton's
+interpreter on CPU tensors; the tests use that to check the kernel logic on machines with
+no GPU, and the compiled kernel on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.modules.quant_linear import QuantLinear
+from lowbit.modules.swap import set_module
+from lowbit.numerics.formats import IntFormat
+
+log = logging.getLogger(__name__)
+
+MAX_KERNEL_TOKENS = 16
+# Block sizes used instead of autotuning when set (tests set it: autotuning every test shape
+# would compile every configuration for each); the interpreter always uses it.
+FIXED_CONFIG: dict | None = None
+_INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64}
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@lru_cache(maxsize=1)
+def _kernels():
+    """Define (once) and return the Triton kernel and its autotuned wrapper."""
+    try:
+        import triton
+
+        from lowbit.kernels import triton_src
+    except ImportError as err:
+        raise LowbitError("the GPU kernels need Triton (pip install triton; it comes with CUDA builds of torch)") from err
+    return triton, triton_src.wq_gemm, triton_src.tuned
+
+
+def wq_gemm(x: torch.Tensor, q: torch.Tensor, scales_t: torch.Tensor, offsets_t: torch.Tensor, in_features: int,
+            group_size: int, bits: int) -> torch.Tensor:
+    """Y = X Wᵀ for X (M, K) fp16/bf16 and W given by codes ``q`` (N, KB) uint8 (lowbit's
+    packing) with ``scales_t``/``offsets_t`` (n_groups, N) in X's dtype. Returns (M, N)."""
+    triton, kernel, tuned = _kernels()
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    block_m = 16
+    # M_BUCKET (1 or 16) is only an autotuning key: GEMV and small-batch shapes tune apart
+    args = (x, q, scales_t, offsets_t, y, M, N, K, q.shape[1], x.stride(0), q.stride(0), y.stride(0), 1 if M == 1 else 16)
+    fixed = FIXED_CONFIG or (_INTERPRETER_CONFIG if interpreting() else None)
+    if fixed is not None:  # one configuration (the interpreter would run every config it is given)
+        grid = (triton.cdiv(N, fixed["BLOCK_N"]), triton.cdiv(M, block_m))
+        kernel[grid](*args, GROUP=group_size, BITS=bits, BLOCK_M=block_m, **fixed)
+    else:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
+        tuned[grid](*args, GROUP=group_size, BITS=bits, BLOCK_M=block_m)
+    return y
+
+
+def kernel_support(module: QuantLinear) -> str | None:
+    """None if the Triton kernel computes ``module``, else why not."""
+    spec = module.spec
+    if not isinstance(spec.number_format, IntFormat) or spec.bits not in (4, 8):
+        return f"{spec.describe()}: the kernels cover 4- and 8-bit integer formats"
+    if spec.granularity not in ("group", "channel"):
+        return "per-tensor scales"
+    if module.g_idx is not None:
+        return "act-order groups (g_idx)"
+    if spec.double_quant:
+        return "double-quantised scales"
+    return None
+
+
+class TritonLinear(nn.Module):
+    """A `QuantLinear` prepared for the Triton kernel (see module docstring).
+
+    Keeps the packed codes as they are (no copy) and adds scales and offsets B = -Z S,
+    transposed to (n_groups, out_features), in ``dtype``. Batches above MAX_KERNEL_TOKENS
+    tokens go through the reference path (dequantise + matmul).
+    """
+
+    def __init__(self, module: QuantLinear, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        reason = kernel_support(module)
+        if reason is not None:
+            raise LowbitError(f"the Triton kernel cannot run this layer: {reason}")
+        self.reference = module
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.bits, self.group_size = module.spec.bits, module.group_size
+        q = module.qweight.to_quantized()
+        fmt = module.spec.number_format
+        scale = q.scale.float().expand(self.out_features, -1)
+        if q.zero is None:  # symmetric: code c stands for c + q_min (Z = -q_min)
+            offset = scale * float(fmt.qmin)
+        elif module.spec.zero_point == "float":  # x = S q + m
+            offset = q.zero.float().expand_as(scale)
+        else:
+            offset = -q.zero.float() * scale
+        self.register_buffer("scales_t", scale.t().contiguous().to(dtype))
+        self.register_buffer("offsets_t", offset.t().contiguous().to(dtype))
+
+    def read_bytes(self) -> int:
+        """Bytes one forward reads from memory: codes, scales, offsets (and bias)."""
+        tensors = [self.reference.qdata, self.scales_t, self.offsets_t] + ([] if self.reference.bias is None else [self.reference.bias])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        if x2d.shape[0] > MAX_KERNEL_TOKENS:
+            return self.reference(x)
+        dtype = self.scales_t.dtype
+        y = wq_gemm(x2d.to(dtype).contiguous(), self.reference.qdata, self.scales_t, self.offsets_t, self.in_features, self.group_size, self.bits)
+        if self.reference.bias is not None:
+            y = y + self.reference.bias.to(dtype)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def use_triton_kernels(model: nn.Module, dtype: torch.dtype = torch.float16) -> dict[str, str]:
+    """Swap every supported QuantLinear for a TritonLinear, in place. Returns, for each layer
+    left on the reference path, why (nothing falls back silently)."""
+    skipped = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            reason = kernel_support(module)
+            if reason is None:
+                set_module(model, name, TritonLinear(module, dtype))
+            else:
+                skipped[name] = reason
+    if skipped:
+        log.warning("%d quantised layers stay on the reference path (e.g. %s: %s)", len(skipped), *next(iter(skipped.items())))
+    return skipped
+
+
+def reference_gemm(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+    """What TritonLinear must equal: dequantise in float32, then matmul in float32."""
+    return F.linear(x.float(), module.qweight.dequantize(torch.float32), None if module.bias is None else module.bias.float())
+
+
+__all__ = ["MAX_KERNEL_TOKENS", "TritonLinear", "kernel_support", "reference_gemm", "triton_available", "use_triton_kernels", "wq_gemm"]

@@ -1,0 +1,72 @@
+"""The Triton kernel source behind `lowbit.kernels.triton_gemm` (imported only when Triton is
+installed; kept at module level so Triton's interpreter can patch ``tl`` in its globals)."""
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def wq_gemm(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KB, stride_xm, stride_qn, stride_ym, M_BUCKET,
+            GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # x: (M, K) activations; q: (N, KB) uint8 codes; s, b: (n_groups, N) scale and offset
+    # (transposed so a chunk's scales are one contiguous row); y: (M, N).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BITS == 4:
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_p = tl.arange(0, HALF)
+        for k0 in range(0, K, BLOCK_K):
+            byte = k0 // 2 + offs_p
+            codes = tl.load(q_ptr + offs_n[None, :] * stride_qn + byte[:, None],
+                            mask=(byte[:, None] < KB) & n_ok[None, :], other=0)  # (HALF, BLOCK_N)
+            k_even = k0 + 2 * offs_p
+            k_odd = k_even + 1
+            if GROUP % BLOCK_K == 0:  # the whole chunk lies in one group
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+                s_hi = s
+                b_hi = b
+            else:  # groups shorter than the chunk, or not aligned to it: one scale per column
+                ge = tl.minimum(k_even, K - 1) // GROUP
+                go = tl.minimum(k_odd, K - 1) // GROUP
+                s = tl.load(s_ptr + ge[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
+                b = tl.load(b_ptr + ge[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
+                s_hi = tl.load(s_ptr + go[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
+                b_hi = tl.load(b_ptr + go[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
+            w_lo = ((codes & 0xF).to(tl.float32) * s + b).to(x_ptr.dtype.element_ty)
+            w_hi = ((codes >> 4).to(tl.float32) * s_hi + b_hi).to(x_ptr.dtype.element_ty)
+            x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_even[None, :], mask=m_ok[:, None] & (k_even[None, :] < K), other=0)
+            x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_odd[None, :], mask=m_ok[:, None] & (k_odd[None, :] < K), other=0)
+            acc += tl.dot(x_even, w_lo)
+            acc += tl.dot(x_odd, w_hi)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < K
+            codes = tl.load(q_ptr + offs_n[None, :] * stride_qn + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)  # (BLOCK_K, BLOCK_N)
+            if GROUP % BLOCK_K == 0:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+            else:
+                gk = tl.minimum(k, K - 1) // GROUP
+                s = tl.load(s_ptr + gk[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
+                b = tl.load(b_ptr + gk[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
+            w = (codes.to(tl.float32) * s + b).to(x_ptr.dtype.element_ty)
+            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+            acc += tl.dot(xk, w)
+    out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+configs = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bn, bk, w, st in [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 4, 4),
+                          (64, 128, 4, 3), (64, 256, 8, 3), (16, 512, 4, 2), (32, 512, 8, 2), (128, 128, 8, 3)]
+]
+tuned = triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "GROUP", "BITS"])(wq_gemm)
