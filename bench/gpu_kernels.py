@@ -1,6 +1,6 @@
 """GPU check and benchmark, one script for a short lease of a GPU machine (see DEVELOPERS.md):
 
-    python bench/gpu_kernels.py [--out bench/results/gpu.json] [--new-tokens 64] [--skip-decode]
+    python bench/gpu_kernels.py [--out bench/results/gpu.json] [--new-tokens 64] [--sections check layers int8 decode]
 
 1. the autotuned Triton W4A16/W8A16 kernel against the reference on large shapes;
 2. per-layer times at batch 1–16 on 8192×8192 (the issue's anchor shape): fp16 and bf16
@@ -216,7 +216,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "gpu.json"))
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--sections", nargs="+", default=["check", "layers", "int8", "decode"],
+                        choices=["check", "layers", "int8", "decode"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_kernels.py needs a CUDA GPU")
@@ -224,10 +225,13 @@ def main() -> None:
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(json.dumps(results), flush=True)
-    section(results, "autotuned kernel vs reference", check_autotuned)
-    section(results, "per-layer times 8192x8192", layer_times)
-    section(results, "W8A8 int8 tensor cores 8192x8192", int8_times)
-    if not args.skip_decode:
+    if "check" in args.sections:
+        section(results, "autotuned kernel vs reference", check_autotuned)
+    if "layers" in args.sections:
+        section(results, "per-layer times 8192x8192", layer_times)
+    if "int8" in args.sections:
+        section(results, "W8A8 int8 tensor cores 8192x8192", int8_times)
+    if "decode" in args.sections:
         section(results, "decode Llama-2-7B-shaped", lambda: decode(args.new_tokens))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -129,9 +129,10 @@ def _decode_eager(model, cache, token, prompt, out_tokens, eos_token_id, result,
 
 
 def _decode_with_graph(model, cache, token, prompt, out_tokens, eos_token_id, result) -> int:
-    """Capture the one-token step into a CUDA graph, then replay it per token. The warm-up and
-    the capture compute position ``prompt`` (the first decode step) and write the same cache
-    slot the first replay writes again, so they leave no trace; their time is reported as
+    """Capture the one-token step into a CUDA graph, then replay it per token. The warm-up
+    steps compute position ``prompt`` (the first decode step); the cache slots they write are
+    written again by the replays before any step attends to them, and the cache's token
+    counters are restored after them. Warm-up and capture time is reported as
     ``capture_seconds``, outside the decode time."""
     device = token.device
     static_token = token.clone()
@@ -143,18 +144,27 @@ def _decode_with_graph(model, cache, token, prompt, out_tokens, eos_token_id, re
 
     start = time.perf_counter()
     graph = torch.cuda.CUDAGraph()
+    # transformers' StaticCache layers count the tokens they hold in a device tensor and write
+    # at that count: the warm-up steps advance it, so it is put back before the first replay
+    counters = [layer.cumulative_length for layer in getattr(cache, "layers", [])
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+    saved = [counter.clone() for counter in counters]
     try:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: allocator pools, kernel autotuning, lazy cache allocation
+            for _ in range(2):  # warm-up: allocator pools, kernel autotuning
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
+        for counter, value in zip(counters, saved):
+            counter.copy_(value)
         with torch.cuda.graph(graph):
             static_token.copy_(step())
             static_position.add_(1)
     except RuntimeError as err:
         torch.cuda.synchronize(device)
+        for counter, value in zip(counters, saved):
+            counter.copy_(value)
         log.warning("CUDA graph capture failed (%s); decoding eagerly", str(err).splitlines()[0])
         result.capture_seconds = time.perf_counter() - start
         return _decode_eager(model, cache, token, prompt, out_tokens, eos_token_id, result, device)

@@ -5,7 +5,10 @@ The weight of a `QuantLinear` is W[n, k] = S[n, g(k)] (q[n, k] - Z[n, g(k)]) (re
 g(k) = k // group_size). The kernel folds the zero into an offset, W = q S + B with
 B = -Z S, both kept in the activation dtype, and computes Y = X Wᵀ tile by tile: a program
 owns BLOCK_N output features and BLOCK_M tokens, walks K in chunks of BLOCK_K, unpacks the
-chunk's codes in registers, scales them, and feeds the tensor cores (fp32 accumulation).
+chunk's codes in registers, scales them, and feeds the tensor cores (fp32 accumulation);
+one token (GEMV) takes a second kernel on the CUDA cores instead, which needs no padding of
+the token dimension to the tensor cores' 16 rows. Code tiles are loaded row-major (each
+output feature's bytes contiguous) so that the loads coalesce.
 At 4 bits a byte holds codes k = 2i (low nibble) and 2i + 1 (high nibble), so instead of
 interleaving the nibbles the kernel splits X into its even and odd columns and does two
 products per chunk: X_even·Wloᵀ + X_odd·Whiᵀ.
@@ -67,27 +70,34 @@ def _kernels():
         from lowbit.kernels import triton_src
     except ImportError as err:
         raise LowbitError("the GPU kernels need Triton (pip install triton; it comes with CUDA builds of torch)") from err
-    return triton, triton_src.wq_gemm, triton_src.tuned
+    return triton, triton_src
 
 
 def wq_gemm(x: torch.Tensor, q: torch.Tensor, scales_t: torch.Tensor, offsets_t: torch.Tensor, in_features: int,
             group_size: int, bits: int) -> torch.Tensor:
     """Y = X Wᵀ for X (M, K) fp16/bf16 and W given by codes ``q`` (N, KB) uint8 (lowbit's
     packing) with ``scales_t``/``offsets_t`` (n_groups, N) in X's dtype. Returns (M, N)."""
-    triton, kernel, tuned = _kernels()
+    triton, src = _kernels()
     M, K = x.shape
     N = q.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    block_m = 16
-    # M_BUCKET (1 or 16) is only an autotuning key: GEMV and small-batch shapes tune apart
-    args = (x, q, scales_t, offsets_t, y, M, N, K, q.shape[1], x.stride(0), q.stride(0), y.stride(0), 1 if M == 1 else 16)
     fixed = FIXED_CONFIG or (_INTERPRETER_CONFIG if interpreting() else None)
+    if M == 1:  # GEMV on the CUDA cores
+        args = (x, q, scales_t, offsets_t, y, N, K, q.shape[1], q.stride(0))
+        if fixed is not None:
+            src.wq_gemv[(triton.cdiv(N, fixed["BLOCK_N"]),)](*args, GROUP=group_size, BITS=bits, **fixed)
+        else:
+            src.tuned_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, GROUP=group_size, BITS=bits)
+        return y
+    block_m = 16
+    # M_BUCKET is only an autotuning key (small batches tune apart from GEMV-like shapes)
+    args = (x, q, scales_t, offsets_t, y, M, N, K, q.shape[1], x.stride(0), q.stride(0), y.stride(0), 16)
     if fixed is not None:  # one configuration (the interpreter would run every config it is given)
         grid = (triton.cdiv(N, fixed["BLOCK_N"]), triton.cdiv(M, block_m))
-        kernel[grid](*args, GROUP=group_size, BITS=bits, BLOCK_M=block_m, **fixed)
+        src.wq_gemm[grid](*args, GROUP=group_size, BITS=bits, BLOCK_M=block_m, **fixed)
     else:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
-        tuned[grid](*args, GROUP=group_size, BITS=bits, BLOCK_M=block_m)
+        src.tuned[grid](*args, GROUP=group_size, BITS=bits, BLOCK_M=block_m)
     return y
 
 

@@ -21,48 +21,103 @@ def wq_gemm(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KB, stride_xm, stride_qn
         offs_p = tl.arange(0, HALF)
         for k0 in range(0, K, BLOCK_K):
             byte = k0 // 2 + offs_p
-            codes = tl.load(q_ptr + offs_n[None, :] * stride_qn + byte[:, None],
-                            mask=(byte[:, None] < KB) & n_ok[None, :], other=0)  # (HALF, BLOCK_N)
+            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :],
+                            mask=n_ok[:, None] & (byte[None, :] < KB), other=0)  # (BLOCK_N, HALF), rows contiguous
             k_even = k0 + 2 * offs_p
             k_odd = k_even + 1
             if GROUP % BLOCK_K == 0:  # the whole chunk lies in one group
                 g = k0 // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
-                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
+                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
                 s_hi = s
                 b_hi = b
             else:  # groups shorter than the chunk, or not aligned to it: one scale per column
                 ge = tl.minimum(k_even, K - 1) // GROUP
                 go = tl.minimum(k_odd, K - 1) // GROUP
-                s = tl.load(s_ptr + ge[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
-                b = tl.load(b_ptr + ge[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
-                s_hi = tl.load(s_ptr + go[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
-                b_hi = tl.load(b_ptr + go[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
+                s = tl.load(s_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                b = tl.load(b_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                s_hi = tl.load(s_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                b_hi = tl.load(b_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
             w_lo = ((codes & 0xF).to(tl.float32) * s + b).to(x_ptr.dtype.element_ty)
             w_hi = ((codes >> 4).to(tl.float32) * s_hi + b_hi).to(x_ptr.dtype.element_ty)
             x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_even[None, :], mask=m_ok[:, None] & (k_even[None, :] < K), other=0)
             x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_odd[None, :], mask=m_ok[:, None] & (k_odd[None, :] < K), other=0)
-            acc += tl.dot(x_even, w_lo)
-            acc += tl.dot(x_odd, w_hi)
+            acc += tl.dot(x_even, tl.trans(w_lo))
+            acc += tl.dot(x_odd, tl.trans(w_hi))
     else:
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
-            codes = tl.load(q_ptr + offs_n[None, :] * stride_qn + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)  # (BLOCK_K, BLOCK_N)
+            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)  # (BLOCK_N, BLOCK_K)
             if GROUP % BLOCK_K == 0:
                 g = k0 // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
-                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
+                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
             else:
                 gk = tl.minimum(k, K - 1) // GROUP
-                s = tl.load(s_ptr + gk[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
-                b = tl.load(b_ptr + gk[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0).to(tl.float32)
+                s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
             w = (codes.to(tl.float32) * s + b).to(x_ptr.dtype.element_ty)
             xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-            acc += tl.dot(xk, w)
+            acc += tl.dot(xk, tl.trans(w))
     out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+@triton.jit
+def wq_gemv(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KB, stride_qn,
+            GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one token: y[n] = sum_k (q[n, k] S + B) x[k], on the CUDA cores (no tensor-core padding to
+    # 16 rows). Where a chunk lies in one group, sum_k (q S + B) x = S sum_k q x + B sum_k x.
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if BITS == 4:
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_p = tl.arange(0, HALF)
+        for k0 in range(0, K, BLOCK_K):
+            byte = k0 // 2 + offs_p
+            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=n_ok[:, None] & (byte[None, :] < KB), other=0)
+            k_even = k0 + 2 * offs_p
+            k_odd = k_even + 1
+            x_even = tl.load(x_ptr + k_even, mask=k_even < K, other=0).to(tl.float32)
+            x_odd = tl.load(x_ptr + k_odd, mask=k_odd < K, other=0).to(tl.float32)
+            lo = (codes & 0xF).to(tl.float32)
+            hi = (codes >> 4).to(tl.float32)
+            if GROUP % BLOCK_K == 0:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+                qx = tl.sum(lo * x_even[None, :] + hi * x_odd[None, :], axis=1)
+                acc += s * qx + b * (tl.sum(x_even, axis=0) + tl.sum(x_odd, axis=0))
+            else:
+                ge = tl.minimum(k_even, K - 1) // GROUP
+                go = tl.minimum(k_odd, K - 1) // GROUP
+                s = tl.load(s_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                b = tl.load(b_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                s_hi = tl.load(s_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                b_hi = tl.load(b_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                acc += tl.sum((lo * s + b) * x_even[None, :] + (hi * s_hi + b_hi) * x_odd[None, :], axis=1)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < K
+            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+            xk = tl.load(x_ptr + k, mask=k_ok, other=0).to(tl.float32)
+            if GROUP % BLOCK_K == 0:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+                acc += s * tl.sum(codes * xk[None, :], axis=1) + b * tl.sum(xk, axis=0)
+            else:
+                gk = tl.minimum(k, K - 1) // GROUP
+                s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                acc += tl.sum((codes * s + b) * xk[None, :], axis=1)
+    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
 
 configs = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -70,3 +125,10 @@ configs = [
                           (64, 128, 4, 3), (64, 256, 8, 3), (16, 512, 4, 2), (32, 512, 8, 2), (128, 128, 8, 3)]
 ]
 tuned = triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "GROUP", "BITS"])(wq_gemm)
+
+gemv_configs = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bn, bk, w, st in [(8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3),
+                          (64, 256, 8, 3), (8, 1024, 4, 2), (16, 1024, 8, 2), (4, 1024, 4, 3), (32, 128, 4, 4)]
+]
+tuned_gemv = triton.autotune(configs=gemv_configs, key=["N", "K", "GROUP", "BITS"])(wq_gemv)
