@@ -165,7 +165,8 @@ def test_cuda_graph_decode_equals_eager_and_transformers(family):
     prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
     eager = generate(model, prompt, max_new_tokens=20, cuda_graph=False)
     graph = generate(model, prompt, max_new_tokens=20, cuda_graph=True)
-    assert eager.mode == "eager" and graph.mode == "cuda graph"
+    # Gemma 3's sliding-window cache layers keep Python state: the loop declines the graph
+    assert eager.mode == "eager" and graph.mode == ("eager" if family == "gemma3" else "cuda graph")
     assert graph.tokens == eager.tokens
     with torch.no_grad():
         theirs = model.generate(prompt.cuda(), max_new_tokens=20, do_sample=False, min_new_tokens=20)

@@ -12,8 +12,9 @@ step, which at batch 1 takes longer than the GPU needs to run them. With ``cuda_
 (the default on CUDA with the static cache) the one-token step — forward, argmax, writing the
 token and advancing the position — is captured once into a CUDA graph and each later token is
 one graph replay. Tokens stay on the device until the end (no host sync per token unless an
-EOS token must be checked). If capture fails (a model whose forward syncs with the host), the
-loop says so in the log and runs eagerly; ``Generation.mode`` records which ran.
+EOS token must be checked). If capture fails (a model whose forward syncs with the host), or
+the cache has sliding-window layers (Gemma 3), the loop says so in the log and runs eagerly;
+``Generation.mode`` records which ran.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, kv:
     steps = max_new_tokens
     if eos_token_id is not None and int(token) == eos_token_id:
         steps = 1
+    elif max_new_tokens > 1 and cuda_graph and not _graph_safe(cache):
+        log.warning("the cache has sliding-window layers, whose bookkeeping is Python state a CUDA graph would freeze; decoding eagerly")
+        steps = _decode_eager(model, cache, token, prompt, out_tokens, eos_token_id, result, device)
     elif max_new_tokens > 1 and cuda_graph:
         steps = _decode_with_graph(model, cache, token, prompt, out_tokens, eos_token_id, result)
     elif max_new_tokens > 1:
@@ -107,6 +111,15 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, kv:
     result.tokens = out_tokens[:steps].tolist()
     result.cache_bytes = cache_bytes(cache)
     return result
+
+
+def _graph_safe(cache) -> bool:
+    """A graph replays fixed kernels: every cache layer must keep its state in device tensors
+    (transformers' plain StaticLayer does; its sliding-window layer also counts in a Python int
+    and switches code paths once the window is full)."""
+    from transformers.cache_utils import StaticLayer
+
+    return all(type(layer) is StaticLayer for layer in getattr(cache, "layers", []))
 
 
 def _decode_eager(model, cache, token, prompt, out_tokens, eos_token_id, result, device) -> int:

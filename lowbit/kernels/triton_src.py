@@ -5,10 +5,25 @@ import triton
 import triton.language as tl
 
 @triton.jit
+def load_codes(q_ptr, offs_n, n_ok, k0, KB, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes of columns k0 .. k0 + BLOCK_K of rows offs_n as a (BLOCK_N, BLOCK_K) uint8 tile, read
+    row-major so that the loads coalesce. At 4 bits byte i holds columns 2i (low nibble) and
+    2i + 1 (high nibble): join the two nibble tiles on a new last axis and flatten it."""
+    if BITS == 4:
+        byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=n_ok[:, None] & (byte[None, :] < KB), other=0)
+        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (offs_n.shape[0], BLOCK_K))
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + k[None, :], mask=n_ok[:, None] & (k[None, :] < KB), other=0)
+    return codes
+
+
+@triton.jit
 def wq_gemm(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KB, stride_xm, stride_qn, stride_ym, M_BUCKET,
             GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # x: (M, K) activations; q: (N, KB) uint8 codes; s, b: (n_groups, N) scale and offset
-    # (transposed so a chunk's scales are one contiguous row); y: (M, N).
+    # (transposed so a chunk's scales are one contiguous row); y: (M, N). W = q S + B.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -16,106 +31,47 @@ def wq_gemm(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KB, stride_xm, stride_qn
     m_ok = offs_m < M
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if BITS == 4:
-        HALF: tl.constexpr = BLOCK_K // 2
-        offs_p = tl.arange(0, HALF)
-        for k0 in range(0, K, BLOCK_K):
-            byte = k0 // 2 + offs_p
-            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :],
-                            mask=n_ok[:, None] & (byte[None, :] < KB), other=0)  # (BLOCK_N, HALF), rows contiguous
-            k_even = k0 + 2 * offs_p
-            k_odd = k_even + 1
-            if GROUP % BLOCK_K == 0:  # the whole chunk lies in one group
-                g = k0 // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
-                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
-                s_hi = s
-                b_hi = b
-            else:  # groups shorter than the chunk, or not aligned to it: one scale per column
-                ge = tl.minimum(k_even, K - 1) // GROUP
-                go = tl.minimum(k_odd, K - 1) // GROUP
-                s = tl.load(s_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                b = tl.load(b_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                s_hi = tl.load(s_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                b_hi = tl.load(b_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-            w_lo = ((codes & 0xF).to(tl.float32) * s + b).to(x_ptr.dtype.element_ty)
-            w_hi = ((codes >> 4).to(tl.float32) * s_hi + b_hi).to(x_ptr.dtype.element_ty)
-            x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_even[None, :], mask=m_ok[:, None] & (k_even[None, :] < K), other=0)
-            x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_odd[None, :], mask=m_ok[:, None] & (k_odd[None, :] < K), other=0)
-            acc += tl.dot(x_even, tl.trans(w_lo))
-            acc += tl.dot(x_odd, tl.trans(w_hi))
-    else:
-        offs_k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            k_ok = k < K
-            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)  # (BLOCK_N, BLOCK_K)
-            if GROUP % BLOCK_K == 0:
-                g = k0 // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
-                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
-            else:
-                gk = tl.minimum(k, K - 1) // GROUP
-                s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-            w = (codes.to(tl.float32) * s + b).to(x_ptr.dtype.element_ty)
-            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-            acc += tl.dot(xk, tl.trans(w))
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        codes = load_codes(q_ptr, offs_n, n_ok, k0, KB, stride_qn, BITS, BLOCK_K).to(tl.float32)
+        if GROUP % BLOCK_K == 0:  # the whole chunk lies in one group
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
+            b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
+        else:  # groups shorter than the chunk or not aligned to it: a scale per column
+            gk = tl.minimum(k, K - 1) // GROUP
+            s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+            b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+        w = (codes * s + b).to(x_ptr.dtype.element_ty)
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k[None, :] < K), other=0)
+        acc += tl.dot(xk, tl.trans(w))
     out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
 
 @triton.jit
 def wq_gemv(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KB, stride_qn,
             GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one token: y[n] = sum_k (q[n, k] S + B) x[k], on the CUDA cores (no tensor-core padding to
-    # 16 rows). Where a chunk lies in one group, sum_k (q S + B) x = S sum_k q x + B sum_k x.
+    # one token, on the CUDA cores (no padding of the token dimension to the tensor cores' 16
+    # rows). Where a chunk lies in one group, sum_k (q S + B) x = S sum_k q x + B sum_k x.
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if BITS == 4:
-        HALF: tl.constexpr = BLOCK_K // 2
-        offs_p = tl.arange(0, HALF)
-        for k0 in range(0, K, BLOCK_K):
-            byte = k0 // 2 + offs_p
-            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=n_ok[:, None] & (byte[None, :] < KB), other=0)
-            k_even = k0 + 2 * offs_p
-            k_odd = k_even + 1
-            x_even = tl.load(x_ptr + k_even, mask=k_even < K, other=0).to(tl.float32)
-            x_odd = tl.load(x_ptr + k_odd, mask=k_odd < K, other=0).to(tl.float32)
-            lo = (codes & 0xF).to(tl.float32)
-            hi = (codes >> 4).to(tl.float32)
-            if GROUP % BLOCK_K == 0:
-                g = k0 // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-                qx = tl.sum(lo * x_even[None, :] + hi * x_odd[None, :], axis=1)
-                acc += s * qx + b * (tl.sum(x_even, axis=0) + tl.sum(x_odd, axis=0))
-            else:
-                ge = tl.minimum(k_even, K - 1) // GROUP
-                go = tl.minimum(k_odd, K - 1) // GROUP
-                s = tl.load(s_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                b = tl.load(b_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                s_hi = tl.load(s_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                b_hi = tl.load(b_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                acc += tl.sum((lo * s + b) * x_even[None, :] + (hi * s_hi + b_hi) * x_odd[None, :], axis=1)
-    else:
-        offs_k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            k_ok = k < K
-            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
-            xk = tl.load(x_ptr + k, mask=k_ok, other=0).to(tl.float32)
-            if GROUP % BLOCK_K == 0:
-                g = k0 // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-                acc += s * tl.sum(codes * xk[None, :], axis=1) + b * tl.sum(xk, axis=0)
-            else:
-                gk = tl.minimum(k, K - 1) // GROUP
-                s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                acc += tl.sum((codes * s + b) * xk[None, :], axis=1)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        codes = load_codes(q_ptr, offs_n, n_ok, k0, KB, stride_qn, BITS, BLOCK_K).to(tl.float32)
+        xk = tl.load(x_ptr + k, mask=k < K, other=0).to(tl.float32)
+        if GROUP % BLOCK_K == 0:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+            b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+            acc += s * tl.sum(codes * xk[None, :], axis=1) + b * tl.sum(xk, axis=0)
+        else:
+            gk = tl.minimum(k, K - 1) // GROUP
+            s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+            b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+            acc += tl.sum((codes * s + b) * xk[None, :], axis=1)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -129,6 +85,6 @@ tuned = triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "GROUP", "BI
 gemv_configs = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
     for bn, bk, w, st in [(8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3),
-                          (64, 256, 8, 3), (8, 1024, 4, 2), (16, 1024, 8, 2), (4, 1024, 4, 3), (32, 128, 4, 4)]
+                          (64, 256, 8, 3), (8, 1024, 4, 2), (16, 1024, 8, 2), (4, 1024, 4, 3), (8, 2048, 8, 2), (4, 2048, 4, 2)]
 ]
 tuned_gemv = triton.autotune(configs=gemv_configs, key=["N", "K", "GROUP", "BITS"])(wq_gemv)
