@@ -54,24 +54,55 @@ def wq_gemv(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KB, stride_qn,
             GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # one token, on the CUDA cores (no padding of the token dimension to the tensor cores' 16
     # rows). Where a chunk lies in one group, sum_k (q S + B) x = S sum_k q x + B sum_k x.
+    # At 4 bits the nibbles are not interleaved (a layout shuffle): x is read as its even
+    # columns (low nibbles) and odd columns (high nibbles) instead.
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        codes = load_codes(q_ptr, offs_n, n_ok, k0, KB, stride_qn, BITS, BLOCK_K).to(tl.float32)
-        xk = tl.load(x_ptr + k, mask=k < K, other=0).to(tl.float32)
-        if GROUP % BLOCK_K == 0:
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-            b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-            acc += s * tl.sum(codes * xk[None, :], axis=1) + b * tl.sum(xk, axis=0)
-        else:
-            gk = tl.minimum(k, K - 1) // GROUP
-            s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-            b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-            acc += tl.sum((codes * s + b) * xk[None, :], axis=1)
+    if BITS == 4:
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_p = tl.arange(0, HALF)
+        for k0 in range(0, K, BLOCK_K):
+            byte = k0 // 2 + offs_p
+            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + byte[None, :], mask=n_ok[:, None] & (byte[None, :] < KB), other=0)
+            k_even = k0 + 2 * offs_p
+            k_odd = k_even + 1
+            x_even = tl.load(x_ptr + k_even, mask=k_even < K, other=0).to(tl.float32)
+            x_odd = tl.load(x_ptr + k_odd, mask=k_odd < K, other=0).to(tl.float32)
+            lo = (codes & 0xF).to(tl.float32)
+            hi = (codes >> 4).to(tl.float32)
+            if GROUP % BLOCK_K == 0:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+                qx = tl.sum(lo * x_even[None, :] + hi * x_odd[None, :], axis=1)
+                acc += s * qx + b * (tl.sum(x_even, axis=0) + tl.sum(x_odd, axis=0))
+            else:
+                ge = tl.minimum(k_even, K - 1) // GROUP
+                go = tl.minimum(k_odd, K - 1) // GROUP
+                s = tl.load(s_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                b = tl.load(b_ptr + ge[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                s_hi = tl.load(s_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                b_hi = tl.load(b_ptr + go[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                acc += tl.sum((lo * s + b) * x_even[None, :] + (hi * s_hi + b_hi) * x_odd[None, :], axis=1)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < K
+            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+            xk = tl.load(x_ptr + k, mask=k_ok, other=0).to(tl.float32)
+            if GROUP % BLOCK_K == 0:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+                acc += s * tl.sum(codes * xk[None, :], axis=1) + b * tl.sum(xk, axis=0)
+            else:
+                gk = tl.minimum(k, K - 1) // GROUP
+                s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+                acc += tl.sum((codes * s + b) * xk[None, :], axis=1)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -85,6 +116,6 @@ tuned = triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "GROUP", "BI
 gemv_configs = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
     for bn, bk, w, st in [(8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3),
-                          (64, 256, 8, 3), (8, 1024, 4, 2), (16, 1024, 8, 2), (4, 1024, 4, 3), (8, 2048, 8, 2), (4, 2048, 4, 2)]
+                          (64, 256, 8, 3), (8, 1024, 4, 2), (16, 1024, 8, 2), (4, 1024, 4, 3), (32, 128, 4, 4), (8, 2048, 8, 2), (4, 2048, 4, 2)]
 ]
 tuned_gemv = triton.autotune(configs=gemv_configs, key=["N", "K", "GROUP", "BITS"])(wq_gemv)
