@@ -2,7 +2,7 @@
 static per-tensor and dynamic per-token activations, plus the outlier analysis behind them.
 
     python bench/int8_table.py [--models smollm2 gemma3-270m] [--corpus shakespeare] [--windows 40]
-                               [--calib-samples 128] [--calib-ctx 512] [--plots docs/img]
+                               [--calib-samples 128] [--calib-ctx 512] [--plots docs/img] [--rows all|core]
 
 Each row is quantised by `lowbit quantize` in its own process (wall time and peak RSS from
 the child's rusage), calibrated on the first half of the corpus, then all rows are scored
@@ -45,10 +45,15 @@ ROWS = {
 }
 
 
+CORE_ROWS = ["W8A8 per-tensor static", "SmoothQuant α=0.8 per-tensor", "SmoothQuant α search per-tensor",
+             "W8A8 per-token dynamic", "SmoothQuant α=0.8 per-token", "LLM.int8() t=6"]
+
+
 def run_model(name: str, args, workdir: Path) -> dict:
     calib = ["--calib-corpus", args.corpus, "--calib-samples", str(args.calib_samples), "--calib-ctx", str(args.calib_ctx)]
     quantized = []
-    for label, flags in ROWS.items():
+    rows = {label: ROWS[label] for label in CORE_ROWS} if args.rows == "core" else ROWS
+    for label, flags in rows.items():
         out = workdir / label.replace(" ", "_").replace("=", "").replace(".", "").replace("α", "a")
         seconds, rss = timed_quantize(["--model", name, *flags, *calib, "--out", str(out)])
         quantized.append((label, out, seconds, rss))
@@ -100,6 +105,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-ctx", type=int, default=512)
+    parser.add_argument("--rows", choices=["all", "core"], default="all", help="core: without the α=0.5 and per-token search rows")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--plots", default=str(Path(__file__).parent.parent / "docs" / "img"))
     args = parser.parse_args()
