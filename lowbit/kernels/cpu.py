@@ -12,7 +12,6 @@ ground truth the tests compare against.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -22,12 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.common import KernelLinearBase, format_support, swap_kernels
 from lowbit.models.registry import cache_dir
 from lowbit.modules.quant_linear import QuantLinear
-from lowbit.modules.swap import set_module
-from lowbit.numerics.formats import IntFormat
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 MAX_KERNEL_TOKENS = 16
@@ -51,21 +47,15 @@ def load_kernels():
 
 def kernel_support(module: QuantLinear) -> str | None:
     """None if the kernel computes ``module``, else why not."""
-    spec = module.spec
-    if not isinstance(spec.number_format, IntFormat) or spec.bits not in (4, 8):
-        return f"{spec.describe()}: the kernels cover 4- and 8-bit integer formats"
-    if spec.granularity not in ("group", "channel"):
-        return "per-tensor scales"
-    if module.g_idx is not None:
-        return "act-order groups (g_idx)"
-    if spec.double_quant:
-        return "double-quantised scales"
+    reason = format_support(module)
+    if reason is not None:
+        return reason
     if module.in_features % 32 or module.group_size % 32:
         return f"in_features {module.in_features} / group {module.group_size} not multiples of 32"
     return None
 
 
-class KernelLinear(nn.Module):
+class KernelLinear(KernelLinearBase):
     """A `QuantLinear` prepared for the CPU kernel (see module docstring).
 
     q: uint8, the kernel's layout; scales, zeros: float32 (N, n_groups), zeros in code units.
@@ -73,13 +63,12 @@ class KernelLinear(nn.Module):
     """
 
     def __init__(self, module: QuantLinear):
-        super().__init__()
         reason = kernel_support(module)
         if reason is not None:
             raise LowbitError(f"the CPU kernel cannot run this layer: {reason}")
+        super().__init__(module)
+        self.max_tokens = MAX_KERNEL_TOKENS
         self.kernels = load_kernels()
-        self.reference = module
-        self.in_features, self.out_features = module.in_features, module.out_features
         q = module.qweight.to_quantized()
         fmt = module.spec.number_format
         self.int4 = module.spec.bits == 4
@@ -93,38 +82,18 @@ class KernelLinear(nn.Module):
             zero = q.zero.float().expand_as(scale).contiguous()
         self.register_buffer("scales", scale)
         self.register_buffer("zeros", zero)
-        self.group_size = module.group_size
 
-    def read_bytes(self) -> int:
-        """Bytes one forward reads from memory: codes, scales, zeros (and bias)."""
-        tensors = [self.q, self.scales, self.zeros] + ([] if self.reference.bias is None else [self.reference.bias])
-        return sum(t.numel() * t.element_size() for t in tensors)
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.scales, self.zeros]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        if x2d.shape[0] > MAX_KERNEL_TOKENS:
-            return self.reference(x)
-        y = self.kernels.gemm(x2d.to(torch.float32).contiguous(), self.q, self.scales, self.zeros, self.group_size, self.int4)
-        if self.reference.bias is not None:
-            y = y + self.reference.bias.float()
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+    def compute(self, x2d: torch.Tensor) -> torch.Tensor:
+        return self.kernels.gemm(x2d.to(torch.float32).contiguous(), self.q, self.scales, self.zeros, self.group_size, self.int4)
 
 
 def use_cpu_kernels(model: nn.Module) -> dict[str, str]:
     """Swap every supported QuantLinear for a KernelLinear, in place. Returns, for each
     QuantLinear left on the reference path, why (so nothing falls back silently)."""
-    skipped = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            reason = kernel_support(module)
-            if reason is None:
-                set_module(model, name, KernelLinear(module))
-            else:
-                skipped[name] = reason
-    if skipped:
-        log.warning("%d quantised layers stay on the reference path (e.g. %s: %s)", len(skipped), *next(iter(skipped.items())))
-    return skipped
+    return swap_kernels(model, kernel_support, KernelLinear)
 
 
 def reference_gemm(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:

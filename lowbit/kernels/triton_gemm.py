@@ -27,7 +27,6 @@ no GPU, and the compiled kernel on a GPU.
 
 from __future__ import annotations
 
-import logging
 import os
 from functools import lru_cache
 
@@ -36,11 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.common import KernelLinearBase, format_support, swap_kernels
 from lowbit.modules.quant_linear import QuantLinear
-from lowbit.modules.swap import set_module
-from lowbit.numerics.formats import IntFormat
-
-log = logging.getLogger(__name__)
 
 MAX_KERNEL_TOKENS = 16
 # Block sizes used instead of autotuning when set (tests set it: autotuning every test shape
@@ -103,19 +99,10 @@ def wq_gemm(x: torch.Tensor, q: torch.Tensor, scales_t: torch.Tensor, offsets_t:
 
 def kernel_support(module: QuantLinear) -> str | None:
     """None if the Triton kernel computes ``module``, else why not."""
-    spec = module.spec
-    if not isinstance(spec.number_format, IntFormat) or spec.bits not in (4, 8):
-        return f"{spec.describe()}: the kernels cover 4- and 8-bit integer formats"
-    if spec.granularity not in ("group", "channel"):
-        return "per-tensor scales"
-    if module.g_idx is not None:
-        return "act-order groups (g_idx)"
-    if spec.double_quant:
-        return "double-quantised scales"
-    return None
+    return format_support(module)
 
 
-class TritonLinear(nn.Module):
+class TritonLinear(KernelLinearBase):
     """A `QuantLinear` prepared for the Triton kernel (see module docstring).
 
     Keeps the packed codes as they are (no copy) and adds scales and offsets B = -Z S,
@@ -124,13 +111,12 @@ class TritonLinear(nn.Module):
     """
 
     def __init__(self, module: QuantLinear, dtype: torch.dtype = torch.float16):
-        super().__init__()
         reason = kernel_support(module)
         if reason is not None:
             raise LowbitError(f"the Triton kernel cannot run this layer: {reason}")
-        self.reference = module
-        self.in_features, self.out_features = module.in_features, module.out_features
-        self.bits, self.group_size = module.spec.bits, module.group_size
+        super().__init__(module)
+        self.max_tokens = MAX_KERNEL_TOKENS
+        self.bits = module.spec.bits
         q = module.qweight.to_quantized()
         fmt = module.spec.number_format
         scale = q.scale.float().expand(self.out_features, -1)
@@ -143,37 +129,18 @@ class TritonLinear(nn.Module):
         self.register_buffer("scales_t", scale.t().contiguous().to(dtype))
         self.register_buffer("offsets_t", offset.t().contiguous().to(dtype))
 
-    def read_bytes(self) -> int:
-        """Bytes one forward reads from memory: codes, scales, offsets (and bias)."""
-        tensors = [self.reference.qdata, self.scales_t, self.offsets_t] + ([] if self.reference.bias is None else [self.reference.bias])
-        return sum(t.numel() * t.element_size() for t in tensors)
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        return [self.reference.qdata, self.scales_t, self.offsets_t]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        if x2d.shape[0] > MAX_KERNEL_TOKENS:
-            return self.reference(x)
+    def compute(self, x2d: torch.Tensor) -> torch.Tensor:
         dtype = self.scales_t.dtype
-        y = wq_gemm(x2d.to(dtype).contiguous(), self.reference.qdata, self.scales_t, self.offsets_t, self.in_features, self.group_size, self.bits)
-        if self.reference.bias is not None:
-            y = y + self.reference.bias.to(dtype)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return wq_gemm(x2d.to(dtype).contiguous(), self.reference.qdata, self.scales_t, self.offsets_t, self.in_features, self.group_size, self.bits)
 
 
 def use_triton_kernels(model: nn.Module, dtype: torch.dtype = torch.float16) -> dict[str, str]:
     """Swap every supported QuantLinear for a TritonLinear, in place. Returns, for each layer
     left on the reference path, why (nothing falls back silently)."""
-    skipped = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            reason = kernel_support(module)
-            if reason is None:
-                set_module(model, name, TritonLinear(module, dtype))
-            else:
-                skipped[name] = reason
-    if skipped:
-        log.warning("%d quantised layers stay on the reference path (e.g. %s: %s)", len(skipped), *next(iter(skipped.items())))
-    return skipped
+    return swap_kernels(model, kernel_support, lambda module: TritonLinear(module, dtype))
 
 
 def reference_gemm(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:

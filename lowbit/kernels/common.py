@@ -1,0 +1,82 @@
+"""What the CPU and GPU kernels share: which packed formats they compute, and swapping them
+into a model with every layer left behind accounted for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lowbit.modules.quant_linear import QuantLinear
+from lowbit.modules.swap import set_module
+from lowbit.numerics.formats import IntFormat
+
+log = logging.getLogger(__name__)
+
+
+class KernelLinearBase(nn.Module):
+    """A kernel-backed linear made from a `QuantLinear`, which it keeps as ``reference``: the
+    path for batches above ``max_tokens`` tokens (prefill, compute-bound, where dequantise +
+    BLAS wins) and what is saved. Subclasses give ``compute(x2d)`` and ``kernel_tensors()``."""
+
+    max_tokens = 16
+
+    def __init__(self, module: QuantLinear):
+        super().__init__()
+        self.reference = module
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.group_size = module.group_size
+
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def compute(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_bytes(self) -> int:
+        """Bytes one forward reads from memory: the kernel's tensors (and the bias)."""
+        tensors = self.kernel_tensors() + ([] if self.reference.bias is None else [self.reference.bias])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        if x2d.shape[0] > self.max_tokens:
+            return self.reference(x)
+        y = self.compute(x2d)
+        if self.reference.bias is not None:
+            y = y + self.reference.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def format_support(module: QuantLinear) -> str | None:
+    """None if ``module``'s format is one the kernels compute (4- or 8-bit integers, groups
+    of consecutive columns or one per channel, plain scales), else why not."""
+    spec = module.spec
+    if not isinstance(spec.number_format, IntFormat) or spec.bits not in (4, 8):
+        return f"{spec.describe()}: the kernels cover 4- and 8-bit integer formats"
+    if spec.granularity not in ("group", "channel"):
+        return "per-tensor scales"
+    if module.g_idx is not None:
+        return "act-order groups (g_idx)"
+    if spec.double_quant:
+        return "double-quantised scales"
+    return None
+
+
+def swap_kernels(model: nn.Module, support: Callable[[QuantLinear], str | None], make: Callable[[QuantLinear], nn.Module]) -> dict[str, str]:
+    """Replace every QuantLinear that ``support`` accepts by ``make(module)``, in place.
+    Returns, for each layer left on the reference path, why (nothing falls back silently)."""
+    skipped = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            reason = support(module)
+            if reason is None:
+                set_module(model, name, make(module))
+            else:
+                skipped[name] = reason
+    if skipped:
+        log.warning("%d quantised layers stay on the reference path (e.g. %s: %s)", len(skipped), *next(iter(skipped.items())))
+    return skipped
