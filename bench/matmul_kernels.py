@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from lowbit import QuantSpec
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.evaluation import write_json
-from lowbit.kernels.cpu import KernelLinear, reference_gemm
+from lowbit.kernels.cpu import KernelLinear, quantize_activations_q8, reference_gemm
 from lowbit.modules import QuantLinear
 from lowbit.modules.int8 import W8A8Linear
 
@@ -71,6 +71,7 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
         "W4 g128 asym": QuantLinear(rtn_quantize(weight, QuantSpec(bits=4, group_size=128, symmetric=False))),
     }
     kernels = {label: KernelLinear(layer) for label, layer in layers.items()}
+    w4a8 = KernelLinear(layers["W4 g128 sym"], int8_activations=True)
     w8a8_weight = torch.nn.Linear(k, n, bias=False)
     with torch.no_grad():
         w8a8_weight.weight.copy_(weight)
@@ -98,6 +99,7 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
         for label, layer in layers.items():
             cases[f"lowbit {label} reference (dequantise + BLAS)"] = lambda layer=layer: layer(x)
             cases[f"lowbit {label} CPU kernel"] = lambda kernel=kernels[label]: kernel(x)
+        cases["lowbit W4A8 g128 sym CPU kernel (int8 activations, blocks of 32)"] = lambda: w4a8(x)
         with torch.no_grad():
             shape_rows = []
             for label, fn in cases.items():
@@ -118,6 +120,8 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
             for label, layer in layers.items():
                 err = (kernels[label](x) - reference_gemm(x, layer)).abs().max().item()
                 rows.append({"shape": f"{n}x{k}", "batch": m, "case": f"check {label} kernel vs reference", "max_abs_diff": err})
+            err = (w4a8(x) - reference_gemm(quantize_activations_q8(x), layers["W4 g128 sym"])).abs().max().item()
+            rows.append({"shape": f"{n}x{k}", "batch": m, "case": "check W4A8 kernel vs reference", "max_abs_diff": err})
     return rows
 
 

@@ -11,7 +11,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluation.kv import kv_cache_quality
 from lowbit.inference.generate import generate
 from lowbit.inference.kv_cache import KVSpec, QuantizedKVCache, dequantize_keys, dequantize_values, quantize_keys, quantize_values
-from lowbit.kernels.cpu import KernelLinear, kernel_support, reference_gemm, use_cpu_kernels
+from lowbit.kernels.cpu import KernelLinear, kernel_support, quantize_activations_q8, reference_gemm, use_cpu_kernels
 from lowbit.modules import QuantLinear
 from lowbit.numerics import QuantSpec
 from lowbit.pipeline import quantize_model
@@ -58,10 +58,35 @@ def test_portable_kernel_path_equals_reference(spec, tokens):
     torch.testing.assert_close(kernel(x), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", KERNEL_SPECS[:4], ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("shape", [(96, 576), (40, 160), (256, 1536)])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 40])
+def test_w4a8_kernel_equals_its_reference(spec, shape, tokens):
+    """W4A8: the integer kernel (AVX2 and portable) equals dequantise + matmul on the input
+    quantised per 32-column block, and stays close to the float-activation result."""
+    out_features, in_features = shape
+    if spec.granularity == "group" and spec.group_size > in_features:
+        pytest.skip("group larger than the row")
+    g = torch.Generator().manual_seed(out_features + tokens + 1)
+    module = QuantLinear(rtn_quantize(torch.randn(out_features, in_features, generator=g) * 0.05, spec), torch.randn(out_features, generator=g))
+    kernel = KernelLinear(module, int8_activations=True)
+    kernel.max_tokens = 64  # 40 tokens: the kernel, 16 rows at a time
+    x = torch.randn(tokens, in_features, generator=g)
+    expected = reference_gemm(quantize_activations_q8(x), module)
+    torch.testing.assert_close(kernel(x), expected, rtol=1e-4, atol=1e-4)
+    if tokens <= 16:
+        portable = kernel.kernels.gemm_w4a8(x, kernel.q, kernel.scales, kernel.zeros, kernel.group_size, True) + module.bias
+        torch.testing.assert_close(portable, expected, rtol=1e-4, atol=1e-4)
+    exact = reference_gemm(x, module)
+    assert (kernel(x) - exact).norm() < 0.02 * exact.norm()
+
+
 def test_kernel_declines_what_it_cannot_run():
     linear = nn.Linear(100, 8)
     assert "multiples of 32" in kernel_support(QuantLinear(rtn_quantize(linear.weight, QuantSpec(bits=4, group_size=50))))
     assert "4- and 8-bit" in kernel_support(QuantLinear(rtn_quantize(nn.Linear(64, 8).weight, QuantSpec(bits=3, group_size=32))))
+    with pytest.raises(LowbitError, match="W4A8"):
+        KernelLinear(QuantLinear(rtn_quantize(nn.Linear(64, 8).weight, QuantSpec(bits=8, group_size=32))), int8_activations=True)
     with pytest.raises(LowbitError, match="cannot run this layer"):
         KernelLinear(QuantLinear(rtn_quantize(nn.Linear(64, 8).weight, QuantSpec(bits=3, group_size=32))))
 

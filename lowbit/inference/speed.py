@@ -5,6 +5,8 @@ Variants (built from the same float32 model in one process, so ratios are side b
   bf16      a bfloat16 copy
   W8        int8 per output channel, symmetric, CPU kernel
   W4        int4 groups of 128, symmetric, CPU kernel
+  W4A8      the same int4 weights, activations int8 per token in blocks of 32 (the W4A8
+            kernel: integer dot products; changes the numerics, see docs/results.md)
   W4 ref    the same int4 model on QuantLinear's reference path (dequantise + matmul)
 """
 
@@ -25,8 +27,9 @@ from lowbit.models.loading import LoadedModel
 from lowbit.numerics.spec import QuantSpec
 from lowbit.pipeline import quantize_model
 
-VARIANTS = ("float32", "bf16", "W8", "W4", "W4 ref")
-SPECS = {"W8": QuantSpec(bits=8, granularity="channel", group_size=None), "W4": QuantSpec(bits=4, group_size=128)}
+VARIANTS = ("float32", "bf16", "W8", "W4", "W4A8", "W4 ref")
+SPECS = {"W8": QuantSpec(bits=8, granularity="channel", group_size=None), "W4": QuantSpec(bits=4, group_size=128),
+         "W4A8": QuantSpec(bits=4, group_size=128)}
 
 
 @dataclass
@@ -69,7 +72,7 @@ def build_variant(model: nn.Module, variant: str) -> nn.Module:
     loaded = LoadedModel(model=copy_, tokenizer=None, source="speed", arch=architecture_for(copy_.config.model_type))
     quantize_model(loaded, spec, method="rtn", progress=False)
     if not variant.endswith("ref"):
-        use_cpu_kernels(copy_)
+        use_cpu_kernels(copy_, int8_activations=variant == "W4A8")
     return copy_
 
 

@@ -62,13 +62,16 @@ class KernelLinear(KernelLinearBase):
     The original QuantLinear is kept for batches above MAX_KERNEL_TOKENS and for saving.
     """
 
-    def __init__(self, module: QuantLinear):
+    def __init__(self, module: QuantLinear, int8_activations: bool = False):
         reason = kernel_support(module)
+        if reason is None and int8_activations and module.spec.bits != 4:
+            reason = "int8 activations (W4A8) need 4-bit weights"
         if reason is not None:
             raise LowbitError(f"the CPU kernel cannot run this layer: {reason}")
         super().__init__(module)
         self.max_tokens = MAX_KERNEL_TOKENS
         self.kernels = load_kernels()
+        self.int8_activations = int8_activations
         q = module.qweight.to_quantized()
         fmt = module.spec.number_format
         self.int4 = module.spec.bits == 4
@@ -87,18 +90,41 @@ class KernelLinear(KernelLinearBase):
         return [self.q, self.scales, self.zeros]
 
     def compute(self, x2d: torch.Tensor) -> torch.Tensor:
-        return self.kernels.gemm(x2d.to(torch.float32).contiguous(), self.q, self.scales, self.zeros, self.group_size, self.int4)
+        x2d = x2d.to(torch.float32).contiguous()
+        if x2d.shape[0] > MAX_KERNEL_TOKENS:  # max_tokens raised (e.g. to score the W4A8 numerics): 16 rows at a time
+            return torch.cat([self.compute(x2d[i : i + MAX_KERNEL_TOKENS]) for i in range(0, x2d.shape[0], MAX_KERNEL_TOKENS)])
+        if self.int8_activations:
+            return self.kernels.gemm_w4a8(x2d, self.q, self.scales, self.zeros, self.group_size, False)
+        return self.kernels.gemm(x2d, self.q, self.scales, self.zeros, self.group_size, self.int4)
 
 
-def use_cpu_kernels(model: nn.Module) -> dict[str, str]:
+def use_cpu_kernels(model: nn.Module, int8_activations: bool = False) -> dict[str, str]:
     """Swap every supported QuantLinear for a KernelLinear, in place. Returns, for each
-    QuantLinear left on the reference path, why (so nothing falls back silently)."""
-    return swap_kernels(model, kernel_support, KernelLinear)
+    QuantLinear left on the reference path, why (so nothing falls back silently).
+    ``int8_activations``: the W4A8 kernel for 4-bit layers (see `quantize_activations_q8`)."""
+    def support(module: QuantLinear) -> str | None:
+        reason = kernel_support(module)
+        if reason is None and int8_activations and module.spec.bits != 4:
+            return "int8 activations (W4A8) need 4-bit weights"
+        return reason
+
+    return swap_kernels(model, support, lambda module: KernelLinear(module, int8_activations))
+
+
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """What the W4A8 kernel does to its input, as floats: each token's activations in blocks
+    of 32 columns, d = max|x| / 127 per block, x' = d · round(x / d) (llama.cpp's Q8_0
+    form; symmetric per-block int8, Eq. 3.1 with Z = 0). x: (M, K), K a multiple of 32."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    codes = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1.0)), 0.0)
+    return (codes * d).reshape(x.shape)
 
 
 def reference_gemm(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
-    """What KernelLinear must equal: dequantise, then matmul (QuantLinear's forward)."""
+    """What KernelLinear must equal: dequantise, then matmul (QuantLinear's forward). For
+    the W4A8 kernel the input is first ``quantize_activations_q8(x)``."""
     return F.linear(x, module.qweight.dequantize(torch.float32), None if module.bias is None else module.bias.float())
 
 
-__all__ = ["KernelLinear", "kernel_support", "load_kernels", "reference_gemm", "use_cpu_kernels"]
+__all__ = ["KernelLinear", "kernel_support", "load_kernels", "quantize_activations_q8", "reference_gemm", "use_cpu_kernels"]

@@ -14,6 +14,7 @@
 // Requirements (checked by the Python wrapper): K % 32 == 0, G % 32 == 0, M <= 16.
 #include <torch/extension.h>
 #include <algorithm>
+#include <cmath>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -38,13 +39,72 @@ std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G, i
 // The row loop both paths share: the per-group activation sums once, then the rows split
 // across threads; row(n, qrow, xsum, ng) computes output column n for every token.
 template <bool kInt4, typename RowFn>
-void for_each_row(const uint8_t* q, const float* x, int64_t M, int64_t N, int64_t K, int64_t G, RowFn row) {
+void for_each_row(const uint8_t* q, const float* xsum, int64_t N, int64_t K, int64_t G, RowFn row) {
   const int64_t ng = (K + G - 1) / G;
   const int64_t row_bytes = kInt4 ? K / 2 : K;
-  const std::vector<float> xsum = group_sums(x, M, K, G, ng);
-  const float* xs = xsum.data();
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n) row(n, q + n * row_bytes, xs, ng);
+  for (int64_t n = 0; n < N; ++n) row(n, q + n * row_bytes, xsum, ng);
+}
+
+template <bool kInt4, typename RowFn>
+void for_each_row(const uint8_t* q, const float* x, int64_t M, int64_t N, int64_t K, int64_t G, RowFn row) {
+  const std::vector<float> xsum = group_sums(x, M, K, G, (K + G - 1) / G);
+  for_each_row<kInt4>(q, xsum.data(), N, K, G, row);
+}
+
+// W4A8: activations quantised to int8 per token in blocks of 32 columns, x' = d_b * xq with
+// d_b = max|x| / 127 over the block (llama.cpp's Q8_0 layout for the activation side), so
+// that the inner product runs on integers: y[m, n] = sum_g s[n,g] (sum_{b in g} d_b
+// sum_{k in b} q[n,k] xq[m,k] - z[n,g] sum_{k in g} x'[m,k]). Within a block the codes are
+// stored in the weight's nibble order: the 16 even columns, then the 16 odd ones.
+struct QuantActs {
+  std::vector<int8_t> xq;   // (M, K), each block of 32 as [even columns | odd columns]
+  std::vector<float> d;     // (M, K / 32)
+  std::vector<float> gsum;  // (M, ng): sum over each weight group of x' = d * xq
+};
+
+QuantActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t G) {
+  const int64_t nb = K / 32, ng = (K + G - 1) / G;
+  QuantActs a{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * ng, 0.f)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * 32;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float d = amax / 127.f;
+      int sum = 0;
+      int8_t* out = a.xq.data() + m * K + b * 32;
+      for (int j = 0; j < 32; ++j) {
+        const int v = d > 0.f ? static_cast<int>(std::nearbyint(xb[j] / d)) : 0;
+        out[(j & 1) ? 16 + j / 2 : j / 2] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      a.d[m * nb + b] = d;
+      a.gsum[m * ng + (b * 32) / G] += d * static_cast<float>(sum);
+    }
+  return a;
+}
+
+void gemm_w4a8_portable(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                        int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t nb = K / 32;
+  for_each_row<true>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float part = 0.f;
+        for (int64_t c = g * G; c < std::min((g + 1) * G, K); c += 32) {
+          const uint8_t* bytes = qrow + c / 2;
+          const int8_t* xb = a.xq.data() + m * K + c;
+          int dot = 0;
+          for (int j = 0; j < 16; ++j) dot += (bytes[j] & 15) * xb[j] + (bytes[j] >> 4) * xb[16 + j];
+          part += a.d[m * nb + c / 32] * static_cast<float>(dot);
+        }
+        acc += s[n * ng + g] * (part - z[n * ng + g] * gsum[m * ng + g]);
+      }
+      y[m * N + n] = acc;
+    }
+  });
 }
 
 // Portable path (any compiler, any CPU): the codes of a run of 32 columns widened to float,
@@ -143,6 +203,57 @@ void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const f
   for (int m = 0; m < MT; ++m) y[m * N] = acc[m];
 }
 
+// W4A8 tile: 16 bytes of codes become one 32-byte vector [low nibbles | high nibbles],
+// matching the activation block's [even | odd] order; vpmaddubsw multiplies the unsigned
+// codes by the signed activations and adds pairs (at most 2 * 15 * 127, no saturation),
+// vpmaddwd adds pairs again into eight int32, which are scaled by the block's d and summed
+// in float, two accumulators per token (alternate blocks) so that the FMAs overlap.
+template <int MT>
+void row_tile_w4a8(const uint8_t* qrow, const float* srow, const float* zrow, const int8_t* xq, const float* d,
+                   const float* gsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
+  const int64_t nb = K / 32;
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  float acc[MT] = {0.f};
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 a[2][MT];
+    for (int m = 0; m < MT; ++m) a[0][m] = a[1][m] = _mm256_setzero_ps();
+    const int64_t end = std::min((g + 1) * G, K);
+    int parity = 0;
+    for (int64_t c = g * G; c < end; c += 32, parity ^= 1) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + c / 2));
+      const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + c));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+        a[parity][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[m * nb + c / 32]), a[parity][m]);
+      }
+    }
+    const float sc = srow[g], zp = zrow[g];
+    for (int m = 0; m < MT; ++m) acc[m] += sc * (hsum(_mm256_add_ps(a[0][m], a[1][m])) - zp * gsum[m * ng + g]);
+  }
+  for (int m = 0; m < MT; ++m) y[m * N] = acc[m];
+}
+
+void gemm_w4a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                    int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t nb = K / 32;
+  for_each_row<true>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int8_t* xm = a.xq.data() + m0 * K;
+      const float* dm = a.d.data() + m0 * nb;
+      const float* gs = gsum + m0 * ng;
+      float* ym = y + m0 * N + n;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: row_tile_w4a8<1>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 2: row_tile_w4a8<2>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 3: row_tile_w4a8<3>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        default: row_tile_w4a8<4>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+      }
+    }
+  });
+}
+
 template <bool kInt4>
 void gemm_avx2(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
                int64_t M, int64_t N, int64_t K, int64_t G) {
@@ -204,6 +315,29 @@ torch::Tensor run_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, t
   return y;
 }
 
+torch::Tensor gemm_w4a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool portable) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous(), "q must be contiguous uint8");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous() && zeros.is_contiguous(),
+              "scales and zeros must be contiguous float32");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(M <= kMaxBatch, "batch larger than 16");
+  TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0, "K and the group size must be multiples of 32");
+  TORCH_CHECK(q.size(1) == K / 2, "q's row length does not match K (4-bit codes)");
+  auto y = torch::empty({M, N}, x.options());
+  const QuantActs a = quantize_acts(x.data_ptr<float>(), M, K, group_size);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = zeros.data_ptr<float>();
+#if defined(__AVX2__) && defined(__FMA__)
+  if (!portable) {
+    gemm_w4a8_avx2(qp, sp, zp, a, y.data_ptr<float>(), M, N, K, group_size);
+    return y;
+  }
+#endif
+  gemm_w4a8_portable(qp, sp, zp, a, y.data_ptr<float>(), M, N, K, group_size);
+  return y;
+}
+
 torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4) {
   return run_gemm(x, q, scales, zeros, group_size, int4, false);
 }
@@ -217,5 +351,6 @@ torch::Tensor gemm_portable_op(torch::Tensor x, torch::Tensor q, torch::Tensor s
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "low-bit weight-only GEMM for small batches (fp32 activations)");
   m.def("gemm_portable", &gemm_portable_op, "the same GEMM on the portable path (for tests)");
+  m.def("gemm_w4a8", &gemm_w4a8, "W4A8: 4-bit weights, activations int8 per token in blocks of 32, integer dot products");
   m.def("has_avx2", &has_avx2, "whether this build uses the AVX2/FMA path");
 }

@@ -1,0 +1,54 @@
+"""What the W4A8 CPU kernel's int8 activations cost in quality: the same W4 g128 weights scored
+with float activations (the W4 kernel's numerics) and with activations quantised to int8 per
+token in blocks of 32 (the W4A8 kernel itself, run on every position, 16 rows at a time).
+
+    python bench/w4a8_quality.py [--model smollm2] [--corpus shakespeare] [--windows 8]
+
+Writes bench/results/w4a8_<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lowbit import QuantSpec, evaluate, load_model, quantize_model  # noqa: E402
+from lowbit.data import eval_windows, tokenize_split  # noqa: E402
+from lowbit.evaluation import write_json  # noqa: E402
+from lowbit.kernels.cpu import KernelLinear, use_cpu_kernels  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--corpus", default="shakespeare")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    reference = load_model(args.model)
+    w4 = load_model(args.model)
+    quantize_model(w4, QuantSpec(bits=4, group_size=128), method="rtn", progress=False)
+    w4a8 = copy.deepcopy(w4.model)
+    skipped = use_cpu_kernels(w4a8, int8_activations=True)
+    for module in w4a8.modules():
+        if isinstance(module, KernelLinear):
+            module.max_tokens = args.ctx  # every position through the kernel, not just decode steps
+    windows = eval_windows(tokenize_split(reference.tokenizer, args.corpus), args.ctx, args.windows)
+    models = {"float (GGUF dequantised)": reference.model, "W4 g128 sym, float activations": w4.model,
+              "W4A8: same weights, int8 activations per 32-block": w4a8}
+    results = [r.to_dict() for r in evaluate(models, windows, reference=reference.model)]
+    write_json(Path(args.out) / f"w4a8_{args.model}.json", {"model": args.model, "corpus": args.corpus, "windows": len(windows),
+                                                            "ctx": args.ctx, "layers_on_reference_path": skipped, "results": results})
+    base = results[0]["perplexity"]
+    print("| setting | ppl | Δppl | KLD | top-1 % |\n|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['label']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.1f}% | {r['kld']:.4f} | {100 * r['top1_agreement']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
