@@ -123,7 +123,7 @@ def test_head_check_tolerates_rounding_at_large_logits_and_catches_a_wrong_head(
         assert model(inputs).logits.abs().max() > 100
         g = torch.Generator().manual_seed(5)
         rounded = hidden * (1 + 1e-5 * torch.randn(hidden.shape, generator=g))
-        moved = (log_probs_into(model, rounded, torch.empty(64, 256)) - log_probs_into(model, hidden, torch.empty(64, 256))).abs().max()
+        moved = (log_probs_into(model, rounded, torch.empty(64, model.config.vocab_size)) - log_probs_into(model, hidden, torch.empty(64, model.config.vocab_size))).abs().max()
         assert moved > 1e-3
         _check_chunked_head(model, inputs, rounded)
         model.config.final_logit_softcapping = 5.0
