@@ -209,6 +209,18 @@ void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const f
 // vpmaddwd adds pairs again into eight int32, which are scaled by the block's d and summed
 // in float, two accumulators per token (alternate blocks) so that the FMAs overlap.
 template <int MT>
+inline void w4a8_block(const uint8_t* qrow, const int8_t* xq, const float* d, int64_t K, int64_t nb, int64_t c, __m128i low4, __m256i ones,
+                       __m256* acc) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + c / 2));
+  const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
+  for (int m = 0; m < MT; ++m) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + c));
+    const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[m * nb + c / 32]), acc[m]);
+  }
+}
+
+template <int MT>
 void row_tile_w4a8(const uint8_t* qrow, const float* srow, const float* zrow, const int8_t* xq, const float* d,
                    const float* gsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
   const int64_t nb = K / 32;
@@ -216,21 +228,17 @@ void row_tile_w4a8(const uint8_t* qrow, const float* srow, const float* zrow, co
   const __m256i ones = _mm256_set1_epi16(1);
   float acc[MT] = {0.f};
   for (int64_t g = 0; g < ng; ++g) {
-    __m256 a[2][MT];
-    for (int m = 0; m < MT; ++m) a[0][m] = a[1][m] = _mm256_setzero_ps();
+    __m256 a0[MT], a1[MT];  // two accumulators per token, fixed in registers: alternate blocks
+    for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
     const int64_t end = std::min((g + 1) * G, K);
-    int parity = 0;
-    for (int64_t c = g * G; c < end; c += 32, parity ^= 1) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + c / 2));
-      const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
-      for (int m = 0; m < MT; ++m) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + c));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-        a[parity][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[m * nb + c / 32]), a[parity][m]);
-      }
+    int64_t c = g * G;
+    for (; c + 64 <= end; c += 64) {
+      w4a8_block<MT>(qrow, xq, d, K, nb, c, low4, ones, a0);
+      w4a8_block<MT>(qrow, xq, d, K, nb, c + 32, low4, ones, a1);
     }
+    if (c < end) w4a8_block<MT>(qrow, xq, d, K, nb, c, low4, ones, a0);
     const float sc = srow[g], zp = zrow[g];
-    for (int m = 0; m < MT; ++m) acc[m] += sc * (hsum(_mm256_add_ps(a[0][m], a[1][m])) - zp * gsum[m * ng + g]);
+    for (int m = 0; m < MT; ++m) acc[m] += sc * (hsum(_mm256_add_ps(a0[m], a1[m])) - zp * gsum[m * ng + g]);
   }
   for (int m = 0; m < MT; ++m) y[m * N] = acc[m];
 }
