@@ -299,15 +299,20 @@ bool has_avx2() {
 #endif
 }
 
-torch::Tensor run_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4,
-                       bool portable) {
+// The argument checks every entry point shares.
+void check_args(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t group_size) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 (M, K)");
   TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous(), "q must be contiguous uint8");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous() && zeros.is_contiguous(),
               "scales and zeros must be contiguous float32");
+  TORCH_CHECK(x.size(0) <= kMaxBatch, "batch larger than 16");
+  TORCH_CHECK(x.size(1) % 32 == 0 && group_size % 32 == 0, "K and the group size must be multiples of 32");
+}
+
+torch::Tensor run_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4,
+                       bool portable) {
+  check_args(x, q, scales, zeros, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(M <= kMaxBatch, "batch larger than 16");
-  TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0, "K and the group size must be multiples of 32");
   TORCH_CHECK(q.size(1) == (int4 ? K / 2 : K), "q's row length does not match K");
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -324,13 +329,8 @@ torch::Tensor run_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, t
 }
 
 torch::Tensor gemm_w4a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool portable) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 (M, K)");
-  TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous(), "q must be contiguous uint8");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous() && zeros.is_contiguous(),
-              "scales and zeros must be contiguous float32");
+  check_args(x, q, scales, zeros, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(M <= kMaxBatch, "batch larger than 16");
-  TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0, "K and the group size must be multiples of 32");
   TORCH_CHECK(q.size(1) == K / 2, "q's row length does not match K (4-bit codes)");
   auto y = torch::empty({M, N}, x.options());
   const QuantActs a = quantize_acts(x.data_ptr<float>(), M, K, group_size);
