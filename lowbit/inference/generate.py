@@ -98,12 +98,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, kv:
     out_tokens[0] = token[0, 0]
     _sync(device)
     result.prefill_seconds = time.perf_counter() - start
+    if cuda_graph and not _graph_safe(cache):
+        log.warning("the cache has sliding-window layers, whose bookkeeping is Python state a CUDA graph would freeze; decoding eagerly")
+        cuda_graph = False
     steps = max_new_tokens
     if eos_token_id is not None and int(token) == eos_token_id:
         steps = 1
-    elif max_new_tokens > 1 and cuda_graph and not _graph_safe(cache):
-        log.warning("the cache has sliding-window layers, whose bookkeeping is Python state a CUDA graph would freeze; decoding eagerly")
-        steps = _decode_eager(model, cache, token, prompt, out_tokens, eos_token_id, result, device)
     elif max_new_tokens > 1 and cuda_graph:
         steps = _decode_with_graph(model, cache, token, prompt, out_tokens, eos_token_id, result)
     elif max_new_tokens > 1:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit.modules.quant_linear import QuantLinear
@@ -49,6 +50,28 @@ class KernelLinearBase(nn.Module):
         if self.reference.bias is not None:
             y = y + self.reference.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def scales_and_zeros(module: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's scales S and zero-points Z in code units, float32 (out_features, n_groups),
+    so that W = S (q - Z) for every integer format (Eq. 3.2): symmetric codes c stand for
+    c + q_min (Z = -q_min); a float offset m (x = S q + m) is Z = -m / S."""
+    q = module.qweight.to_quantized()
+    scale = q.scale.float().expand(module.out_features, -1).contiguous()
+    if q.zero is None:
+        zero = torch.full_like(scale, float(-module.spec.number_format.qmin))
+    elif module.spec.zero_point == "float":
+        zero = (-q.zero.float() / q.scale.float()).expand_as(scale).contiguous()
+    else:
+        zero = q.zero.float().expand_as(scale).contiguous()
+    return scale, zero
+
+
+def reference_gemm(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+    """What every kernel must equal: dequantise in float32, then matmul in float32
+    (QuantLinear's forward). For the W4A8 kernel the input is first
+    ``lowbit.kernels.cpu.quantize_activations_q8(x)``."""
+    return F.linear(x.float(), module.qweight.dequantize(torch.float32), None if module.bias is None else module.bias.float())
 
 
 def format_support(module: QuantLinear) -> str | None:

@@ -17,11 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.common import KernelLinearBase, format_support, swap_kernels
+from lowbit.kernels.common import KernelLinearBase, format_support, reference_gemm, scales_and_zeros, swap_kernels
 from lowbit.models.registry import cache_dir
 from lowbit.modules.quant_linear import QuantLinear
 
@@ -45,13 +44,15 @@ def load_kernels():
         raise LowbitError(f"could not build lowbit's CPU kernels ({err}); they need a C++ compiler (g++) and ninja (pip install ninja)") from err
 
 
-def kernel_support(module: QuantLinear) -> str | None:
-    """None if the kernel computes ``module``, else why not."""
+def kernel_support(module: QuantLinear, int8_activations: bool = False) -> str | None:
+    """None if the kernel (the W4A8 one with ``int8_activations``) computes ``module``, else why not."""
     reason = format_support(module)
     if reason is not None:
         return reason
     if module.in_features % 32 or module.group_size % 32:
         return f"in_features {module.in_features} / group {module.group_size} not multiples of 32"
+    if int8_activations and module.spec.bits != 4:
+        return "int8 activations (W4A8) need 4-bit weights"
     return None
 
 
@@ -63,26 +64,16 @@ class KernelLinear(KernelLinearBase):
     """
 
     def __init__(self, module: QuantLinear, int8_activations: bool = False):
-        reason = kernel_support(module)
-        if reason is None and int8_activations and module.spec.bits != 4:
-            reason = "int8 activations (W4A8) need 4-bit weights"
+        reason = kernel_support(module, int8_activations)
         if reason is not None:
             raise LowbitError(f"the CPU kernel cannot run this layer: {reason}")
         super().__init__(module)
         self.max_tokens = MAX_KERNEL_TOKENS
         self.kernels = load_kernels()
         self.int8_activations = int8_activations
-        q = module.qweight.to_quantized()
-        fmt = module.spec.number_format
         self.int4 = module.spec.bits == 4
         self.q = module.qdata.contiguous()  # the kernel reads lowbit's packing as it is: no second copy of the codes
-        scale = q.scale.float().expand(self.out_features, -1).contiguous()
-        if q.zero is None:  # symmetric: code c stands for c + q_min, so Z = -q_min in code units
-            zero = torch.full_like(scale, float(-fmt.qmin))
-        elif module.spec.zero_point == "float":  # x = S q + m = S (q - (-m / S))
-            zero = (-q.zero.float() / q.scale.float()).expand_as(scale).contiguous()
-        else:
-            zero = q.zero.float().expand_as(scale).contiguous()
+        scale, zero = scales_and_zeros(module)
         self.register_buffer("scales", scale)
         self.register_buffer("zeros", zero)
 
@@ -102,13 +93,7 @@ def use_cpu_kernels(model: nn.Module, int8_activations: bool = False) -> dict[st
     """Swap every supported QuantLinear for a KernelLinear, in place. Returns, for each
     QuantLinear left on the reference path, why (so nothing falls back silently).
     ``int8_activations``: the W4A8 kernel for 4-bit layers (see `quantize_activations_q8`)."""
-    def support(module: QuantLinear) -> str | None:
-        reason = kernel_support(module)
-        if reason is None and int8_activations and module.spec.bits != 4:
-            return "int8 activations (W4A8) need 4-bit weights"
-        return reason
-
-    return swap_kernels(model, support, lambda module: KernelLinear(module, int8_activations))
+    return swap_kernels(model, lambda module: kernel_support(module, int8_activations), lambda module: KernelLinear(module, int8_activations))
 
 
 def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
@@ -119,12 +104,6 @@ def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
     d = blocks.abs().amax(-1, keepdim=True) / 127.0
     codes = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1.0)), 0.0)
     return (codes * d).reshape(x.shape)
-
-
-def reference_gemm(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
-    """What KernelLinear must equal: dequantise, then matmul (QuantLinear's forward). For
-    the W4A8 kernel the input is first ``quantize_activations_q8(x)``."""
-    return F.linear(x, module.qweight.dequantize(torch.float32), None if module.bias is None else module.bias.float())
 
 
 __all__ = ["KernelLinear", "kernel_support", "load_kernels", "quantize_activations_q8", "reference_gemm", "use_cpu_kernels"]

@@ -31,11 +31,10 @@ import os
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.common import KernelLinearBase, format_support, swap_kernels
+from lowbit.kernels.common import KernelLinearBase, format_support, reference_gemm, scales_and_zeros, swap_kernels
 from lowbit.modules.quant_linear import QuantLinear
 
 MAX_KERNEL_TOKENS = 16
@@ -117,15 +116,8 @@ class TritonLinear(KernelLinearBase):
         super().__init__(module)
         self.max_tokens = MAX_KERNEL_TOKENS
         self.bits = module.spec.bits
-        q = module.qweight.to_quantized()
-        fmt = module.spec.number_format
-        scale = q.scale.float().expand(self.out_features, -1)
-        if q.zero is None:  # symmetric: code c stands for c + q_min (Z = -q_min)
-            offset = scale * float(fmt.qmin)
-        elif module.spec.zero_point == "float":  # x = S q + m
-            offset = q.zero.float().expand_as(scale)
-        else:
-            offset = -q.zero.float() * scale
+        scale, zero = scales_and_zeros(module)
+        offset = -zero * scale
         self.register_buffer("scales_t", scale.t().contiguous().to(dtype))
         self.register_buffer("offsets_t", offset.t().contiguous().to(dtype))
 
@@ -141,11 +133,6 @@ def use_triton_kernels(model: nn.Module, dtype: torch.dtype = torch.float16) -> 
     """Swap every supported QuantLinear for a TritonLinear, in place. Returns, for each layer
     left on the reference path, why (nothing falls back silently)."""
     return swap_kernels(model, kernel_support, lambda module: TritonLinear(module, dtype))
-
-
-def reference_gemm(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
-    """What TritonLinear must equal: dequantise in float32, then matmul in float32."""
-    return F.linear(x.float(), module.qweight.dequantize(torch.float32), None if module.bias is None else module.bias.float())
 
 
 __all__ = ["MAX_KERNEL_TOKENS", "TritonLinear", "kernel_support", "reference_gemm", "triton_available", "use_triton_kernels", "wq_gemm"]
