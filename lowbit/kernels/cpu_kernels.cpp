@@ -147,10 +147,13 @@ void gemm_portable(const uint8_t* q, const float* s, const float* z, const float
 // AVX2 path. A run of 32 codes becomes four 8-float vectors in registers. int4: each
 // 32-bit word (8 columns) is broadcast to the 8 lanes straight from memory, shifted by
 // 0, 4, ..., 28 bits lane by lane and masked, so no byte shuffles are needed; int8: one
-// 32-byte load, zero-extended 8 bytes at a time. Then each token in a tile
-// of up to four multiplies them into two vector accumulators per token (two, so that the
-// FMAs of consecutive columns do not wait on each other). The accumulators are reduced
-// once per group, where the group's scale and zero-point are applied.
+// 32-byte load, zero-extended 8 bytes at a time. Then each token in a tile of up to four
+// multiplies them into its accumulators. Two things keep the FMA units busy (measured on
+// a Zen 3 core, docs/results.md): enough independent accumulators per token (an FMA waits
+// 4 cycles for the previous one on the same register, so one or two tokens get four
+// chains), and no horizontal sum per group: a group's partial sum is scaled into a vector
+// total, total += s_g * part_g, and the zero-point term sum_g s_g z_g xsum_g is a scalar
+// beside it; one horizontal sum per output.
 inline __m256 widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
 inline __m256 nibbles8(__m256i word, __m256i shifts, __m256i low4) {
@@ -167,16 +170,20 @@ inline float hsum(__m256 v) {
 template <bool kInt4, int MT>
 void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const float* x, const float* xsum,
               float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
-  float acc[MT] = {0.f};
+  constexpr int NA = MT <= 2 ? 4 : 2;  // independent accumulators per token
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
+  __m256 total[MT];
+  float zterm[MT];
+  for (int m = 0; m < MT; ++m) total[m] = _mm256_setzero_ps(), zterm[m] = 0.f;
   for (int64_t g = 0; g < ng; ++g) {
-    __m256 a0[MT], a1[MT];
-    for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    __m256 a[MT][NA];
+    for (int m = 0; m < MT; ++m)
+      for (int j = 0; j < NA; ++j) a[m][j] = _mm256_setzero_ps();
     const int64_t end = std::min((g + 1) * G, K);
     for (int64_t c = g * G; c < end; c += 32) {
       __m256 w0, w1, w2, w3;
       if (kInt4) {
-        const float* words = reinterpret_cast<const float*>(qrow + c / 2);  // 4 words, 8 codes each
+        const float* words = reinterpret_cast<const float*>(qrow + (c >> 1));  // 4 words, 8 codes each
         w0 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words)), shifts, low4);
         w1 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 1)), shifts, low4);
         w2 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 2)), shifts, low4);
@@ -191,56 +198,64 @@ void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const f
       }
       for (int m = 0; m < MT; ++m) {
         const float* xm = x + m * K + c;
-        a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a0[m]);
-        a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a1[m]);
-        a0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a0[m]);
-        a1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a1[m]);
+        a[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a[m][0]);
+        a[m][1 % NA] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a[m][1 % NA]);
+        a[m][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a[m][2 % NA]);
+        a[m][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a[m][3 % NA]);
       }
     }
     const float sc = srow[g], zp = zrow[g];
-    for (int m = 0; m < MT; ++m) acc[m] += sc * (hsum(_mm256_add_ps(a0[m], a1[m])) - zp * xsum[m * ng + g]);
+    const __m256 scale = _mm256_set1_ps(sc);
+    for (int m = 0; m < MT; ++m) {
+      __m256 part = _mm256_add_ps(a[m][0], a[m][1]);
+      if (NA == 4) part = _mm256_add_ps(part, _mm256_add_ps(a[m][2 % NA], a[m][3 % NA]));
+      total[m] = _mm256_fmadd_ps(part, scale, total[m]);
+      zterm[m] += sc * zp * xsum[m * ng + g];
+    }
   }
-  for (int m = 0; m < MT; ++m) y[m * N] = acc[m];
+  for (int m = 0; m < MT; ++m) y[m * N] = hsum(total[m]) - zterm[m];
 }
 
 // W4A8 tile: 16 bytes of codes become one 32-byte vector [low nibbles | high nibbles],
 // matching the activation block's [even | odd] order; vpmaddubsw multiplies the unsigned
 // codes by the signed activations and adds pairs (at most 2 * 15 * 127, no saturation),
-// vpmaddwd adds pairs again into eight int32, which are scaled by the block's d and summed
-// in float, two accumulators per token (alternate blocks) so that the FMAs overlap.
+// vpmaddwd adds pairs again into eight int32, which are converted to float and scaled by
+// d_b * s_g (the block's activation scale times the group's weight scale) straight into
+// the token's total: no per-group vector work at all. Two accumulators per token
+// (alternate blocks) so that the FMAs overlap; the zero-point term is a scalar per group.
 template <int MT>
-inline void w4a8_block(const uint8_t* qrow, const int8_t* xq, const float* d, int64_t K, int64_t nb, int64_t c, __m128i low4, __m256i ones,
-                       __m256* acc) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + c / 2));
+inline void w4a8_block(const uint8_t* qb, const int8_t* xb, const float* d, int64_t K, int64_t nb, float sc, __m128i low4,
+                       __m256i ones, __m256* acc) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
   const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
   for (int m = 0; m < MT; ++m) {
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + c));
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * K));
     const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[m * nb + c / 32]), acc[m]);
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[m * nb] * sc), acc[m]);
   }
 }
 
 template <int MT>
 void row_tile_w4a8(const uint8_t* qrow, const float* srow, const float* zrow, const int8_t* xq, const float* d,
                    const float* gsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
-  const int64_t nb = K / 32;
+  const int64_t nb = K / 32, bpg = G / 32;  // blocks per full group
   const __m128i low4 = _mm_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
-  float acc[MT] = {0.f};
+  __m256 a0[MT], a1[MT];  // two accumulators per token, fixed in registers: alternate blocks
+  float zterm[MT];
+  for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm256_setzero_ps(), zterm[m] = 0.f;
   for (int64_t g = 0; g < ng; ++g) {
-    __m256 a0[MT], a1[MT];  // two accumulators per token, fixed in registers: alternate blocks
-    for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
-    const int64_t end = std::min((g + 1) * G, K);
-    int64_t c = g * G;
-    for (; c + 64 <= end; c += 64) {
-      w4a8_block<MT>(qrow, xq, d, K, nb, c, low4, ones, a0);
-      w4a8_block<MT>(qrow, xq, d, K, nb, c + 32, low4, ones, a1);
-    }
-    if (c < end) w4a8_block<MT>(qrow, xq, d, K, nb, c, low4, ones, a0);
     const float sc = srow[g], zp = zrow[g];
-    for (int m = 0; m < MT; ++m) acc[m] += sc * (hsum(_mm256_add_ps(a0[m], a1[m])) - zp * gsum[m * ng + g]);
+    const int64_t b_end = std::min((g + 1) * bpg, nb);
+    int64_t b = g * bpg;
+    for (; b + 2 <= b_end; b += 2) {
+      w4a8_block<MT>(qrow + 16 * b, xq + 32 * b, d + b, K, nb, sc, low4, ones, a0);
+      w4a8_block<MT>(qrow + 16 * (b + 1), xq + 32 * (b + 1), d + b + 1, K, nb, sc, low4, ones, a1);
+    }
+    if (b < b_end) w4a8_block<MT>(qrow + 16 * b, xq + 32 * b, d + b, K, nb, sc, low4, ones, a0);
+    for (int m = 0; m < MT; ++m) zterm[m] += sc * zp * gsum[m * ng + g];
   }
-  for (int m = 0; m < MT; ++m) y[m * N] = acc[m];
+  for (int m = 0; m < MT; ++m) y[m * N] = hsum(_mm256_add_ps(a0[m], a1[m])) - zterm[m];
 }
 
 void gemm_w4a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
