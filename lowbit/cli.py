@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--double-quant", action="store_true", help="store absmax scales in 8 bits (QLoRA double quantisation)")
     q.add_argument("--percentile", type=float, default=99.9, help="with --range percentile")
     q.add_argument("--skip", action="append", metavar="REGEX", help=f"linears to leave in float (repeatable; default {' '.join(DEFAULT_SKIP)})")
+    q.add_argument("--head-bits", type=int, choices=[4, 8], help="also round the output head (lm_head) to nearest: 8 = int8 per output channel, "
+                   "4 = int4 groups of 128, both symmetric (default: the head stays float)")
     q.add_argument("--out", required=True, help="new directory to write")
     calib = q.add_argument_group("calibration (gptq)")
     calib_text = calib.add_mutually_exclusive_group()
@@ -227,7 +229,7 @@ def cmd_quantize(args) -> int:
     from lowbit.models.loading import load_model
     from lowbit.modules.swap import DEFAULT_SKIP
     from lowbit.calibration.methods import AWQOptions, GPTQOptions, W8A8Options
-    from lowbit.pipeline import CalibrationConfig, quantize_model, summarize_layers
+    from lowbit.pipeline import HEAD_SPECS, CalibrationConfig, quantize_model, summarize_layers
 
     spec = _spec_from_args(args)
     out = Path(args.out)
@@ -250,8 +252,9 @@ def cmd_quantize(args) -> int:
     w8a8 = W8A8Options(act_granularity=args.act_granularity, alpha=alpha, alpha_grid=args.alpha_grid)
     awq = AWQOptions(grid=args.awq_grid, clip=not args.no_clip)
     loaded = load_model(args.model)
+    head_spec = None if args.head_bits is None else HEAD_SPECS[args.head_bits]
     result = quantize_model(loaded, spec, method=args.method, skip=args.skip or DEFAULT_SKIP, calibration=calibration,
-                            gptq=options, awq=awq, w8a8=w8a8, threshold=args.threshold)
+                            gptq=options, awq=awq, w8a8=w8a8, threshold=args.threshold, head_spec=head_spec)
     save_quantized(loaded, out)
     what = spec.describe() if "spec" in result.method else ", ".join(f"{k}={v}" for k, v in result.method["options"].items())
     print(f"quantised {len(result.layers)} linears of {args.model} with {args.method} ({what}) in {result.seconds:.1f} s -> {out}")

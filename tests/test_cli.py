@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from lowbit import read_header
 from lowbit.cli import main
 
 
@@ -34,6 +35,14 @@ def test_quantize_eval_info(capsys, tiny_llama_dir, text_file, tmp_path):
 
     code, stdout, _ = run(capsys, "info", str(out))
     assert code == 0 and "W4 g32 asym" in stdout and "14 quantised linears" in stdout
+
+
+def test_quantize_with_an_int8_head(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--head-bits", "8", "--out", str(out))
+    assert code == 0 and "quantised 15 linears" in stdout
+    header = read_header(out)
+    assert header["method"]["head"]["bits"] == 8 and header["layers"]["lm_head"]["spec"]["granularity"] == "channel"
 
 
 def test_eval_of_a_float_model_has_no_reference(capsys, tiny_llama_dir, text_file):

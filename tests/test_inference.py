@@ -58,6 +58,20 @@ def test_portable_kernel_path_equals_reference(spec, tokens):
     torch.testing.assert_close(kernel(x), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("shape", [(96, 576), (40, 160)])
+def test_dequantize_kernel_equals_reference(spec, shape):
+    """The prefill path's dequantisation (vector and scalar tail) equals QuantizedWeight's."""
+    g = torch.Generator().manual_seed(shape[0])
+    module = QuantLinear(rtn_quantize(torch.randn(*shape, generator=g) * 0.05, spec))
+    kernel = KernelLinear(module)
+    torch.testing.assert_close(kernel.dequantized_weight(), module.qweight.dequantize(torch.float32), rtol=1e-6, atol=1e-7)
+    x = torch.randn(3, 20, shape[1], generator=g, dtype=torch.bfloat16)  # 60 tokens: the large-batch path, dtype kept
+    out = kernel(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference_gemm(x, module), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("spec", KERNEL_SPECS[:4], ids=lambda s: s.describe().replace(" ", "_"))
 @pytest.mark.parametrize("shape", [(96, 576), (40, 160), (256, 1536)])
 @pytest.mark.parametrize("tokens", [1, 5, 16, 40])
@@ -233,3 +247,29 @@ def _loaded(model):
     from lowbit.models.loading import LoadedModel
 
     return LoadedModel(model=model, tokenizer=byte_tokenizer(), source="tiny", arch=architecture_for(model.config.model_type))
+
+
+def test_speed_variants_build_what_they_say():
+    """bench-decode's variants: the right modules (kernels, int8 head, W4A8), logits near the
+    float model's, and the roofline pricing the int8 head below the float one."""
+    from lowbit.analysis.roofline import Machine
+    from lowbit.analysis.roofline_report import predicted_rows
+    from lowbit.inference.speed import VARIANTS, build_variant, random_llama
+
+    model = random_llama(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
+    x = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        reference = model(x).logits
+        for variant in VARIANTS:
+            built = build_variant(model, variant)
+            kernels = [m for m in built.modules() if isinstance(m, KernelLinear)]
+            if variant in ("float32", "bf16", "W4 ref"):
+                assert not kernels
+            else:
+                assert all(k.int8_activations == (variant.startswith("W4A8") and k.int4) for k in kernels)
+                assert isinstance(built.lm_head, KernelLinear) == variant.endswith("h8")
+            error = (built(x).logits.float() - reference).norm() / reference.norm()
+            assert error < (0.02 if variant in ("bf16", "W8") else 0.2), (variant, error)
+    rows = {r.variant: r for r in predicted_rows(model, Machine(bandwidth_gbps=10, peak_gflops=100), ctx=16)}
+    assert rows["W4 h8"].weight_bytes < rows["W4"].weight_bytes < rows["W8"].weight_bytes
+    assert rows["W4 h8"].predicted_tokens_per_second > rows["W4"].predicted_tokens_per_second

@@ -96,6 +96,36 @@ def test_untied_lm_head_can_be_quantised_and_saved(tmp_path):
         assert torch.equal(loaded.model(x).logits, again.model(x).logits)
 
 
+def test_head_spec_unties_a_tied_head_and_the_checkpoint_reloads_untied(tiny_llama_dir, tmp_path):
+    """W4 blocks with an int8 head: the tied embedding keeps its float table, the head gets
+    codes, the result saves and reloads to the same logits, and the head's error is small."""
+    float_model = load_model(str(tiny_llama_dir)).model
+    loaded = load_model(str(tiny_llama_dir))
+    embedding = loaded.model.model.embed_tokens.weight.detach().clone()
+    result = quantize_model(loaded, QuantSpec(bits=4, group_size=32), head_spec=QuantSpec(bits=8, granularity="channel", group_size=None), progress=False)
+    assert isinstance(loaded.model.lm_head, QuantLinear) and loaded.model.lm_head.spec.bits == 8
+    assert result.layers[-1].name == "lm_head" and result.layers[-1].info["weight_sqnr_db"] > 35
+    assert torch.equal(loaded.model.model.embed_tokens.weight, embedding) and not loaded.model.config.tie_word_embeddings
+    assert result.method["head"]["bits"] == 8
+    out = save_quantized(loaded, tmp_path / "q")
+    again = load_quantized(out)
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        logits = loaded.model(x).logits
+        assert torch.equal(logits, again.model(x).logits)
+        hidden = loaded.model.model(x).last_hidden_state
+        head_error = (loaded.model.lm_head(hidden) - F.linear(hidden, embedding)).norm() / F.linear(hidden, embedding).norm()
+    assert head_error < 0.01
+    assert isinstance(again.model.lm_head, QuantLinear) and torch.equal(again.model.model.embed_tokens.weight, embedding)
+    assert read_header(out)["tied"] == {}
+    assert not torch.equal(float_model(x).logits, logits)  # the blocks really are quantised
+
+
+def test_head_spec_refuses_a_head_the_main_spec_already_takes(tiny_llama_dir):
+    with pytest.raises(LowbitError, match="keep it in skip"):
+        quantize_model(load_model(str(tiny_llama_dir)), QuantSpec(), skip=[], head_spec=QuantSpec(bits=8), progress=False)
+
+
 def test_existing_output_directory_is_refused_and_left_alone(tiny_llama_dir, tmp_path):
     loaded = load_model(str(tiny_llama_dir))
     quantize_model(loaded, QuantSpec(bits=4, group_size=32), progress=False)

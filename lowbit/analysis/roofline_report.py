@@ -10,14 +10,16 @@ from torch import nn
 from lowbit.analysis.roofline import Machine, StepCost, decode_cost, prefill_cost
 from lowbit.inference.speed import SpeedRow
 
-# Storage bits per weight of each variant's quantised linears (codes + float16 scales).
-VARIANT_BITS = {"float32": 32.0, "bf16": 16.0, "W8": 8.0 + 16 / 2048, "W4": 4.0 + 16 / 128}
+# Storage bits per weight of each variant's quantised block linears (codes + float16 scales;
+# per-channel scales priced at a 2048-column row), and of its output head.
+VARIANT_BITS = {"float32": 32.0, "bf16": 16.0, "W8": 8.0 + 16 / 2048, "W4": 4.0 + 16 / 128, "W4 h8": 4.0 + 16 / 128}
+HEAD_BITS = {"bf16": 16.0, "W4 h8": 8.0 + 16 / 2048}  # the rest keep a float32 head
 
 
 def predicted_rows(model: nn.Module, machine: Machine, ctx: int, kv_bits: float = 32.0) -> list[SpeedRow]:
     """The roofline's prediction for each variant without building it: the float model's
     step with its block linears re-priced at the variant's bits (lm_head keeps the model's
-    width, or 16 bits for bf16)."""
+    width, or HEAD_BITS)."""
     base = decode_cost(model, ctx, kv_bits)
     base_prefill = prefill_cost(model, ctx, kv_bits)
     head = model.get_output_embeddings()
@@ -25,7 +27,7 @@ def predicted_rows(model: nn.Module, machine: Machine, ctx: int, kv_bits: float 
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)) - head_weights
     rows = []
     for variant, bits in VARIANT_BITS.items():
-        head_bits = 16.0 if variant == "bf16" else 32.0
+        head_bits = HEAD_BITS.get(variant, 32.0)
         weight_bytes = int(weights * bits / 8 + head_weights * head_bits / 8)
         step = StepCost(weight_bytes, base.kv_bytes, base.flops)
         prefill = StepCost(weight_bytes, base_prefill.kv_bytes, base_prefill.flops)
@@ -53,7 +55,8 @@ def roofline_table(rows: list[SpeedRow]) -> str:
 
 def write_chart(rows: list[SpeedRow], machine: Machine, model: nn.Module, ctx: int, out: str | Path) -> Path:
     """Tokens/s against bits per weight: the bandwidth roof for this model (linears at b bits,
-    lm_head in float32, KV in float32), its compute ceiling, and the variants' points."""
+    lm_head in float32, KV in float32; dashed, with an int8 head when a variant has one), its
+    compute ceiling, and the variants' points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,9 +67,14 @@ def write_chart(rows: list[SpeedRow], machine: Machine, model: nn.Module, ctx: i
     head_bytes = head.in_features * head.out_features * 4
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)) - head.in_features * head.out_features
     bits = [b / 4 for b in range(6, 130)]
-    roof = [1.0 / max((weights * b / 8 + head_bytes + base.kv_bytes) / (machine.bandwidth_gbps * 1e9), base.flops / (machine.peak_gflops * 1e9)) for b in bits]
+
+    def roof(head_bytes: float) -> list[float]:
+        return [1.0 / max((weights * b / 8 + head_bytes + base.kv_bytes) / (machine.bandwidth_gbps * 1e9), base.flops / (machine.peak_gflops * 1e9)) for b in bits]
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(bits, roof, color="black", lw=1.5, label=f"roofline ({machine.bandwidth_gbps:.0f} GB/s, {machine.peak_gflops:.0f} GFLOP/s)")
+    ax.plot(bits, roof(head_bytes), color="black", lw=1.5, label=f"roofline ({machine.bandwidth_gbps:.0f} GB/s, {machine.peak_gflops:.0f} GFLOP/s)")
+    if any(r.variant.endswith("h8") for r in rows):
+        ax.plot(bits, roof(head_bytes / 4), color="black", lw=1, ls="--", label="roofline, int8 head")
     for r in rows:
         ax.scatter([r.bits_per_weight], [r.predicted_tokens_per_second], marker="x", color="grey")
         if not math.isnan(r.decode_tokens_per_second):

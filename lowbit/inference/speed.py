@@ -7,6 +7,10 @@ Variants (built from the same float32 model in one process, so ratios are side b
   W4        int4 groups of 128, symmetric, CPU kernel
   W4A8      the same int4 weights, activations int8 per token in blocks of 32 (the W4A8
             kernel: integer dot products; changes the numerics, see docs/results.md)
+  W4 h8     W4 with the output head (lm_head) int8 per channel too (`lowbit quantize
+            --head-bits 8`; llama.cpp's Q4 files keep the output tensor at 6 bits): beside
+            4-bit blocks a float32 head is a third of a 1B Llama's bytes per token
+  W4A8 h8   W4A8 with the int8 head
   W4 ref    the same int4 model on QuantLinear's reference path (dequantise + matmul)
 """
 
@@ -25,9 +29,9 @@ from lowbit.kernels.cpu import use_cpu_kernels
 from lowbit.models.architectures import architecture_for
 from lowbit.models.loading import LoadedModel
 from lowbit.numerics.spec import QuantSpec
-from lowbit.pipeline import quantize_model
+from lowbit.pipeline import HEAD_SPECS, quantize_model
 
-VARIANTS = ("float32", "bf16", "W8", "W4", "W4A8", "W4 ref")
+VARIANTS = ("float32", "bf16", "W8", "W4", "W4A8", "W4 h8", "W4A8 h8", "W4 ref")
 SPECS = {"W8": QuantSpec(bits=8, granularity="channel", group_size=None), "W4": QuantSpec(bits=4, group_size=128),
          "W4A8": QuantSpec(bits=4, group_size=128)}
 
@@ -70,9 +74,10 @@ def build_variant(model: nn.Module, variant: str) -> nn.Module:
     spec = SPECS[variant.split()[0]]
     copy_ = copy.deepcopy(model)
     loaded = LoadedModel(model=copy_, tokenizer=None, source="speed", arch=architecture_for(copy_.config.model_type))
-    quantize_model(loaded, spec, method="rtn", progress=False)
+    head_spec = HEAD_SPECS[8] if variant.endswith("h8") else None
+    quantize_model(loaded, spec, method="rtn", head_spec=head_spec, progress=False)
     if not variant.endswith("ref"):
-        use_cpu_kernels(copy_, int8_activations=variant == "W4A8")
+        use_cpu_kernels(copy_, int8_activations=variant.startswith("W4A8"))
     return copy_
 
 

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 class KernelLinearBase(nn.Module):
     """A kernel-backed linear made from a `QuantLinear`, which it keeps as ``reference``: the
     path for batches above ``max_tokens`` tokens (prefill, compute-bound, where dequantise +
-    BLAS wins) and what is saved. Subclasses give ``compute(x2d)`` and ``kernel_tensors()``."""
+    BLAS wins; a subclass may give a faster ``large_batch``) and what is saved. Subclasses
+    give ``compute(x2d)`` and ``kernel_tensors()``."""
 
     max_tokens = 16
 
@@ -36,6 +37,10 @@ class KernelLinearBase(nn.Module):
     def compute(self, x2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def large_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Batches above ``max_tokens``: the reference QuantLinear (dequantise + matmul)."""
+        return self.reference(x)
+
     def read_bytes(self) -> int:
         """Bytes one forward reads from memory: the kernel's tensors (and the bias)."""
         tensors = self.kernel_tensors() + ([] if self.reference.bias is None else [self.reference.bias])
@@ -45,7 +50,7 @@ class KernelLinearBase(nn.Module):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if x2d.shape[0] > self.max_tokens:
-            return self.reference(x)
+            return self.large_batch(x)
         y = self.compute(x2d)
         if self.reference.bias is not None:
             y = y + self.reference.bias.to(y.dtype)

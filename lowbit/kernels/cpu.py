@@ -4,9 +4,10 @@ The C++ source (`cpu_kernels.cpp`) is compiled once per machine with -O3 -march=
 -fopenmp by torch's extension builder (needs a C++ compiler and ninja) into the lowbit cache
 (`~/.cache/lowbit/kernels/<key>`), then loaded from there. `KernelLinear` wraps a
 `QuantLinear` whose format the kernel supports and computes batches of up to 16 tokens with
-it; larger batches (prefill) are compute-bound and go through the reference dequantise +
-BLAS matmul, which is the faster choice there. `QuantLinear`'s reference path stays the
-ground truth the tests compare against.
+it; larger batches (prefill) are compute-bound: the extension dequantises the weight to
+float32 in one parallel pass and one BLAS matmul follows (the same arithmetic as the
+reference path, without its elementwise temporaries). `QuantLinear`'s reference path stays
+the ground truth the tests compare against.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
@@ -80,6 +82,15 @@ class KernelLinear(KernelLinearBase):
     def kernel_tensors(self) -> list[torch.Tensor]:
         return [self.q, self.scales, self.zeros]
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The layer's weight in float32 (out_features, in_features), computed by the extension."""
+        return self.kernels.dequantize(self.q, self.scales, self.zeros, self.group_size, self.int4, self.in_features)
+
+    def large_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Prefill-sized batches, float activations (also for W4A8): dequantise once, then BLAS."""
+        bias = self.reference.bias
+        return F.linear(x.float(), self.dequantized_weight(), None if bias is None else bias.float()).to(x.dtype)
+
     def compute(self, x2d: torch.Tensor) -> torch.Tensor:
         x2d = x2d.to(torch.float32).contiguous()
         if x2d.shape[0] > MAX_KERNEL_TOKENS:  # max_tokens raised (e.g. to score the W4A8 numerics): 16 rows at a time
@@ -92,8 +103,13 @@ class KernelLinear(KernelLinearBase):
 def use_cpu_kernels(model: nn.Module, int8_activations: bool = False) -> dict[str, str]:
     """Swap every supported QuantLinear for a KernelLinear, in place. Returns, for each
     QuantLinear left on the reference path, why (so nothing falls back silently).
-    ``int8_activations``: the W4A8 kernel for 4-bit layers (see `quantize_activations_q8`)."""
-    return swap_kernels(model, lambda module: kernel_support(module, int8_activations), lambda module: KernelLinear(module, int8_activations))
+    ``int8_activations``: the W4A8 kernel for 4-bit layers (see `quantize_activations_q8`);
+    8-bit layers (an int8 head, say) keep float activations."""
+
+    def w4a8(module: QuantLinear) -> bool:
+        return int8_activations and module.spec.bits == 4
+
+    return swap_kernels(model, lambda module: kernel_support(module, w4a8(module)), lambda module: KernelLinear(module, w4a8(module)))
 
 
 def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:

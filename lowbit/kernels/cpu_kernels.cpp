@@ -361,6 +361,51 @@ torch::Tensor gemm_w4a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
   return y;
 }
 
+// Dequantise the whole weight to float32 (N, K), W = S (Q - Z) group by group (Eq. 3.2),
+// rows split across threads: the large-batch (prefill) path, followed by one BLAS matmul.
+// The vector path computes exactly what the scalar one does, (q - z) * s per element.
+template <bool kInt4>
+void dequantize_rows(const uint8_t* q, const float* s, const float* z, float* w, int64_t N, int64_t K, int64_t G) {
+  const int64_t ng = (K + G - 1) / G, row_bytes = kInt4 ? K / 2 : K;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* qrow = q + n * row_bytes;
+    float* wrow = w + n * K;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float sc = s[n * ng + g], zp = z[n * ng + g];
+      int64_t c = g * G;
+      const int64_t end = std::min(c + G, K);
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
+      const __m256 sv = _mm256_set1_ps(sc), zv = _mm256_set1_ps(zp);
+      for (; c + 8 <= end; c += 8) {
+        const __m256 codes = kInt4 ? nibbles8(_mm256_set1_epi32(*reinterpret_cast<const int32_t*>(qrow + c / 2)), shifts, low4)
+                                   : widen8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qrow + c)));
+        _mm256_storeu_ps(wrow + c, _mm256_mul_ps(_mm256_sub_ps(codes, zv), sv));
+      }
+#endif
+      for (; c < end; ++c) {
+        const int code = kInt4 ? (qrow[c / 2] >> (4 * (c & 1))) & 15 : qrow[c];
+        wrow[c] = (static_cast<float>(code) - zp) * sc;
+      }
+    }
+  }
+}
+
+torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4, int64_t in_features) {
+  TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous() && q.dim() == 2, "q must be contiguous uint8 (N, row bytes)");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous() && zeros.is_contiguous(),
+              "scales and zeros must be contiguous float32");
+  const int64_t N = q.size(0), K = in_features, ng = (K + group_size - 1) / group_size;
+  TORCH_CHECK(K % 2 == 0 || !int4, "4-bit rows need an even K");
+  TORCH_CHECK(q.size(1) == (int4 ? K / 2 : K), "q's row length does not match in_features");
+  TORCH_CHECK(scales.numel() == N * ng && zeros.numel() == N * ng, "scales and zeros must be (N, n_groups)");
+  auto w = torch::empty({N, K}, scales.options());
+  if (int4) dequantize_rows<true>(q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), w.data_ptr<float>(), N, K, group_size);
+  else dequantize_rows<false>(q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), w.data_ptr<float>(), N, K, group_size);
+  return w;
+}
+
 torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4) {
   return run_gemm(x, q, scales, zeros, group_size, int4, false);
 }
@@ -375,5 +420,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "low-bit weight-only GEMM for small batches (fp32 activations)");
   m.def("gemm_portable", &gemm_portable_op, "the same GEMM on the portable path (for tests)");
   m.def("gemm_w4a8", &gemm_w4a8, "W4A8: 4-bit weights, activations int8 per token in blocks of 32, integer dot products");
+  m.def("dequantize", &dequantize, "the whole weight in float32 (N, K): the large-batch path before one BLAS matmul");
   m.def("has_avx2", &has_avx2, "whether this build uses the AVX2/FMA path");
 }
