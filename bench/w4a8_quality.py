@@ -1,6 +1,8 @@
-"""What the W4A8 CPU kernel's int8 activations cost in quality: the same W4 g128 weights scored
-with float activations (the W4 kernel's numerics) and with activations quantised to int8 per
-token in blocks of 32 (the W4A8 kernel itself, run on every position, 16 rows at a time).
+"""What the CPU decode variants' numerics cost in quality: the same W4 g128 weights scored
+with float activations (the W4 kernel's numerics), with activations quantised to int8 per
+token in blocks of 32 (the W4A8 kernel itself, run on every position, 16 rows at a time),
+and each of the two with the output head int8 per channel as well (bench-decode's "h8"
+variants; the tied embedding keeps its float table).
 
     python bench/w4a8_quality.py [--model smollm2] [--corpus shakespeare] [--windows 8]
 
@@ -20,6 +22,17 @@ from lowbit import QuantSpec, evaluate, load_model, quantize_model  # noqa: E402
 from lowbit.data import eval_windows, tokenize_split  # noqa: E402
 from lowbit.evaluation import write_json  # noqa: E402
 from lowbit.kernels.cpu import KernelLinear, use_cpu_kernels  # noqa: E402
+from lowbit.pipeline import HEAD_SPECS, quantize_head  # noqa: E402
+
+
+def through_w4a8_kernel(model, ctx: int):
+    """A copy of ``model`` on the CPU kernels with int8 activations, every position through them."""
+    model = copy.deepcopy(model)
+    skipped = use_cpu_kernels(model, int8_activations=True)
+    for module in model.modules():
+        if isinstance(module, KernelLinear):
+            module.max_tokens = ctx  # every position through the kernel, not just decode steps
+    return model, skipped
 
 
 def main() -> None:
@@ -33,14 +46,13 @@ def main() -> None:
     reference = load_model(args.model)
     w4 = load_model(args.model)
     quantize_model(w4, QuantSpec(bits=4, group_size=128), method="rtn", progress=False)
-    w4a8 = copy.deepcopy(w4.model)
-    skipped = use_cpu_kernels(w4a8, int8_activations=True)
-    for module in w4a8.modules():
-        if isinstance(module, KernelLinear):
-            module.max_tokens = args.ctx  # every position through the kernel, not just decode steps
+    w4a8, skipped = through_w4a8_kernel(w4.model, args.ctx)
+    w4_h8 = copy.deepcopy(w4.model)
+    quantize_head(w4_h8, HEAD_SPECS[8])
+    w4a8_h8, _ = through_w4a8_kernel(w4_h8, args.ctx)
     windows = eval_windows(tokenize_split(reference.tokenizer, args.corpus), args.ctx, args.windows)
     models = {"float (GGUF dequantised)": reference.model, "W4 g128 sym, float activations": w4.model,
-              "W4A8: same weights, int8 activations per 32-block": w4a8}
+              "W4A8: same weights, int8 activations per 32-block": w4a8, "W4 + int8 head (h8)": w4_h8, "W4A8 + int8 head (h8)": w4a8_h8}
     results = [r.to_dict() for r in evaluate(models, windows, reference=reference.model)]
     write_json(Path(args.out) / f"w4a8_{args.model}.json", {"model": args.model, "corpus": args.corpus, "windows": len(windows),
                                                             "ctx": args.ctx, "layers_on_reference_path": skipped, "results": results})

@@ -133,13 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--measure", action="store_true", help="measure this machine, run the decode loop for each format, and compare")
     r.add_argument("--ctx", type=int, default=512, help="prompt length for prefill; decode is priced at this context (default 512)")
     r.add_argument("--new-tokens", type=int, default=32, help="with --measure: tokens generated per format (default 32)")
+    r.add_argument("--rounds", type=int, default=3, help="with --measure: interleaved rounds over the formats, median reported (default 3)")
     r.add_argument("--kv-bits", type=float, default=32.0, help="KV-cache bits per element for the prediction (default 32, float32)")
     r.add_argument("--out", help="write the chart (PNG) here, and a JSON beside it")
 
-    bd = sub.add_parser("bench-decode", help="decode speed table (float32, bf16, W8, W4) with the roofline prediction beside each")
+    bd = sub.add_parser("bench-decode", help="decode speed table (float32, bf16, W8, W4, W4A8, int8-head variants) with the roofline prediction beside each")
     bd.add_argument("--models", nargs="+", default=[DEFAULT_MODEL, "llama-1b"], help="models (llama-1b: random 1.1B Llama)")
     bd.add_argument("--ctx", type=int, default=64, help="prompt tokens (default 64)")
     bd.add_argument("--new-tokens", type=int, default=32)
+    bd.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the formats, median reported (default 3)")
     bd.add_argument("--out-dir", help="write a PNG chart and JSON per model here")
 
     o = sub.add_parser("outliers", help="activation outlier analysis of every linear's input (table, PNG plots, JSON)")
@@ -343,7 +345,9 @@ def cmd_roofline(args) -> int:
     else:
         raise LowbitError("give --bandwidth GBps and --flops TFLOPs, or --measure to measure this machine")
     print(f"machine: {machine.bandwidth_gbps:.1f} GB/s, {machine.peak_gflops:.0f} GFLOP/s (ridge {machine.ridge:.1f} FLOP/byte)")
-    rows = measure_variants(model, machine, args.ctx, args.new_tokens) if args.measure else predicted_rows(model, machine, args.ctx, args.kv_bits)
+    if args.measure and args.rounds < 1:
+        raise LowbitError(f"--rounds {args.rounds}: give at least 1")
+    rows = measure_variants(model, machine, args.ctx, args.new_tokens, rounds=args.rounds) if args.measure else predicted_rows(model, machine, args.ctx, args.kv_bits)
     print(roofline_table(rows))
     if args.out:
         write_chart(rows, machine, model, args.ctx, args.out)
@@ -356,7 +360,8 @@ def cmd_bench_decode(args) -> int:
     for model in args.models:
         print(f"\n== {model} ==")
         out = None if not args.out_dir else str(Path(args.out_dir) / f"roofline_{model}.png")
-        ns = argparse.Namespace(model=model, bandwidth=None, flops=None, measure=True, ctx=args.ctx, new_tokens=args.new_tokens, kv_bits=32.0, out=out)
+        ns = argparse.Namespace(model=model, bandwidth=None, flops=None, measure=True, ctx=args.ctx, new_tokens=args.new_tokens, rounds=args.rounds,
+                                kv_bits=32.0, out=out)
         cmd_roofline(ns)
     return 0
 

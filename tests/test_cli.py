@@ -149,3 +149,21 @@ def test_generate_and_roofline(capsys, tiny_llama_dir, tmp_path):
     assert chart.read_bytes()[:4] == b"\x89PNG" and json.loads(chart.with_suffix(".json").read_text())["rows"]
     code, _, err = run(capsys, "roofline", str(tiny_llama_dir))
     assert code == 2 and "--measure" in err
+
+
+def test_roofline_measure_interleaves_rounds(capsys, tmp_path, monkeypatch):
+    from conftest import byte_tokenizer, tiny_llama
+    from lowbit.analysis import roofline
+
+    monkeypatch.setattr(roofline, "measure_machine", lambda: roofline.Machine(bandwidth_gbps=10.0, peak_gflops=100.0))  # 8 s saved
+    model_dir = tmp_path / "llama128"  # rows of 128: every variant's groups fit
+    tiny_llama(hidden=128, intermediate=256).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    chart = tmp_path / "m.png"
+    code, stdout, _ = run(capsys, "roofline", str(model_dir), "--measure", "--rounds", "2", "--new-tokens", "4", "--ctx", "8", "--out", str(chart))
+    assert code == 0 and "W4A8 h8" in stdout
+    rows = {r["variant"]: r for r in json.loads(chart.with_suffix(".json").read_text())["rows"]}
+    assert rows["W4 ref"]["rounds"] == 1 and all(r["rounds"] == 2 for v, r in rows.items() if v != "W4 ref")
+    assert all(r["decode_tokens_per_second"] > 0 and r["prefill_seconds"] > 0 for r in rows.values())
+    code, _, err = run(capsys, "roofline", str(model_dir), "--measure", "--rounds", "0")
+    assert code == 2 and "--rounds 0" in err

@@ -254,14 +254,16 @@ def test_speed_variants_build_what_they_say():
     float model's, and the roofline pricing the int8 head below the float one."""
     from lowbit.analysis.roofline import Machine
     from lowbit.analysis.roofline_report import predicted_rows
-    from lowbit.inference.speed import VARIANTS, build_variant, random_llama
+    from lowbit.inference.speed import VARIANTS, bits_per_weight, build_variant, random_llama
 
     model = random_llama(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
     x = torch.randint(0, 512, (1, 9))
+    bits = {}
     with torch.no_grad():
         reference = model(x).logits
         for variant in VARIANTS:
             built = build_variant(model, variant)
+            bits[variant] = bits_per_weight(built)
             kernels = [m for m in built.modules() if isinstance(m, KernelLinear)]
             if variant in ("float32", "bf16", "W4 ref"):
                 assert not kernels
@@ -270,6 +272,7 @@ def test_speed_variants_build_what_they_say():
                 assert isinstance(built.lm_head, KernelLinear) == variant.endswith("h8")
             error = (built(x).logits.float() - reference).norm() / reference.norm()
             assert error < (0.02 if variant in ("bf16", "W8") else 0.2), (variant, error)
+    assert bits["W4 h8"] == bits["W4A8 h8"] == bits["W4"] == bits["W4 ref"] == pytest.approx(4 + 16 / 128)  # block linears only
     rows = {r.variant: r for r in predicted_rows(model, Machine(bandwidth_gbps=10, peak_gflops=100), ctx=16)}
     assert rows["W4 h8"].weight_bytes < rows["W4"].weight_bytes < rows["W8"].weight_bytes
     assert rows["W4 h8"].predicted_tokens_per_second > rows["W4"].predicted_tokens_per_second

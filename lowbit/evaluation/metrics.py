@@ -59,10 +59,12 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def linear_bits_per_weight(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> float:
-    """Storage bits per weight over the model's linear layers, float or quantised."""
+    """Storage bits per weight over the model's linear layers, float or quantised; a layer is
+    left out when any part of its dotted name is in ``exclude`` (so the QuantLinear a kernel
+    wraps, ``lm_head.reference``, is left out with its ``lm_head``)."""
     bits = count = 0
     for name, module in model.named_modules():
-        if any(name.endswith(e) for e in exclude):
+        if any(part in exclude for part in name.split(".")):
             continue
         if isinstance(module, tuple(QUANTIZED_MODULES.values())):
             bits += 8 * storage_bytes(module)

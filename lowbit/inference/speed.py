@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,6 +48,7 @@ class SpeedRow:
     predicted_prefill_seconds: float
     intensity: float
     bound: str
+    rounds: int = 0  # measured runs behind the medians (0: a prediction only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,20 +90,33 @@ def bits_per_weight(model: nn.Module) -> float:
 
 
 def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, new_tokens: int = 32,
-                     variants: tuple[str, ...] = VARIANTS, warmup: int = 4) -> list[SpeedRow]:
+                     variants: tuple[str, ...] = VARIANTS, warmup: int = 4, rounds: int = 3) -> list[SpeedRow]:
     """Decode tokens/s (batch 1, greedy, lean loop) and prefill time of each variant, with
-    the roofline's prediction for the same step (context = the middle of the generation)."""
+    the roofline's prediction for the same step (context = the middle of the generation).
+
+    All variants are built first and measured in ``rounds`` interleaved rounds (every variant
+    once per round), each row the median over rounds: this machine's speed drifts by tens of
+    percent over minutes, and measuring one variant after another turned that drift into
+    differences between variants. The reference path ("W4 ref"), ~100x slower, runs in the
+    first round only."""
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    built = {variant: build_variant(model, variant) for variant in variants}
+    for variant_model in built.values():
+        generate(variant_model, prompt[:, :8], max_new_tokens=warmup)  # warm caches, allocators, kernels
+    runs = {variant: [] for variant in variants}
+    for round_ in range(rounds):
+        for variant in variants:
+            if round_ == 0 or not variant.endswith("ref"):
+                runs[variant].append(generate(built[variant], prompt, max_new_tokens=new_tokens))
     rows = []
     for variant in variants:
-        built = build_variant(model, variant)
-        generate(built, prompt[:, :8], max_new_tokens=warmup)  # warm caches, allocators, kernels
-        result = generate(built, prompt, max_new_tokens=new_tokens)
-        step = decode_cost(built, prompt_len + new_tokens // 2)
-        prefill = prefill_cost(built, prompt_len)
-        rows.append(SpeedRow(variant, bits_per_weight(built), step.weight_bytes, result.decode_tokens_per_second,
-                             1.0 / step.seconds(machine), result.prefill_seconds, prefill.seconds(machine), step.intensity, step.bound(machine)))
-        if built is not model:
-            del built
-            gc.collect()
+        variant_model = built[variant]
+        step = decode_cost(variant_model, prompt_len + new_tokens // 2)
+        prefill = prefill_cost(variant_model, prompt_len)
+        rows.append(SpeedRow(variant, bits_per_weight(variant_model), step.weight_bytes,
+                             statistics.median(r.decode_tokens_per_second for r in runs[variant]), 1.0 / step.seconds(machine),
+                             statistics.median(r.prefill_seconds for r in runs[variant]), prefill.seconds(machine), step.intensity,
+                             step.bound(machine), len(runs[variant])))
+    del built
+    gc.collect()
     return rows
