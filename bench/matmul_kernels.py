@@ -5,7 +5,7 @@ kernels and lowbit's CPU kernels, as ratios measured in one process.
 
 For each weight shape (out × in; the defaults are the MLP projections of the 1.1B
 Llama-shaped model of `lowbit bench-decode`) and batch of tokens, the median time of
-`y = x Wᵀ` for:
+`y = x Wᵀ` (all cases timed round-robin, one call each per round) for:
 
 - float32 and bfloat16 `F.linear` (the baselines),
 - torch's built-ins: `_weight_int8pack_mm` (int8 per-channel weights), `_weight_int4pack_mm_for_cpu`
@@ -37,15 +37,32 @@ from lowbit.modules import QuantLinear
 from lowbit.modules.int8 import W8A8Linear
 
 
-def median_us(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
+def interleaved_medians(cases: dict, repeats: int) -> dict[str, float | str]:
+    """Median µs of each callable in ``cases``, timed round-robin (one call of every case per
+    round) so that the machine's drift over the sweep hits every case alike; a case that
+    raises (or is an exception already) maps to its error text instead."""
+    def error(exc: Exception) -> str:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+    out, live = {}, {}
+    for label, fn in cases.items():
+        if isinstance(fn, Exception):
+            out[label] = error(fn)
+            continue
+        try:
+            for _ in range(3):
+                fn()
+            live[label] = fn
+        except Exception as exc:  # noqa: BLE001  (a built-in this torch cannot run is a result)
+            out[label] = error(exc)
+    times = {label: [] for label in live}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+        for label, fn in live.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    out.update({label: 1e6 * statistics.median(t) for label, t in times.items()})
+    return {label: out[label] for label in cases}
 
 
 def builtin_int4(weight: torch.Tensor, group: int = 128):
@@ -102,15 +119,9 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
         cases["lowbit W4A8 g128 sym CPU kernel (int8 activations, blocks of 32)"] = lambda: w4a8(x)
         with torch.no_grad():
             shape_rows = []
-            for label, fn in cases.items():
+            for label, result in interleaved_medians(cases, repeats).items():
                 row = {"shape": f"{n}x{k}", "batch": m, "case": label}
-                if isinstance(fn, Exception):
-                    row["error"] = f"{type(fn).__name__}: {str(fn).splitlines()[0][:200]}"
-                else:
-                    try:
-                        row["us"] = median_us(fn, repeats)
-                    except Exception as exc:  # noqa: BLE001
-                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                row["us" if isinstance(result, float) else "error"] = result
                 shape_rows.append(row)
             base = shape_rows[0]["us"]  # float32, measured in the same sweep as the others
             for row in shape_rows:
