@@ -2,7 +2,7 @@
 quantisation a real `lowbit quantize` run.
 
     python bench/weight_only.py [--models smollm2 gemma3-270m] [--corpus shakespeare] [--windows 40]
-                                [--calib-samples 128] [--calib-ctx 512] [--rows all|core|gptq]
+                                [--calib-samples 128] [--calib-ctx 512] [--rows all|core|gptq|awq]
 
 Every row is quantised by the CLI in its own process (so its wall time and peak RSS are its
 own, read from the child's rusage), calibrated on the first half of the corpus, then all
@@ -42,6 +42,7 @@ ROWS += [(setting, method) for setting in ("W3 g128", "W2 g64") for method in ("
 # the issue's comparison only (RTN vs GPTQ vs AWQ, asymmetric, at W4 g128, W3 g128, W2 g64), for slower models
 CORE_ROWS = [(setting, method) for setting in ("W4 g128", "W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym", "awq asym")]
 GPTQ_ROWS = [(setting, method) for setting in ("W4 g128", "W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym")]
+AWQ_ROWS = [(setting, method) for setting in ("W4 g128", "W3 g128", "W2 g64") for method in ("rtn asym", "awq asym")]
 
 
 def timed_quantize(args: list[str]) -> tuple[float, float]:
@@ -82,7 +83,7 @@ def materialize(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_model(name: str, args, workdir: Path) -> dict:
-    rows = [(setting, method, [*SETTINGS[setting], *METHODS[method]]) for setting, method in {"core": CORE_ROWS, "gptq": GPTQ_ROWS}.get(args.rows, ROWS)]
+    rows = [(setting, method, [*SETTINGS[setting], *METHODS[method]]) for setting, method in {"core": CORE_ROWS, "gptq": GPTQ_ROWS, "awq": AWQ_ROWS}.get(args.rows, ROWS)]
     calib = ["--calib-corpus", args.corpus, "--calib-samples", str(args.calib_samples), "--calib-ctx", str(args.calib_ctx)]
     quantized = []
     for setting, variant, flags in rows:
@@ -127,8 +128,9 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-ctx", type=int, default=512)
-    parser.add_argument("--rows", choices=["all", "core", "gptq"], default="all",
-                        help="core: RTN/GPTQ/AWQ asym at W4 g128, W3 g128, W2 g64; gptq: the same without AWQ")
+    parser.add_argument("--rows", choices=["all", "core", "gptq", "awq"], default="all",
+                        help="core: RTN/GPTQ/AWQ asym at W4 g128, W3 g128, W2 g64; gptq: the same without AWQ; awq: without GPTQ "
+                             "(written to weight_only_<model>_awq.json, beside a gptq table)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     for name in args.models:
@@ -139,7 +141,8 @@ def main() -> None:
             payload["wall_seconds"] = time.perf_counter() - start
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        write_json(Path(args.out) / f"weight_only_{name}.json", payload)
+        suffix = "_awq" if args.rows == "awq" else ""
+        write_json(Path(args.out) / f"weight_only_{name}{suffix}.json", payload)
         print(f"\n### {name}: {payload['tokens']} tokens of {args.corpus} ({payload['windows']} x {args.ctx}); "
               f"calibration {args.calib_samples} x {args.calib_ctx} tokens from the first half\n")
         print(markdown(payload["results"]))
