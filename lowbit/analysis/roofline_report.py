@@ -74,7 +74,7 @@ def write_chart(rows: list[SpeedRow], machine: Machine, model: nn.Module, ctx: i
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(bits, roof(head_bytes), color="black", lw=1.5, label=f"roofline ({machine.bandwidth_gbps:.0f} GB/s, {machine.peak_gflops:.0f} GFLOP/s)")
     if any(r.variant.endswith("h8") for r in rows):
-        ax.plot(bits, roof(head_bytes / 4), color="black", lw=1, ls="--", label="roofline, int8 head")
+        ax.plot(bits, roof(head_bytes * HEAD_BITS["W4 h8"] / 32), color="black", lw=1, ls="--", label="roofline, int8 head")
     for r in rows:
         ax.scatter([r.bits_per_weight], [r.predicted_tokens_per_second], marker="x", color="grey")
         if not math.isnan(r.decode_tokens_per_second):

@@ -314,12 +314,17 @@ bool has_avx2() {
 #endif
 }
 
-// The argument checks every entry point shares.
-void check_args(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t group_size) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 (M, K)");
-  TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous(), "q must be contiguous uint8");
+// The weight-side checks every entry point shares (the GEMMs and the dequantisation).
+void check_weight(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros) {
+  TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous() && q.dim() == 2, "q must be contiguous uint8 (N, row bytes)");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous() && zeros.is_contiguous(),
               "scales and zeros must be contiguous float32");
+}
+
+// The argument checks every GEMM entry point shares.
+void check_args(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t group_size) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 (M, K)");
+  check_weight(q, scales, zeros);
   TORCH_CHECK(x.size(0) <= kMaxBatch, "batch larger than 16");
   TORCH_CHECK(x.size(1) % 32 == 0 && group_size % 32 == 0, "K and the group size must be multiples of 32");
 }
@@ -393,9 +398,7 @@ void dequantize_rows(const uint8_t* q, const float* s, const float* z, float* w,
 }
 
 torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4, int64_t in_features) {
-  TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous() && q.dim() == 2, "q must be contiguous uint8 (N, row bytes)");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous() && zeros.is_contiguous(),
-              "scales and zeros must be contiguous float32");
+  check_weight(q, scales, zeros);
   const int64_t N = q.size(0), K = in_features, ng = (K + group_size - 1) / group_size;
   TORCH_CHECK(K % 2 == 0 || !int4, "4-bit rows need an even K");
   TORCH_CHECK(q.size(1) == (int4 ? K / 2 : K), "q's row length does not match in_features");
