@@ -5,7 +5,8 @@
 1. the autotuned Triton W4A16/W8A16 kernel against the reference on large shapes;
 2. per-layer times at batch 1–16 on 8192×8192 (the issue's anchor shape): fp16 and bf16
    cuBLAS, torch's int4 kernel (``_weight_int4pack_mm``, group 128, bf16), lowbit's W4 g128
-   (symmetric and asymmetric) and W8 per channel, and the int8 tensor-core product
+   (symmetric and asymmetric; at one token also each of the two GEMV kernels forced, and
+   which one the per-shape timing picked) and W8 per channel, and the int8 tensor-core product
    (``torch._int_mm``, W8A8) against fp16 at prefill-sized batches;
 3. decode tokens/s of a Llama-2-7B-shaped model with random weights (fp16, W8, W4) through
    transformers' ``generate``, lowbit's loop run eagerly and lowbit's loop with CUDA graphs,
@@ -106,9 +107,16 @@ def layer_times(n: int = 8192, k: int = 8192) -> list[dict]:
             print(f"   torch int4pack unavailable: {err}", flush=True)
         for label, layer in ours.items():
             times[label] = bench(lambda layer=layer: layer(x))
+        if m == 1:  # both one-token W4 kernels, forced (the rows above use the per-shape pick)
+            layer = ours["lowbit W4 g128 sym"]
+            for layout in ("pairs", "words"):
+                tg.GEMV_LAYOUT = layout
+                times[f"lowbit W4 g128 sym, {layout} GEMV"] = bench(lambda: layer(x))
+            tg.GEMV_LAYOUT = "auto"
         base = times["fp16 cuBLAS"]
         row = {"tokens": m, "ms": times, "speedup_vs_fp16": {key: base / value for key, value in times.items()}}
         rows.append(row)
+        row["gemv_picks"] = {str(key): value for key, value in tg._GEMV_PICKS.items()}
         print(f"   M={m:<2} " + "  ".join(f"{key} {1000 * value:.1f} us ({base / value:.2f}x)" for key, value in times.items()), flush=True)
     return rows
 

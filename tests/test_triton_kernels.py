@@ -87,6 +87,33 @@ def test_triton_kernel_odd_shapes(spec):
     check(kernel, module, x)
 
 
+@pytest.mark.parametrize("layout", ["pairs", "words"])
+@pytest.mark.parametrize("spec", [spec for spec in SPECS if spec.bits == 4], ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("shape", [(96, 256), (70, 200), (37, 104)])
+def test_both_one_token_kernels_equal_reference(layout, spec, shape, monkeypatch):
+    """The byte (even/odd columns) and word (int32, column order) GEMVs: a GPU picks one per
+    shape by timing both, so both must be right."""
+    out_features, in_features = shape
+    if spec.granularity == "group" and spec.group_size > in_features:
+        pytest.skip("group larger than the row")
+    monkeypatch.setattr(tg, "GEMV_LAYOUT", layout)
+    module, g = layer(spec, out_features, in_features, seed=out_features)
+    kernel = tg.TritonLinear(module, torch.float16)
+    x = torch.randn(1, in_features, generator=g).to(DEVICE, torch.float16)
+    check(kernel, module, x)
+
+
+def test_word_kernel_needs_whole_words(monkeypatch):
+    """Rows whose length is not a multiple of 8 columns have no whole int32 words: the byte kernel."""
+    monkeypatch.setattr(tg, "GEMV_LAYOUT", "words")
+    module, _ = layer(QuantSpec(bits=4, group_size=32), 8, 100, seed=1)
+    kernel = tg.TritonLinear(module, torch.float16)
+    x = torch.zeros(1, 100, device=DEVICE, dtype=torch.float16)
+    assert tg._gemv_layout(x, module.qdata, kernel.scales_t, kernel.offsets_t, 100, 32, 4) == "pairs"
+    module, _ = layer(QuantSpec(bits=4, group_size=32), 8, 104, seed=1)
+    assert tg._gemv_layout(x, module.qdata, kernel.scales_t, kernel.offsets_t, 104, 32, 4) == "words"
+
+
 def test_triton_linear_batches_beyond_the_kernel_use_the_reference_path():
     module, g = layer(QuantSpec(bits=4, group_size=64), 48, 128, seed=3)
     kernel = tg.TritonLinear(module, torch.float16)

@@ -27,6 +27,7 @@ no GPU, and the compiled kernel on a GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 
@@ -37,11 +38,17 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.common import KernelLinearBase, format_support, reference_gemm, scales_and_zeros, swap_kernels
 from lowbit.modules.quant_linear import QuantLinear
 
+log = logging.getLogger(__name__)
+
 MAX_KERNEL_TOKENS = 16
 # Block sizes used instead of autotuning when set (tests set it: autotuning every test shape
 # would compile every configuration for each); the interpreter always uses it.
 FIXED_CONFIG: dict | None = None
 _INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64}
+# The one-token 4-bit kernel: "auto" (time both on a GPU, keep the faster per shape), "pairs"
+# or "words" (see `_gemv_layout`); the choices made are in _GEMV_PICKS.
+GEMV_LAYOUT = "auto"
+_GEMV_PICKS: dict[tuple, str] = {}
 
 
 def triton_available() -> bool:
@@ -68,6 +75,32 @@ def _kernels():
     return triton, triton_src
 
 
+def _gemv_layout(x: torch.Tensor, q: torch.Tensor, scales_t: torch.Tensor, offsets_t: torch.Tensor, K: int, group_size: int,
+                 bits: int) -> str:
+    """Which one-token kernel reads 4-bit codes: "pairs" (bytes, x split into even and odd
+    columns) or "words" (int32 words, 8 codes each, x in column order; needs K % 8 == 0).
+    ``GEMV_LAYOUT`` forces one; "auto" times both (each autotuned) the first time a shape is
+    seen on a GPU and keeps the faster, as autotuning does with block sizes. The interpreter
+    and fixed block sizes (tests) take "pairs" unless told otherwise."""
+    if bits != 4 or K % 8 or q.stride(0) % 4 or q.data_ptr() % 4:
+        return "pairs"
+    if GEMV_LAYOUT != "auto":
+        return GEMV_LAYOUT
+    if interpreting() or FIXED_CONFIG is not None or not x.is_cuda:
+        return "pairs"
+    key = (q.shape[0], K, group_size, x.dtype)
+    if key not in _GEMV_PICKS:
+        from triton.testing import do_bench
+
+        times = {}
+        for layout in ("pairs", "words"):
+            _GEMV_PICKS[key] = layout
+            times[layout] = do_bench(lambda: wq_gemm(x, q, scales_t, offsets_t, K, group_size, bits), return_mode="median")
+        _GEMV_PICKS[key] = min(times, key=times.get)
+        log.info("one-token W4 kernel for %s: %s (%s)", key, _GEMV_PICKS[key], ", ".join(f"{k} {1000 * v:.1f} us" for k, v in times.items()))
+    return _GEMV_PICKS[key]
+
+
 def wq_gemm(x: torch.Tensor, q: torch.Tensor, scales_t: torch.Tensor, offsets_t: torch.Tensor, in_features: int,
             group_size: int, bits: int) -> torch.Tensor:
     """Y = X Wᵀ for X (M, K) fp16/bf16 and W given by codes ``q`` (N, KB) uint8 (lowbit's
@@ -77,6 +110,14 @@ def wq_gemm(x: torch.Tensor, q: torch.Tensor, scales_t: torch.Tensor, offsets_t:
     N = q.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     fixed = FIXED_CONFIG or (_INTERPRETER_CONFIG if interpreting() else None)
+    if M == 1 and _gemv_layout(x, q, scales_t, offsets_t, K, group_size, bits) == "words":
+        qw = q.view(torch.int32)  # (N, K/8): 8 codes per word
+        args = (x, qw, scales_t, offsets_t, y, N, K, qw.shape[1], qw.stride(0))
+        if fixed is not None:
+            src.wq_gemv_words[(triton.cdiv(N, fixed["BLOCK_N"]),)](*args, GROUP=group_size, **fixed)
+        else:
+            src.tuned_gemv_words[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, GROUP=group_size)
+        return y
     if M == 1:  # GEMV on the CUDA cores
         args = (x, q, scales_t, offsets_t, y, N, K, q.shape[1], q.stride(0))
         if fixed is not None:

@@ -106,6 +106,43 @@ def wq_gemv(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KB, stride_qn,
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+
+@triton.jit
+def wq_gemv_words(x_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, N, K, KW, stride_qw,
+                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One token, 4-bit codes read as int32 words (qw: (N, K/8), K % 8 == 0): word j of a row
+    # holds columns 8j..8j+7, column 8j+p at bits 4p, so shifting each word by 0, 4, ..., 28
+    # and masking lays a (BLOCK_N, BLOCK_K/8, 8) tile out in column order: the activations
+    # are read contiguously and each thread's load is whole words (the CPU kernel's block
+    # path, docs/inference.md). The even/odd kernel above reads bytes and splits x instead;
+    # which is faster is measured per shape on the GPU (triton_gemm.wq_gemm).
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_w = tl.arange(0, WORDS)
+    shifts = tl.arange(0, 8) * 4
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        word = k0 // 8 + offs_w
+        words = tl.load(qw_ptr + offs_n[:, None] * stride_qw + word[None, :], mask=n_ok[:, None] & (word[None, :] < KW), other=0)
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K)).to(tl.float32)
+        k = k0 + offs_k
+        k_ok = k < K
+        xk = tl.load(x_ptr + k, mask=k_ok, other=0).to(tl.float32)
+        if GROUP % BLOCK_K == 0:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+            b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+            acc += s * tl.sum(codes * xk[None, :], axis=1) + b * tl.sum(xk, axis=0)
+        else:
+            gk = tl.minimum(k, K - 1) // GROUP
+            s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+            b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+            acc += tl.sum((codes * s + b) * xk[None, :], axis=1)
+    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
 configs = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
     for bn, bk, w, st in [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 4, 4),
@@ -119,3 +156,5 @@ gemv_configs = [
                           (64, 256, 8, 3), (8, 1024, 4, 2), (16, 1024, 8, 2), (4, 1024, 4, 3), (32, 128, 4, 4), (8, 2048, 8, 2), (4, 2048, 4, 2)]
 ]
 tuned_gemv = triton.autotune(configs=gemv_configs, key=["N", "K", "GROUP", "BITS"])(wq_gemv)
+
+tuned_gemv_words = triton.autotune(configs=gemv_configs, key=["N", "K", "GROUP"])(wq_gemv_words)
