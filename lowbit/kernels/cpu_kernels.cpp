@@ -228,9 +228,10 @@ void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const f
 // contiguous activations: one weight load per block instead of a broadcast or a widening
 // shuffle per 8 codes. At one token, two rows share each activation load, and each row's
 // codes are prefetched 4 KB ahead. Measured against row_tile in one process on this machine's
-// Zen 3 cores (both MLP shapes of the 1.1B model, weights cold, 2 threads): int4 1.27-1.46x
-// faster at one token and 1.0-1.17x at two, int8 1.0-1.1x; at four or more tokens row_tile,
-// which converts each run of codes once for four tokens, was up to 8% faster, so it keeps them.
+// Zen 3 cores (both MLP shapes of the 1.1B model, weights cold, 2 threads, 6 interleaved
+// rounds): int4 1.38-1.47x faster at one token and 1.09-1.16x at two, int8 1.01-1.09x and
+// 1.15-1.24x; at four or more tokens row_tile, which converts each run of codes once for four
+// tokens, was as fast or up to 8% faster, so it keeps them.
 template <bool kInt4>
 struct Blocks {
   static constexpr int kCols = kInt4 ? 64 : 32;  // columns per 32-byte block

@@ -50,6 +50,23 @@ def wq_gemm(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KB, stride_xm, stride_qn
 
 
 @triton.jit
+def scaled_row_dot(codes, xk, k, k0, K, N, offs_n, n_ok, s_ptr, b_ptr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k (q S + B) x over one chunk for each row: codes (BLOCK_N, BLOCK_K) float32 in column
+    order k, xk (BLOCK_K,) float32. Inside one group, S sum q x + B sum x; else a scale per column."""
+    if GROUP % BLOCK_K == 0:
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+        b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+        part = s * tl.sum(codes * xk[None, :], axis=1) + b * tl.sum(xk, axis=0)
+    else:
+        gk = tl.minimum(k, K - 1) // GROUP
+        s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+        b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+        part = tl.sum((codes * s + b) * xk[None, :], axis=1)
+    return part
+
+
+@triton.jit
 def wq_gemv(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KB, stride_qn,
             GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # one token, on the CUDA cores (no padding of the token dimension to the tensor cores' 16
@@ -93,18 +110,8 @@ def wq_gemv(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KB, stride_qn,
             k_ok = k < K
             codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
             xk = tl.load(x_ptr + k, mask=k_ok, other=0).to(tl.float32)
-            if GROUP % BLOCK_K == 0:
-                g = k0 // GROUP
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-                b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-                acc += s * tl.sum(codes * xk[None, :], axis=1) + b * tl.sum(xk, axis=0)
-            else:
-                gk = tl.minimum(k, K - 1) // GROUP
-                s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-                acc += tl.sum((codes * s + b) * xk[None, :], axis=1)
+            acc += scaled_row_dot(codes, xk, k, k0, K, N, offs_n, n_ok, s_ptr, b_ptr, GROUP, BLOCK_K)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-
 
 
 @triton.jit
@@ -131,16 +138,7 @@ def wq_gemv_words(x_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, N, K, KW, stride_qw,
         k = k0 + offs_k
         k_ok = k < K
         xk = tl.load(x_ptr + k, mask=k_ok, other=0).to(tl.float32)
-        if GROUP % BLOCK_K == 0:
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-            b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-            acc += s * tl.sum(codes * xk[None, :], axis=1) + b * tl.sum(xk, axis=0)
-        else:
-            gk = tl.minimum(k, K - 1) // GROUP
-            s = tl.load(s_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-            b = tl.load(b_ptr + gk[None, :] * N + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-            acc += tl.sum((codes * s + b) * xk[None, :], axis=1)
+        acc += scaled_row_dot(codes, xk, k, k0, K, N, offs_n, n_ok, s_ptr, b_ptr, GROUP, BLOCK_K)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 configs = [
