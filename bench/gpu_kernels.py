@@ -109,14 +109,16 @@ def layer_times(n: int = 8192, k: int = 8192) -> list[dict]:
             times[label] = bench(lambda layer=layer: layer(x))
         if m == 1:  # both one-token W4 kernels, forced (the rows above use the per-shape pick)
             layer = ours["lowbit W4 g128 sym"]
-            for layout in ("pairs", "words"):
-                tg.GEMV_LAYOUT = layout
-                times[f"lowbit W4 g128 sym, {layout} GEMV"] = bench(lambda: layer(x))
-            tg.GEMV_LAYOUT = "auto"
+            try:
+                for layout in ("pairs", "words"):
+                    tg.GEMV_LAYOUT = layout
+                    times[f"lowbit W4 g128 sym, {layout} GEMV"] = bench(lambda: layer(x))
+            finally:  # the later sections use the per-shape pick again, even after a failure here
+                tg.GEMV_LAYOUT = "auto"
         base = times["fp16 cuBLAS"]
-        row = {"tokens": m, "ms": times, "speedup_vs_fp16": {key: base / value for key, value in times.items()}}
+        row = {"tokens": m, "ms": times, "speedup_vs_fp16": {key: base / value for key, value in times.items()},
+               "gemv_picks": {str(key): value for key, value in tg._GEMV_PICKS.items()}}
         rows.append(row)
-        row["gemv_picks"] = {str(key): value for key, value in tg._GEMV_PICKS.items()}
         print(f"   M={m:<2} " + "  ".join(f"{key} {1000 * value:.1f} us ({base / value:.2f}x)" for key, value in times.items()), flush=True)
     return rows
 
