@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lowbit.data.corpora import load_text
+from lowbit.data.texts import load_text
 from lowbit.evaluation import write_json
 from lowbit.training.bitnet import ternary_share, to_bitlinear
 from lowbit.training.trainer import TrainConfig, perplexity, train

@@ -21,9 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from weight_only import materialize, share_float_tensors  # noqa: E402
 
-from lowbit import QuantSpec, evaluate, load_model, quantize_model  # noqa: E402
+from lowbit import QuantSpec, evaluate, load_model, method_config, quantize_model  # noqa: E402
 from lowbit.data import eval_windows, tokenize_split  # noqa: E402
 from lowbit.evaluation import linear_bits_per_weight, model_bytes, write_json  # noqa: E402
+from lowbit.methods import DEFAULT_SKIP  # noqa: E402
 from lowbit.modules import linear_layers  # noqa: E402
 from lowbit.numerics import dequantize, quantize  # noqa: E402
 from lowbit.packed import QuantizedWeight  # noqa: E402
@@ -71,14 +72,14 @@ def main() -> None:
     for name in args.models:
         start = time.perf_counter()
         reference = load_model(name)
-        weights = [m.weight.detach().float() for _, m in linear_layers(reference.model)]
+        weights = [m.weight.detach().float() for _, m in linear_layers(reference.model, DEFAULT_SKIP)]
         errors = weight_errors(weights, args.block)
         split = tokenize_split(reference.tokenizer, args.corpus)
         windows = eval_windows(split, args.ctx, args.windows)
         models, storage = {"float (GGUF dequantised)": reference.model}, {}
         for label, (method, spec) in formats(args.block).items():
             loaded = load_model(name)
-            quantize_model(loaded, spec, method=method, progress=False)
+            quantize_model(loaded, method_config(method)(spec=spec), progress=False)
             storage[label] = (linear_bits_per_weight(loaded.model), model_bytes(loaded.model))
             models[label] = materialize(loaded.model)
             share_float_tensors(models[label], reference.model)
@@ -96,7 +97,7 @@ def main() -> None:
         for r in results:
             rel = r.get("weight_relative_error")
             print(f"| {r['label']} | {r['bits_per_weight']:.3f} | {'-' if rel is None else f'{rel:.5f}'} | {r['perplexity']:.3f} | "
-                  f"{100 * (r['perplexity'] / base - 1):+.1f}% | {r['kld']:.4f} | {100 * r['top1_agreement']:.1f} |")
+                  f"{100 * (r['perplexity'] / base - 1):+.1f}% | {r['kld']:.4f} | {r['top1_percent']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lowbit.algorithms import rtn_quantize  # noqa: E402
 from lowbit.kernels import triton_gemm as tg  # noqa: E402
 from lowbit.modules import QuantLinear  # noqa: E402
+from lowbit.methods import DEFAULT_SKIP  # noqa: E402
 from lowbit.modules.swap import linear_layers, set_module  # noqa: E402
 from lowbit.numerics import QuantSpec  # noqa: E402
 
@@ -169,7 +170,7 @@ def llama_7b(seed: int = 0):
 
 
 def quantize_inplace(model, spec: QuantSpec) -> None:
-    for name, linear in linear_layers(model):
+    for name, linear in linear_layers(model, DEFAULT_SKIP):
         set_module(model, name, QuantLinear(rtn_quantize(linear.weight.detach(), spec), None if linear.bias is None else linear.bias.detach()))
     tg.use_triton_kernels(model, torch.float16)
 

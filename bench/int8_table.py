@@ -30,7 +30,7 @@ from lowbit.analysis.outliers import analyse_outliers, summary_table, write_plot
 from lowbit.data import eval_windows, tokenize_split  # noqa: E402
 from lowbit.evaluation import write_json  # noqa: E402
 from lowbit.modules import LLMInt8Linear  # noqa: E402
-from lowbit.pipeline import CalibrationConfig  # noqa: E402
+from lowbit.calibration import CalibrationConfig  # noqa: E402
 
 ROWS = {
     "W8A8 per-tensor static": ["--method", "w8a8", "--act-granularity", "tensor"],
@@ -93,7 +93,7 @@ def markdown(rows: list[dict]) -> str:
         if "outlier_column_share_mean" in r:
             note = f" (outlier columns: mean {100 * r['outlier_column_share_mean']:.2f}%, max {100 * r['outlier_column_share_max']:.2f}% per layer)"
         lines.append(f"| {r['label']}{note} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.1f}% | {r['kld']:.4f} | "
-                     f"{100 * r['top1_agreement']:.1f} | {r['seconds']:.0f} | {r['quant_wall_seconds']:.0f} |")
+                     f"{r['top1_percent']:.1f} | {r['seconds']:.0f} | {r['quant_wall_seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -57,7 +57,7 @@ def markdown(payload: dict) -> str:
     lines.append(f"| float32 | {first['float_cache_bytes'] / 2**20:.1f} | 1.0 | {first['perplexity_float']:.3f} | +0.0% | 0.0000 | 100.0 |")
     for r in payload["results"]:
         lines.append(f"| {r['label']} | {r['cache_bytes'] / 2**20:.1f} | {r['float_cache_bytes'] / r['cache_bytes']:.1f} | {r['perplexity']:.3f} | "
-                     f"{100 * (r['perplexity'] / r['perplexity_float'] - 1):+.1f}% | {r['kld']:.4f} | {100 * r['top1_agreement']:.1f} |")
+                     f"{100 * (r['perplexity'] / r['perplexity_float'] - 1):+.1f}% | {r['kld']:.4f} | {r['top1_percent']:.1f} |")
     return "\n".join(lines)
 
 

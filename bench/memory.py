@@ -21,7 +21,7 @@ from pathlib import Path
 
 CHILD = r"""
 import gc, json, sys, torch
-from lowbit import QuantSpec, load_model, quantize_model, save_quantized
+from lowbit import QuantSpec, RTNConfig, load_model, quantize_model, save_quantized
 
 def rss_mb():
     for line in open("/proc/self/status"):
@@ -40,7 +40,7 @@ forward(loaded.model)
 gc.collect()
 result["rss_mb"] = rss_mb()
 if mode == "quantize":
-    quantize_model(loaded, QuantSpec(bits=int(bits), group_size=int(group)), progress=False)
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=int(bits), group_size=int(group))), progress=False)
     gc.collect()
     forward(loaded.model)
     gc.collect()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit import QuantSpec, evaluate, load_model, quantize_model
+from lowbit import QuantSpec, RTNConfig, evaluate, load_model, quantize_model
 from lowbit.data import eval_windows, tokenize_split
 from lowbit.evaluation import write_json
 
@@ -40,7 +40,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['bits_per_weight']:.2f} | {r['model_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | "
-            f"{100 * (r['perplexity'] / base - 1):+.1f}% | {r['kld']:.4f} | {100 * r['top1_agreement']:.1f} | {r.get('quant_seconds', 0):.1f} |"
+            f"{100 * (r['perplexity'] / base - 1):+.1f}% | {r['kld']:.4f} | {r['top1_percent']:.1f} | {r.get('quant_seconds', 0):.1f} |"
         )
     return "\n".join(lines)
 
@@ -53,7 +53,7 @@ def run_model(name: str, corpus: str, n_windows: int, ctx: int) -> dict:
     quant_seconds = {}
     for label, spec in SETTINGS.items():
         loaded = load_model(name)
-        result = quantize_model(loaded, spec, progress=False)
+        result = quantize_model(loaded, RTNConfig(spec=spec), progress=False)
         quant_seconds[label] = result.seconds
         models[label] = loaded.model
     results = [r.to_dict() for r in evaluate(models, windows, reference=reference.model)]

@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lowbit import QuantSpec, evaluate, load_model, quantize_model  # noqa: E402
+from lowbit import QuantSpec, RTNConfig, evaluate, load_model, quantize_model  # noqa: E402
 from lowbit.data import eval_windows, tokenize_split  # noqa: E402
 from lowbit.evaluation import write_json  # noqa: E402
 from lowbit.kernels.cpu import KernelLinear, use_cpu_kernels  # noqa: E402
-from lowbit.pipeline import HEAD_SPECS, quantize_head  # noqa: E402
+from lowbit.methods import HEAD_SPECS  # noqa: E402
+from lowbit.pipeline import quantize_head  # noqa: E402
 
 
 def through_w4a8_kernel(model, ctx: int):
@@ -45,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     reference = load_model(args.model)
     w4 = load_model(args.model)
-    quantize_model(w4, QuantSpec(bits=4, group_size=128), method="rtn", progress=False)
+    quantize_model(w4, RTNConfig(spec=QuantSpec(bits=4, group_size=128)), progress=False)
     w4a8, skipped = through_w4a8_kernel(w4.model, args.ctx)
     w4_h8 = copy.deepcopy(w4.model)
     quantize_head(w4_h8, HEAD_SPECS[8])
@@ -59,7 +60,7 @@ def main() -> None:
     base = results[0]["perplexity"]
     print("| setting | ppl | Δppl | KLD | top-1 % |\n|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['label']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.1f}% | {r['kld']:.4f} | {100 * r['top1_agreement']:.1f} |")
+        print(f"| {r['label']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.1f}% | {r['kld']:.4f} | {r['top1_percent']:.1f} |")
 
 
 if __name__ == "__main__":

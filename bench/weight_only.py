@@ -33,9 +33,9 @@ from lowbit.modules import QuantLinear, set_module
 
 SETTINGS = {"W4 g128": ["--bits", "4", "--group-size", "128"], "W4 g64": ["--bits", "4", "--group-size", "64"],
             "W3 g128": ["--bits", "3", "--group-size", "128"], "W2 g64": ["--bits", "2", "--group-size", "64"]}
-METHODS = {"rtn sym": ["--method", "rtn"], "rtn asym": ["--method", "rtn", "--asym"], "gptq sym": ["--method", "gptq"],
-           "gptq asym": ["--method", "gptq", "--asym"], "awq asym": ["--method", "awq", "--asym"],
-           "gptq asym act-order+static": ["--method", "gptq", "--asym", "--act-order", "--static-groups"]}
+METHODS = {"rtn sym": ["--method", "rtn"], "rtn asym": ["--method", "rtn", "--asym"], "gptq sym": ["--method", "gptq", "--act-order", "off"],
+           "gptq asym": ["--method", "gptq", "--asym", "--act-order", "off"], "awq asym": ["--method", "awq", "--asym"],
+           "gptq asym act-order+static": ["--method", "gptq", "--asym", "--act-order", "static"]}
 ROWS = [("W4 g128", method) for method in ("rtn sym", "rtn asym", "gptq sym", "gptq asym", "awq asym", "gptq asym act-order+static")]
 ROWS += [("W4 g64", method) for method in ("rtn sym", "gptq sym", "gptq asym", "awq asym")]
 ROWS += [(setting, method) for setting in ("W3 g128", "W2 g64") for method in ("rtn asym", "gptq asym", "awq asym")]
@@ -88,7 +88,8 @@ def run_model(name: str, args, workdir: Path) -> dict:
     quantized = []
     for setting, variant, flags in rows:
         out = workdir / f"{name}-{setting}-{variant}".replace(" ", "_")
-        seconds, rss = timed_quantize(["--model", name, *flags, *calib, "--out", str(out)])
+        needs_calibration = not variant.startswith("rtn")  # rtn refuses calibration flags
+        seconds, rss = timed_quantize(["--model", name, *flags, *(calib if needs_calibration else []), "--out", str(out)])
         quantized.append((f"{setting} {variant}", out, seconds, rss))
     reference = load_model(name)
     split = tokenize_split(reference.tokenizer, args.corpus)
@@ -116,7 +117,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| setting | bits/w | ppl | Δppl | KLD | top-1 % | quant wall s | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.1f}% | "
-                     f"{r['kld']:.4f} | {100 * r['top1_agreement']:.1f} | {r['quant_wall_seconds']:.0f} | {r['quant_peak_rss_mb']:.0f} |")
+                     f"{r['kld']:.4f} | {r['top1_percent']:.1f} | {r['quant_wall_seconds']:.0f} | {r['quant_peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 

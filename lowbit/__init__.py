@@ -2,18 +2,30 @@
 
 Python API (the CLI is a thin layer over these):
 
-    from lowbit import QuantSpec, load_model, quantize_model, save_quantized, evaluate
+    from lowbit import GPTQConfig, load_model, quantize_model, save_quantized
     loaded = load_model("smollm2")
-    quantize_model(loaded, QuantSpec(bits=4, group_size=128))
-    save_quantized(loaded, "out/smollm2-w4g128")
+    quantize_model(loaded, GPTQConfig(spec=QuantSpec(bits=4, group_size=128, symmetric=False)))
+    save_quantized(loaded, "out/smollm2-gptq-w4g128")
+
+Every method is a frozen config registered by name (`lowbit.methods`); names here are
+imported on first use, so that ``import lowbit`` and the CLI's argument parsing stay fast.
 """
+
+from lowbit._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-from lowbit.checkpoint import load_quantized, read_header, save_quantized  # noqa: E402
-from lowbit.evaluation import evaluate  # noqa: E402
-from lowbit.models import load_model  # noqa: E402
-from lowbit.numerics import QuantSpec  # noqa: E402
-from lowbit.pipeline import quantize_model  # noqa: E402
-
-__all__ = ["QuantSpec", "__version__", "evaluate", "load_model", "load_quantized", "quantize_model", "read_header", "save_quantized"]
+_EXPORTS = {
+    **dict.fromkeys(["load_quantized", "read_header", "save_quantized"], "lowbit.checkpoint"),
+    "evaluate": "lowbit.evaluation.metrics",
+    "load_model": "lowbit.loader",
+    "QuantSpec": "lowbit.numerics.spec",
+    **dict.fromkeys(["CalibrationConfig", "quantize_model"], "lowbit.pipeline"),
+    **dict.fromkeys(
+        ["METHODS", "AWQConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "NF4Config", "QATConfig", "QLoRAConfig", "RTNConfig",
+         "SmoothQuantConfig", "W8A8Config", "method_config"],
+        "lowbit.methods",
+    ),
+}
+__all__ = ["__version__", *sorted(_EXPORTS)]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,20 +9,25 @@
       config.json          the Hugging Face config of the source model
       tokenizer files      as the tokenizer saves them
 
-The header (format_version 1):
-    {"format": "lowbit", "format_version": 1, "lowbit_version": ...,
+The header (format_version 2):
+    {"format": "lowbit", "format_version": 2, "lowbit_version": ...,
      "source": "smollm2" | "/abs/path/model.gguf" | "/abs/path/hf-dir",
-     "model_type": "llama", "method": {"name": "rtn", ...},
+     "model_type": "llama",
+     "method": {"name": "gptq", "version": 1, "spec": {...}, "skip": [...], "head": null, "damp": 0.01, ...},
+     "calibration": {"corpus": "pydoc", "samples": 128, ...} | null,
      "layers": {"model.layers.0.self_attn.q_proj":
                    {"module": "QuantLinear", "shape": [576, 576], "group_size": 128, "bias": false, "spec": {...}}},
      "tied": {"lm_head.weight": "model.embed_tokens.weight"}}
+
+"method" is the method's registered config (`MethodConfig.to_dict`, read back by
+`lowbit.methods.config_from_dict`). Nothing in the header depends on the clock, so the same
+command on the same input writes the same bytes. Version 1 headers (the method recorded as
+a free-form dict with its wall time) still load; their "method" is kept as it was.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,16 +35,19 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from lowbit import __version__
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, one_line
 from lowbit.models.architectures import architecture_for
-from lowbit.models.loading import CHECKPOINT_FILE, LoadedModel
+from lowbit.models.loading import LoadedModel, read_config, read_tokenizer
+from lowbit.models.refs import CHECKPOINT_FILE
 from lowbit.modules import QUANTIZED_MODULES
 from lowbit.modules.swap import set_module
+from lowbit.outputs import new_directory
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -61,25 +69,16 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return out, tied
 
 
-def prepare_output_dir(out: Path) -> Path:
-    """Refuse an existing ``out``; return a fresh temporary sibling to write into."""
-    if out.exists():
-        raise LowbitError(f"output directory {out} already exists; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
 def save_quantized(loaded: LoadedModel, out: str | Path) -> Path:
-    """Write ``loaded``, quantised by `lowbit.quantize_model`, to directory ``out``.
-
-    Written into a temporary sibling directory and renamed at the end: an error or an
-    interruption leaves no half-written ``out``.
-    """
+    """Write ``loaded``, quantised by `lowbit.quantize_model`, to directory ``out``, which must
+    not exist. Written into a temporary sibling and renamed at the end: an error or an
+    interruption leaves no half-written ``out``."""
+    if not isinstance(loaded, LoadedModel):
+        raise LowbitError(f"save_quantized takes the LoadedModel that lowbit.load_model returns, not a {type(loaded).__name__}")
     if not loaded.is_quantized:
         raise LowbitError("this model is not quantised; run quantize_model on it before saving")
     out = Path(out)
-    tmp = prepare_output_dir(out)
-    try:
+    with new_directory(out) as tmp:
         model = loaded.model
         layers = {name: {"module": type(m).__name__, **m.config()} for name, m in quantized_layers(model).items()}
         tensors, tied = _dedupe_tied(model.state_dict())
@@ -90,15 +89,13 @@ def save_quantized(loaded: LoadedModel, out: str | Path) -> Path:
             "source": loaded.source,
             "model_type": model.config.model_type,
             "method": loaded.header["method"],
+            "calibration": loaded.header.get("calibration"),
             "layers": layers,
             "tied": tied,
         }
         save_file(tensors, tmp / CHECKPOINT_FILE, metadata={"lowbit": json.dumps(header)})
         model.config.to_json_file(tmp / "config.json")
         loaded.tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -110,12 +107,21 @@ def read_header(path: str | Path) -> dict:
         with safe_open(file, framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise LowbitError(f"could not read {file}: {err}; the file is missing, truncated or corrupted") from err
+        raise LowbitError(f"could not read {file}: {one_line(err)}; the file is missing, truncated or corrupted") from None
     if "lowbit" not in meta:
         raise LowbitError(f"{file} has no lowbit header; it was not written by lowbit")
-    header = json.loads(meta["lowbit"])
-    if header.get("format_version", 0) > FORMAT_VERSION:
-        raise LowbitError(f"{file} has format version {header['format_version']}; this lowbit reads up to {FORMAT_VERSION}, upgrade lowbit")
+    try:
+        header = json.loads(meta["lowbit"])
+    except ValueError as err:
+        raise LowbitError(f"{file}: its lowbit header is not valid JSON ({err}); the file is corrupted") from None
+    version = header.get("format_version") if isinstance(header, dict) else None
+    if not isinstance(version, int) or version < 1:
+        raise LowbitError(f"{file}: its lowbit header has no valid format_version; the file is corrupted")
+    if version > FORMAT_VERSION:
+        raise LowbitError(f"{file} has format version {version}; this lowbit reads up to {FORMAT_VERSION}, upgrade lowbit")
+    missing = [key for key in ("source", "model_type", "method", "layers", "tied") if key not in header]
+    if missing:
+        raise LowbitError(f"{file}: its lowbit header lacks {', '.join(missing)}; the file is corrupted")
     return header
 
 
@@ -125,7 +131,16 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_safetensors(file.read_bytes())
     except (SafetensorError, OSError) as err:
-        raise LowbitError(f"could not read the tensors of {file}: {err}; the file is truncated or corrupted") from err
+        raise LowbitError(f"could not read the tensors of {file}: {one_line(err)}; the file is truncated or corrupted") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Every float tensor of a checkpoint (scales, float offsets, norms, embeddings, biases)
+    must be finite; NaN or Inf there would run to garbage without an error."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise LowbitError(f"{where}: tensor {name} holds {bad} NaN/Inf values; the checkpoint is corrupted, quantise its source again")
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -138,11 +153,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
     path = Path(path)
     header = read_header(path)
     tensors = _load_tensors(path / CHECKPOINT_FILE)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError) as err:
-        raise LowbitError(f"could not read the config or tokenizer in {path}: {err}") from err
+    check_finite(tensors, path / CHECKPOINT_FILE)
+    config = read_config(path)
+    tokenizer = read_tokenizer(path)
     arch = architecture_for(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

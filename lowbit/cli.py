@@ -1,7 +1,12 @@
-"""The ``lowbit`` command: quantize, eval, info.
+"""The ``lowbit`` command.
 
-User errors (`LowbitError`) print one line and exit 2; anything else is a bug and keeps its
-traceback.
+Argument parsing imports nothing heavy (no torch, no transformers): the flags of every
+method, calibration and training setting come from their declarations (`lowbit.settings`,
+`lowbit.methods`), so ``lowbit --help`` answers at once. Each command then checks, in this
+order and before any slow work: its arguments, its output locations, its input files and
+the model's structure and shapes (`lowbit.loader.open_skeleton`); only then does it load
+weights. User errors (`LowbitError`, bad flags) print one line and exit 2; an interrupt
+prints one line and exits 130; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,196 +16,376 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, one_line
 
 log = logging.getLogger("lowbit")
 
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_PROMPT = "The capital of France is"
+SAMPLE_TOKENS = 24
 
-def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    from lowbit.data.corpora import CORPORA, DEFAULT_CORPUS
 
+class UsageError(Exception):
+    """A flag the parser rejects (printed as one line, exit 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with every error on one line: the flag, what it accepts, where to look."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class Switch(argparse.Action):
+    """``--flag`` / ``--no-flag`` for a boolean setting: ``--flag`` stores ``const``."""
+
+    def __init__(self, option_strings, dest, const=True, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, const=const, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not self.const if option_string.startswith("--no-") else self.const)
+
+
+def _value_type(option) -> Any:
+    """The argparse ``type`` of a setting: its own parser or its field's type, failing with
+    one line that says what the flag accepts."""
+    from lowbit.settings import nested_class
+
+    parse = option.flag.parse
+    if parse is None:
+        base = option.type if isinstance(option.type, type) else next(
+            (t for t in getattr(option.type, "__args__", ()) if t in (int, float, str)), str)
+        if nested_class(option.type) is None and base in (int, float, str):
+            parse = base
+        else:
+            parse = str
+    accepts = option.flag.accepts or {int: "an integer", float: "a number"}.get(parse, "a value")
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {accepts}") from None
+
+    convert.__name__ = option.name
+    return convert
+
+
+def number(kind: type, low: float | None = None, low_open: bool = False, what: str | None = None):
+    """An argparse type for a plain flag: ``kind`` at least ``low`` (or above it)."""
+    if what is None:
+        if low is None:
+            what = "an integer" if kind is int else "a number"
+        elif kind is int:
+            what = "a positive integer" if (low, low_open) in ((1, False), (0, True)) else f"an integer of at least {low}"
+        else:
+            what = f"a number above {low}" if low_open else f"a number of at least {low}"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if low is not None and (value < low or (low_open and value == low)) or value != value:
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return convert
+
+
+# ---------------------------------------------------------------------------------------
+# flags derived from settings declarations
+
+
+@dataclass
+class FlagUse:
+    """Who uses one flag: (settings class, option) pairs, and the argparse dest."""
+
+    dest: str
+    uses: list
+
+
+def _applies(cls, option) -> bool:
+    return option.path[0] != "spec" or option.path[1] in cls.spec_fields
+
+
+def _defaults_text(uses) -> str:
+    """" (default X)", or the default of each method where they differ; nothing when the
+    default is "not set" (the help text then says what happens)."""
+    from lowbit.methods.registry import _value
+    from lowbit.settings import TAKES_VALUE
+
+    by_default: dict[str, list[str]] = {}
+    for cls, option in uses:
+        if option.flag.switch is not TAKES_VALUE:
+            shown = "on" if option.default == option.flag.switch else "off"
+        else:
+            shown = None if option.default is None else _value(option.default)
+        by_default.setdefault(shown, []).append(getattr(cls, "name", ""))
+    if list(by_default) == [None]:
+        return ""
+    if len(by_default) == 1:
+        return f" (default {next(iter(by_default))})"
+    return " (default " + "; ".join(f"{', '.join(names)}: {value}" for value, names in by_default.items()) + ")"
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, classes: list, titled: bool = True) -> dict[str, FlagUse]:
+    """Add a flag for every setting of ``classes`` (config classes), once per flag name;
+    flags used by the same set of classes share a --help group named after them. Every flag
+    defaults to "not given" so that what a user set can be told from what they did not."""
+    from lowbit.settings import TAKES_VALUE, options
+
+    flags: dict[str, FlagUse] = {}
+    order: list[tuple[str, object]] = []
+    for cls in classes:
+        for option in options(cls):
+            if not _applies(cls, option):
+                continue
+            use = flags.get(option.name)
+            if use is None:
+                flags[option.name] = use = FlagUse(option.dest, [])
+                order.append((option.name, option))
+            elif use.uses[0][1].flag.help != option.flag.help:
+                raise TypeError(f"flag {option.name} means two things ({use.uses[0][0].__name__}, {cls.__name__})")
+            use.uses.append((cls, option))
+    groups: dict[tuple, argparse._ArgumentGroup] = {}
+    for name, option in order:
+        use = flags[name]
+        users = tuple(getattr(cls, "name", cls.__name__) for cls, _ in use.uses)
+        if titled:
+            title = "options of " + ", ".join(users) if len(users) < len(classes) else "options of every method"
+            group = groups.get(users) or groups.setdefault(users, parser.add_argument_group(title))
+        else:
+            group = parser
+        meta = option.flag
+        help_text = f"{meta.help}{_defaults_text(use.uses)}".replace("%", "%%")
+        if meta.switch is not TAKES_VALUE:
+            negative = "--no-" + name[2:]
+            group.add_argument(name, negative, dest=use.dest, action=Switch, const=meta.switch, default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(name, dest=use.dest, type=_value_type(option), choices=meta.choices, default=argparse.SUPPRESS,
+                               action="append" if meta.repeat else "store", metavar=meta.metavar, help=help_text)
+    return flags
+
+
+def given_flags(args: argparse.Namespace, flags: dict[str, FlagUse]) -> dict[str, Any]:
+    """Flag name -> value for every flag of ``flags`` the user gave."""
+    return {name: getattr(args, use.dest) for name, use in flags.items() if hasattr(args, use.dest)}
+
+
+def build_from_flags(cls, given: dict[str, Any], flags: dict[str, FlagUse], for_what: str):
+    """An instance of ``cls`` from the given flags that belong to it; a given flag that
+    does not is an error naming ``for_what`` (e.g. "--method rtn")."""
+    from lowbit.settings import build
+
+    values = {}
+    for name, value in given.items():
+        match = next((option for owner, option in flags[name].uses if owner is cls), None)
+        if match is None:
+            owners = ", ".join(getattr(c, "name", c.__name__) for c, _ in flags[name].uses)
+            raise LowbitError(f"{name} does not apply to {for_what} (it is an option of {owners}); drop it")
+        if match.flag.repeat:
+            value = tuple(value)
+        if match.flag.convert is not None:
+            value = match.flag.convert(value)
+        values[match.path] = value
+    return build(cls, values)
+
+
+# ---------------------------------------------------------------------------------------
+# the parser
+
+
+def _add_eval_args(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    from lowbit.data.texts import CORPORA, DEFAULT_CORPUS
+
+    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
     text = p.add_mutually_exclusive_group()
-    text.add_argument("--text", metavar="FILE", help="evaluate on this UTF-8 text file (its second half)")
-    text.add_argument("--corpus", choices=sorted(CORPORA), help=f"named corpus (default {DEFAULT_CORPUS})")
-    p.add_argument("--windows", type=int, default=20, help="evaluation windows (default 20)")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    text.add_argument("--text", metavar="FILE", default=default(None), help="evaluate on this UTF-8 text file (its second half)")
+    text.add_argument("--corpus", choices=sorted(CORPORA), default=default(None), help=f"named corpus (default {DEFAULT_CORPUS})")
+    p.add_argument("--windows", type=number(int, 1), default=default(20), help="evaluation windows (default 20)")
+    p.add_argument("--ctx", type=number(int, 2), default=default(512), help="tokens per window (default 512)")
+    p.add_argument("--json", metavar="FILE", default=default(None), help="also write the results as JSON")
+    p.add_argument("--prompt", default=default(None), help="also print each model's greedy continuation of this prompt "
+                   + (f"(default with --eval: {DEFAULT_PROMPT!r})" if suppress else "(default: none)"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lowbit.data.corpora import CORPORA
-    from lowbit.models.registry import DEFAULT_MODEL, NAMED_MODELS
-    from lowbit.modules.swap import DEFAULT_SKIP
-    from lowbit.numerics.formats import CODEBOOKS
-    from lowbit.numerics.spec import GRANULARITIES, RANGE_METHODS
-    from lowbit.pipeline import METHODS
+EVAL_FLAGS = ("text", "corpus", "windows", "ctx", "json", "prompt")
 
-    parser = argparse.ArgumentParser(prog="lowbit", description="Quantise LLMs and measure what it costs.")
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The parser, and the derived flags of each command that has them."""
+    from lowbit.calibration.config import CalibrationConfig
+    from lowbit.data.texts import CORPORA
+    from lowbit.methods.registry import quantize_methods, training_methods
+    from lowbit.models.refs import describe_model_ref
+    from lowbit.models.registry import DEFAULT_MODEL
+
+    parser = Parser(prog="lowbit", description="Quantise LLMs and measure what it costs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
-    model_help = f"a named model ({', '.join(NAMED_MODELS)}), a .gguf file or a checkpoint directory"
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    model_help = describe_model_ref()
+    derived = {}
 
-    q = sub.add_parser("quantize", help="quantise a model and save it in lowbit's format")
+    methods = quantize_methods()
+    q = sub.add_parser("quantize", help="quantise a model with one of lowbit's methods and save it in lowbit's format",
+                       description="Quantise a model and save it; --eval then scores it against its source. Methods: "
+                                   + "; ".join(f"{n}: {c.summary}" for n, c in methods.items()) + ". See `lowbit methods`.")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
-    q.add_argument("--method", default="rtn", choices=METHODS)
-    q.add_argument("--bits", type=int, help="code width, 2-8 (weight-only methods; W8A8 methods are 8-bit)")
-    q.add_argument("--group-size", type=int, default=128, help="columns per group (default 128); the last group of a row may be shorter")
-    q.add_argument("--granularity", default="group", choices=[g for g in GRANULARITIES if g != "token"], help="who shares a scale (default group)")
-    q.add_argument("--asym", action="store_true", help="asymmetric range with a zero-point (default symmetric)")
-    q.add_argument("--zero-point", default="int", choices=["int", "float"], help="with --asym: integer Z (Eq. 3.3) or float offset (Q4_1/HQQ style)")
-    q.add_argument("--range", default="minmax", choices=RANGE_METHODS, help="range selection (default minmax)")
-    q.add_argument("--format", default="int", choices=["int", *sorted(CODEBOOKS)], help="rtn: number format (default int; codebooks are absmax-scaled)")
-    q.add_argument("--double-quant", action="store_true", help="store absmax scales in 8 bits (QLoRA double quantisation)")
-    q.add_argument("--percentile", type=float, default=99.9, help="with --range percentile")
-    q.add_argument("--skip", action="append", metavar="REGEX", help=f"linears to leave in float (repeatable; default {' '.join(DEFAULT_SKIP)})")
-    q.add_argument("--head-bits", type=int, choices=[4, 8], help="also round the output head (lm_head) to nearest: 8 = int8 per output channel, "
-                   "4 = int4 groups of 128, both symmetric (default: the head stays float)")
+    q.add_argument("--method", default="rtn", choices=list(methods), help="the method (default rtn)")
     q.add_argument("--out", required=True, help="new directory to write")
-    calib = q.add_argument_group("calibration (gptq)")
-    calib_text = calib.add_mutually_exclusive_group()
-    calib_text.add_argument("--calib-corpus", metavar="NAME", help="named corpus for calibration samples (default pydoc; its first half)")
-    calib_text.add_argument("--calib-text", metavar="FILE", help="UTF-8 text file for calibration samples (its first half)")
-    calib.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
-    calib.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration sample (default 512)")
-    calib.add_argument("--calib-batch", type=int, default=8, help="samples per forward pass (default 8)")
-    calib.add_argument("--seed", type=int, default=0, help="seed for the calibration sample offsets")
-    calib.add_argument("--true-sequential", action="store_true", help="collect each linear group's inputs after the earlier groups of its block are quantised (slower)")
-    gptq = q.add_argument_group("gptq")
-    gptq.add_argument("--act-order", action="store_true", help="quantise columns by descending diag(H)")
-    gptq.add_argument("--static-groups", action="store_true", help="with --act-order: fix group scales in column order first (no g_idx)")
-    gptq.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
-    gptq.add_argument("--block-size", type=int, help="gptq: columns per lazy-update block (default 128); nf4/fp4: weights per absmax block (default 64)")
-    awq = q.add_argument_group("awq")
-    awq.add_argument("--awq-grid", type=int, default=20, help="alpha values tried for the AWQ scales (default 20)")
-    awq.add_argument("--no-clip", action="store_true", help="skip AWQ's weight-clipping search")
-    act = q.add_argument_group("w8a8, smoothquant, llm-int8")
-    act.add_argument("--act-granularity", default="token", choices=["token", "tensor"], help="int8 activations: per-token dynamic (default) or per-tensor static (calibrated)")
-    act.add_argument("--alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'search' (per group, by W8A8 output error)")
-    act.add_argument("--alpha-grid", type=int, default=20, help="with --alpha search: grid steps over [0, 1] (default 20)")
-    act.add_argument("--threshold", type=float, default=6.0, help="LLM.int8() outlier magnitude (default 6.0)")
-    q.add_argument("--eval", action="store_true", help="then evaluate against the source model and print the before/after table")
-    _add_eval_args(q)
+    q.add_argument("--eval", action="store_true", help="then evaluate against the source model: the before/after table and generated text from both")
+    _add_eval_args(q.add_argument_group("evaluation (with --eval)"), suppress=True)
+    derived["quantize"] = add_setting_flags(q, list(methods.values()))
+    calibrated = [n for n, c in methods.items() if c.calibrated]
+    derived["calibration"] = add_setting_flags(q.add_argument_group(f"calibration ({', '.join(calibrated)})"), [CalibrationConfig], titled=False)
 
-    e = sub.add_parser("eval", help="perplexity, KLD and top-1 agreement of a model")
+    e = sub.add_parser("eval", help="perplexity, KLD and top-1 agreement of a model against its source")
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
     e.add_argument("--reference", help="model to compare with (default: a quantised directory's source; none for a float model)")
     _add_eval_args(e)
 
+    trainers = training_methods()
     f = sub.add_parser("finetune", help="QLoRA (NF4 base + LoRA adapters) or QAT (straight-through estimator) fine-tuning")
     f.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
-    f.add_argument("--method", required=True, choices=["qlora", "qat"])
+    f.add_argument("--method", required=True, choices=list(trainers))
     f_text = f.add_mutually_exclusive_group()
     f_text.add_argument("--corpus", choices=sorted(CORPORA), help="training text (its first half; held-out windows from the second)")
     f_text.add_argument("--text", metavar="FILE", help="UTF-8 training text file")
-    f.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    f.add_argument("--lr", type=float, help="learning rate (default 2e-4 qlora, 2e-5 qat)")
-    f.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
-    f.add_argument("--ctx", type=int, default=256, help="tokens per window (default 256)")
-    f.add_argument("--eval-windows", type=int, default=16, help="held-out windows for perplexity (default 16)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--out", required=True, help="qlora: directory for the adapters; qat: the quantised checkpoint")
+    f.add_argument("--eval-windows", type=number(int, 1), default=16, help="held-out windows for perplexity (default 16)")
+    f.add_argument("--out", required=True, help="qlora: new directory for the adapters; qat: the quantised checkpoint")
+    f.add_argument("--merge-out", help="qlora: also write the merged float model (W + BA) to this new directory")
     f.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    fl = f.add_argument_group("qlora")
-    fl.add_argument("--rank", type=int, default=8)
-    fl.add_argument("--lora-alpha", type=float, default=16.0)
-    fl.add_argument("--lora-dropout", type=float, default=0.05)
-    fl.add_argument("--targets", nargs="+", help="regexes of the linears to adapt (default: every attention and MLP projection)")
-    fl.add_argument("--block-size", type=int, default=64, help="NF4 absmax block (default 64)")
-    fl.add_argument("--no-double-quant", action="store_true", help="keep the NF4 block scales in float32")
-    fl.add_argument("--merge-out", help="also write the merged float model (W + BA) to this directory")
-    fq = f.add_argument_group("qat")
-    fq.add_argument("--bits", type=int, default=4)
-    fq.add_argument("--group-size", type=int, default=128)
-    fq.add_argument("--lsq", action="store_true", help="learn the step sizes (LSQ)")
+    derived["finetune"] = add_setting_flags(f, list(trainers.values()))
 
     g = sub.add_parser("generate", help="greedy generation with lowbit's decode loop, printing the text and tokens/s")
     g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=number(int, 1), default=64, help="tokens to generate (default 64)")
     g.add_argument("--kv-bits", type=int, choices=[2, 4, 8], help="quantise the KV cache (keys per channel, values per token)")
-    g.add_argument("--kv-group", type=int, default=32, help="KV group: tokens per key group, channels per value group (default 32)")
-    g.add_argument("--kv-residual", type=int, default=128, help="newest tokens kept in full precision (default 128)")
+    g.add_argument("--kv-group", type=number(int, 1), default=32, help="KV group: tokens per key group, channels per value group (default 32)")
+    g.add_argument("--kv-residual", type=number(int, 0), default=128, help="newest tokens kept in full precision (default 128)")
     g.add_argument("--no-kernels", action="store_true", help="run quantised layers on the reference path")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: fp16 on the GPU, quantised layers on the Triton kernels, decode steps replayed as a CUDA graph")
 
-    r = sub.add_parser("roofline", help="predicted (and with --measure, measured) decode tokens/s and prefill time per weight format")
+    r = sub.add_parser("roofline", help="predicted (and with --measure, measured) decode tokens/s and prefill time per weight format",
+                       description="Without --bandwidth/--flops the machine's memory bandwidth and matmul rate are measured (a few seconds).")
     r.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help}, or llama-1b for a random 1.1B Llama (default {DEFAULT_MODEL})")
-    r.add_argument("--bandwidth", type=float, help="memory bandwidth, GB/s")
-    r.add_argument("--flops", type=float, help="peak compute, TFLOP/s")
-    r.add_argument("--measure", action="store_true", help="measure this machine, run the decode loop for each format, and compare")
-    r.add_argument("--ctx", type=int, default=512, help="prompt length for prefill; decode is priced at this context (default 512)")
-    r.add_argument("--new-tokens", type=int, default=32, help="with --measure: tokens generated per format (default 32)")
-    r.add_argument("--rounds", type=int, default=3, help="with --measure: interleaved rounds over the formats, median reported (default 3)")
-    r.add_argument("--kv-bits", type=float, default=32.0, help="KV-cache bits per element for the prediction (default 32, float32)")
+    r.add_argument("--bandwidth", type=number(float, 0, low_open=True), help="memory bandwidth, GB/s (default: measured)")
+    r.add_argument("--flops", type=number(float, 0, low_open=True), help="peak compute, TFLOP/s (default: measured)")
+    r.add_argument("--measure", action="store_true", help="also build each format and time lowbit's decode loop on it")
+    r.add_argument("--ctx", type=number(int, 1), default=512, help="prompt length for prefill; decode is priced at this context (default 512)")
+    r.add_argument("--new-tokens", type=number(int, 1), default=32, help="with --measure: tokens generated per format (default 32)")
+    r.add_argument("--rounds", type=number(int, 1), default=3, help="with --measure: interleaved rounds over the formats, median reported (default 3)")
+    r.add_argument("--kv-bits", type=number(float, 0, low_open=True), default=32.0, help="KV-cache bits per element for the prediction (default 32, float32)")
     r.add_argument("--out", help="write the chart (PNG) here, and a JSON beside it")
 
     bd = sub.add_parser("bench-decode", help="decode speed table (float32, bf16, W8, W4, W4A8, int8-head variants) with the roofline prediction beside each")
     bd.add_argument("--models", nargs="+", default=[DEFAULT_MODEL, "llama-1b"], help="models (llama-1b: random 1.1B Llama)")
-    bd.add_argument("--ctx", type=int, default=64, help="prompt tokens (default 64)")
-    bd.add_argument("--new-tokens", type=int, default=32)
-    bd.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the formats, median reported (default 3)")
+    bd.add_argument("--ctx", type=number(int, 1), default=64, help="prompt tokens (default 64)")
+    bd.add_argument("--new-tokens", type=number(int, 1), default=32, help="tokens generated per variant (default 32)")
+    bd.add_argument("--rounds", type=number(int, 1), default=3, help="interleaved rounds over the formats, median reported (default 3)")
     bd.add_argument("--out-dir", help="write a PNG chart and JSON per model here")
 
     o = sub.add_parser("outliers", help="activation outlier analysis of every linear's input (table, PNG plots, JSON)")
     o.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
-    o_text = o.add_mutually_exclusive_group()
-    o_text.add_argument("--calib-corpus", metavar="NAME", help="named corpus (default pydoc; its first half)")
-    o_text.add_argument("--calib-text", metavar="FILE", help="UTF-8 text file (its first half)")
-    o.add_argument("--samples", type=int, default=32, help="samples (default 32)")
-    o.add_argument("--ctx", type=int, default=512, help="tokens per sample (default 512)")
-    o.add_argument("--threshold", type=float, default=6.0, help="outlier magnitude (default 6.0, as LLM.int8())")
+    o.add_argument("--threshold", type=number(float, 0, low_open=True), default=6.0, help="outlier magnitude (default 6.0, as LLM.int8())")
     o.add_argument("--out", help="directory for the PNG plots and outliers.json")
+    derived["outliers"] = add_setting_flags(o.add_argument_group("samples"), [CalibrationConfig], titled=False)
 
-    i = sub.add_parser("info", help="what a checkpoint holds: layers, specs, sizes")
-    i.add_argument("path", help="a lowbit directory, a Hugging Face directory or a .gguf file")
-    return parser
+    i = sub.add_parser("info", help="what a checkpoint holds: method, layers, specs, sizes")
+    i.add_argument("path", help="a lowbit directory, a Hugging Face directory, a .gguf file or a packaged model's name")
 
-
-def _spec_from_args(args):
-    from lowbit.numerics.spec import QuantSpec
-    from lowbit.pipeline import CODEBOOK_METHODS, INT8_METHODS
-
-    if args.method in CODEBOOK_METHODS:
-        if args.bits not in (None, 4):
-            raise LowbitError(f"{args.method} is a 4-bit format; drop --bits or pass --bits 4")
-        block = args.block_size or 64
-        # float32 absmax per block, as bitsandbytes stores it, unless double-quantised
-        return QuantSpec(bits=4, format=args.method, group_size=block, double_quant=args.double_quant, scale_dtype="float32")
-    if args.method in INT8_METHODS:
-        if args.bits not in (None, 8):
-            raise LowbitError(f"{args.method} uses 8-bit weights and activations; drop --bits or pass --bits 8")
-        return QuantSpec(bits=8, granularity="channel", group_size=None)
-    if args.bits is None:
-        raise LowbitError(f"--bits is required for --method {args.method}; e.g. --bits 4")
-    if args.format != "int" and args.method != "rtn":
-        raise LowbitError(f"--format {args.format} applies to --method rtn (or use --method nf4 / fp4)")
-    return QuantSpec(
-        format=args.format,
-        double_quant=args.double_quant,
-        bits=args.bits,
-        symmetric=not args.asym,
-        granularity=args.granularity,
-        group_size=args.group_size if args.granularity == "group" else None,
-        zero_point=args.zero_point,
-        range=args.range,
-        percentile=args.percentile,
-    )
+    m = sub.add_parser("methods", help="every registered method: kind, calibration, formats, options and defaults")
+    m.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/methods.md")
+    return parser, derived
 
 
-def _run_eval(model_ref: str, reference_ref: str | None, args, preloaded=None) -> int:
+# ---------------------------------------------------------------------------------------
+# checks shared by the commands
+
+
+def _check_text(corpus: str | None, text_file: str | None) -> None:
+    """A text file must exist, be UTF-8 and hold text (read now, before any loading)."""
+    from lowbit.data.texts import load_text
+
+    if text_file:
+        load_text(None, text_file)
+    elif corpus:
+        load_text(corpus, None)
+
+
+def _check_ctx(skeleton, ctx: int, flag: str) -> None:
+    limit = skeleton.max_positions
+    if limit is not None and ctx > limit:
+        raise LowbitError(f"{flag} {ctx} is beyond {skeleton.ref}'s {limit} positions; use {flag} {limit} or less")
+
+
+def _eval_split(skeleton, corpus, text_file, ctx: int, n_windows: int, windows_flag: str = "--windows"):
+    """The tokenised text and its windows, checked against the model (before any weights load)."""
     from lowbit.data.corpora import eval_windows, tokenize_split
-    from lowbit.evaluation import evaluate, results_table, write_json
-    from lowbit.models.loading import load_model
 
-    loaded = preloaded or load_model(model_ref)
-    if reference_ref is None and loaded.is_quantized:
-        reference_ref = loaded.header["source"]
+    _check_ctx(skeleton, ctx, "--ctx")
+    split = tokenize_split(skeleton.tokenizer, corpus, text_file)
+    return split, eval_windows(split, ctx, n_windows, windows_label=windows_flag)
+
+
+def _model_skeleton(ref: str, float_only: bool = False, what: str = "--model"):
+    from lowbit.loader import open_skeleton
+
+    skeleton = open_skeleton(ref)
+    if float_only and skeleton.is_quantized:
+        raise LowbitError(f"{what} {ref} is already quantised; give its float source ({skeleton.header['source']})")
+    return skeleton
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+
+
+def _print_samples(models: dict, tokenizer, prompt: str) -> None:
+    """Each model's greedy continuation of ``prompt``, one line each."""
+    from lowbit.inference.generate import generate
+    from lowbit.modules.quant_linear import dequantized_once
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    print(f"\ngreedy continuation of {prompt!r} ({SAMPLE_TOKENS} tokens):")
+    width = max(len(label) for label in models)
+    for label, model in models.items():
+        with dequantized_once(model):
+            result = generate(model, ids, SAMPLE_TOKENS, eos_token_id=tokenizer.eos_token_id)
+        text = " ".join(tokenizer.decode(result.tokens, skip_special_tokens=True).split())
+        print(f"  {label:<{width}}  {prompt}{'' if text.startswith((' ', ',', '.')) else ' '}{text}")
+
+
+def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | None) -> int:
+    """Check everything, then score ``model_ref`` (against ``reference_ref``, or a quantised
+    model's source) and print the table (and the generated text with ``prompt``)."""
+    from lowbit.evaluation import evaluate, results_table, write_json
+    from lowbit.loader import load_model
+    from lowbit.outputs import check_output_file
+
+    if args.json:
+        check_output_file(args.json, "--json")
+    _check_text(args.corpus, args.text)
+    skeleton = _model_skeleton(model_ref)
+    if reference_ref is None and skeleton.is_quantized:
+        reference_ref = skeleton.header["source"]
+    reference_skeleton = _model_skeleton(reference_ref, what="--reference") if reference_ref else None
+    split, windows = _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)
+    if reference_skeleton is not None:
+        _check_ctx(reference_skeleton, args.ctx, "--ctx")
+        if reference_skeleton.model.get_output_embeddings().out_features != skeleton.model.get_output_embeddings().out_features:
+            raise LowbitError(f"{model_ref} and the reference {reference_ref} have different vocabularies; compare models of one family")
+
+    loaded = load_model(model_ref)
     reference = load_model(reference_ref) if reference_ref else None
-    split = tokenize_split(loaded.tokenizer, args.corpus, args.text)
-    windows = eval_windows(split, args.ctx, args.windows)
     models = {}
     if reference is not None:
         models[f"{Path(reference_ref).name} (reference)"] = reference.model
@@ -209,10 +394,11 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, preloaded=None) -
     print(f"evaluating on {split.label}: {len(windows)} windows of {args.ctx} tokens{' (BOS first)' if split.bos_id is not None else ''}", file=sys.stderr)
     results = evaluate(models, windows, reference=None if reference is None else reference.model)
     print(results_table(results, baseline=next(iter(models)) if reference is not None else None))
+    if prompt:
+        _print_samples(models, loaded.tokenizer, prompt)
     if args.json:
-        main_result = results[-1].to_dict()
         payload = {
-            **main_result,
+            **results[-1].to_dict(),
             "model": model_ref,
             "reference": reference_ref,
             "corpus": split.label,
@@ -226,72 +412,86 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, preloaded=None) -
     return 0
 
 
-def cmd_quantize(args) -> int:
-    from lowbit.checkpoint import prepare_output_dir, save_quantized
-    from lowbit.models.loading import load_model
-    from lowbit.modules.swap import DEFAULT_SKIP
-    from lowbit.calibration.methods import AWQOptions, GPTQOptions, W8A8Options
-    from lowbit.pipeline import HEAD_SPECS, CalibrationConfig, quantize_model, summarize_layers
+def cmd_quantize(args, derived) -> int:
+    from lowbit.calibration.config import CalibrationConfig
+    from lowbit.methods.registry import method_config
+    from lowbit.outputs import check_new_directory, check_output_file
 
-    spec = _spec_from_args(args)
-    out = Path(args.out)
-    if out.exists():  # fail before the slow part; save_quantized checks again
-        prepare_output_dir(out)
-    calibration = CalibrationConfig(
-        corpus=args.calib_corpus, text_file=args.calib_text, samples=args.calib_samples,
-        ctx=args.calib_ctx, seed=args.seed, batch_size=args.calib_batch, true_sequential=args.true_sequential,
-    )
-    options = GPTQOptions(block_size=args.block_size or 128, damp=args.damp, act_order=args.act_order, static_groups=args.static_groups)
-    if args.alpha == "search":
-        alpha = None
-    else:
-        try:
-            alpha = float(args.alpha)
-        except ValueError:
-            raise LowbitError(f"--alpha {args.alpha!r} is neither a number in [0, 1] nor 'search'") from None
-        if not 0.0 <= alpha <= 1.0:
-            raise LowbitError(f"--alpha {alpha} is outside [0, 1]")
-    w8a8 = W8A8Options(act_granularity=args.act_granularity, alpha=alpha, alpha_grid=args.alpha_grid)
-    awq = AWQOptions(grid=args.awq_grid, clip=not args.no_clip)
+    cls = method_config(args.method)
+    config = build_from_flags(cls, given_flags(args, derived["quantize"]), derived["quantize"], f"--method {args.method}")
+    calibration_given = given_flags(args, derived["calibration"])
+    if calibration_given and not cls.calibrated:
+        raise LowbitError(f"{', '.join(calibration_given)} {'does' if len(calibration_given) == 1 else 'do'} not apply to --method {args.method} "
+                          "(it uses no calibration data); drop it")
+    calibration = build_from_flags(CalibrationConfig, calibration_given, derived["calibration"], "calibration") if cls.calibrated else None
+    eval_given = [f"--{k}" for k in EVAL_FLAGS if hasattr(args, k)]
+    if eval_given and not args.eval:
+        raise LowbitError(f"{', '.join(eval_given)} apply with --eval; add --eval or drop them")
+    for key, value in {"text": None, "corpus": None, "windows": 20, "ctx": 512, "json": None, "prompt": DEFAULT_PROMPT}.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+
+    out = check_new_directory(args.out, "--out")
+    if args.json:
+        check_output_file(args.json, "--json")
+    _check_text(args.corpus, args.text)
+    if calibration is not None:
+        _check_text(calibration.corpus, calibration.text_file)
+    skeleton = _model_skeleton(args.model, float_only=True)
+    from lowbit.pipeline import plan_layers, quantize_model, summarize_layers
+
+    plan_layers(skeleton.model, skeleton.arch, config)
+    if calibration is not None:
+        _check_ctx(skeleton, calibration.ctx, "--calib-ctx")
+    if args.eval:
+        _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)
+
+    from lowbit.checkpoint import save_quantized
+    from lowbit.loader import load_model
+
     loaded = load_model(args.model)
-    head_spec = None if args.head_bits is None else HEAD_SPECS[args.head_bits]
-    result = quantize_model(loaded, spec, method=args.method, skip=args.skip or DEFAULT_SKIP, calibration=calibration,
-                            gptq=options, awq=awq, w8a8=w8a8, threshold=args.threshold, head_spec=head_spec)
+    result = quantize_model(loaded, config, calibration=calibration)
     save_quantized(loaded, out)
-    what = spec.describe() if "spec" in result.method else ", ".join(f"{k}={v}" for k, v in result.method["options"].items())
-    print(f"quantised {len(result.layers)} linears of {args.model} with {args.method} ({what}) in {result.seconds:.1f} s -> {out}")
+    print(f"quantised {len(result.layers)} linears of {args.model} with {config.describe()} in {result.seconds:.1f} s -> {out}")
     print(summarize_layers(result.layers))
     if args.eval:
-        return _run_eval(str(out), None, args)
+        return _run_eval(str(out), None, args, args.prompt)
     return 0
 
 
-def cmd_eval(args) -> int:
-    return _run_eval(args.model, args.reference, args)
+def cmd_eval(args, derived) -> int:
+    return _run_eval(args.model, args.reference, args, args.prompt)
 
 
-def cmd_finetune(args) -> int:
+def cmd_finetune(args, derived) -> int:
     from lowbit.evaluation import write_json
-    from lowbit.numerics.spec import QuantSpec
-    from lowbit.training.finetune import qat_finetune, qlora_finetune
-    from lowbit.training.lora import LoRAConfig
-    from lowbit.training.trainer import TrainConfig
+    from lowbit.methods.registry import method_config
+    from lowbit.outputs import check_new_directory, check_output_file
 
-    lr = args.lr or (2e-4 if args.method == "qlora" else 2e-5)
-    config = TrainConfig(steps=args.steps, lr=lr, batch_size=args.batch, ctx=args.ctx, seed=args.seed)
-    if args.method == "qlora":
-        lora = LoRAConfig(rank=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout, **({"targets": tuple(args.targets)} if args.targets else {}))
-        report = qlora_finetune(args.model, args.out, lora, config, block_size=args.block_size, double_quant=not args.no_double_quant,
-                                corpus=args.corpus, text_file=args.text, eval_n=args.eval_windows, merged_out=args.merge_out)
-        label = f"NF4 base ({report.extra['spec']})"
-    else:
-        spec = QuantSpec(bits=args.bits, group_size=args.group_size)
-        report = qat_finetune(args.model, args.out, spec, config, lsq=args.lsq, corpus=args.corpus, text_file=args.text, eval_n=args.eval_windows)
-        label = f"RTN PTQ ({report.extra['spec']})"
+    config = build_from_flags(method_config(args.method), given_flags(args, derived["finetune"]), derived["finetune"], f"--method {args.method}")
+    if args.merge_out and args.method != "qlora":
+        raise LowbitError("--merge-out applies to --method qlora (QAT's output is already the quantised model); drop it")
+    check_new_directory(args.out, "--out")
+    if args.merge_out:
+        check_new_directory(args.merge_out, "--merge-out")
+    if args.json:
+        check_output_file(args.json, "--json")
+    _check_text(args.corpus, args.text)
+    skeleton = _model_skeleton(args.model, float_only=True)
+    _check_ctx(skeleton, config.train.ctx, "--ctx")
+    split, _ = _eval_split(skeleton, args.corpus, args.text, config.train.ctx, args.eval_windows, windows_flag="--eval-windows")
+    body = config.train.ctx - (1 if split.bos_id is not None else 0)
+    if len(split.calibration) <= body:
+        raise LowbitError(f"the training half of {split.label} has {len(split.calibration)} tokens, fewer than one window of "
+                          f"{config.train.ctx}; use more text or a smaller --ctx")
+
+    extra = {"merged_out": args.merge_out} if args.method == "qlora" else {}
+    report = config.finetune(args.model, args.out, corpus=args.corpus, text_file=args.text, eval_n=args.eval_windows, **extra)
+    label = f"NF4 base ({report.extra['spec']})" if args.method == "qlora" else f"RTN PTQ ({report.extra['spec']})"
     print(f"held-out perplexity over {report.eval_tokens} tokens:")
     print(f"  float model          {report.float_perplexity:9.3f}")
     print(f"  {label:<20} {report.before_perplexity:9.3f}")
-    print(f"  after {args.method:<14} {report.after_perplexity:9.3f}   ({args.steps} steps, {report.seconds:.0f} s, "
+    print(f"  after {args.method:<14} {report.after_perplexity:9.3f}   ({config.train.steps} steps, {report.seconds:.0f} s, "
           f"loss {report.losses[0]:.3f} -> {sum(report.losses[-10:]) / len(report.losses[-10:]):.3f}, "
           f"{report.trainable_parameters} trainable parameters, optimizer state {report.optimizer_state_bytes / 1e6:.1f} MB)")
     print(f"wrote {args.out}")
@@ -300,15 +500,25 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args, derived) -> int:
+    if not args.prompt.strip():
+        raise LowbitError("--prompt is empty; give the text to continue")
+    skeleton = _model_skeleton(args.model)
     import torch
-
-    from lowbit.inference.generate import generate
-    from lowbit.inference.kv_cache import KVSpec
-    from lowbit.models.loading import load_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise LowbitError("--device cuda: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
+    prompt_tokens = len(skeleton.tokenizer(args.prompt).input_ids)
+    limit = skeleton.max_positions
+    if limit is not None and prompt_tokens + args.max_new_tokens > limit:
+        raise LowbitError(f"the prompt's {prompt_tokens} tokens plus --max-new-tokens {args.max_new_tokens} exceed {args.model}'s "
+                          f"{limit} positions; use --max-new-tokens {max(limit - prompt_tokens, 1)} or less")
+
+    from lowbit.inference.generate import generate
+    from lowbit.inference.kv_cache import KVSpec
+    from lowbit.loader import load_model
+
+    kv = None if args.kv_bits is None else KVSpec(bits=args.kv_bits, group_size=args.kv_group, residual=args.kv_residual)
     loaded = load_model(args.model)
     if args.device == "cuda":
         loaded.model.to(device="cuda", dtype=torch.float16)  # packed codes stay uint8; scales become fp16
@@ -320,34 +530,55 @@ def cmd_generate(args) -> int:
         from lowbit.kernels.cpu import use_cpu_kernels
 
         use_cpu_kernels(loaded.model)
-    kv = None if args.kv_bits is None else KVSpec(bits=args.kv_bits, group_size=args.kv_group, residual=args.kv_residual)
     ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids
     result = generate(loaded.model, ids, args.max_new_tokens, kv=kv, eos_token_id=loaded.tokenizer.eos_token_id)
     print(args.prompt + loaded.tokenizer.decode(result.tokens, skip_special_tokens=True))
-    print(f"\n{result.prompt_tokens} prompt tokens in {result.prefill_seconds:.2f} s; {len(result.tokens)} new tokens, "
-          f"decode {result.decode_tokens_per_second:.1f} tokens/s ({result.mode}); KV cache {result.cache_bytes / 1e6:.2f} MB"
-          f"{'' if kv is None else f' ({args.kv_bits}-bit)'}", file=sys.stderr)
+    steps = len(result.tokens) - 1
+    decode = (f"decode {result.decode_tokens_per_second:.1f} tokens/s ({result.mode})" if steps > 0
+              else "no decode step timed (the first new token comes from the prefill)")
+    print(f"\n{result.prompt_tokens} prompt tokens in {result.prefill_seconds:.2f} s; {len(result.tokens)} new tokens, {decode}; "
+          f"KV cache {result.cache_bytes / 1e6:.2f} MB{'' if kv is None else f' ({args.kv_bits}-bit)'}", file=sys.stderr)
     return 0
 
 
-def cmd_roofline(args) -> int:
+def _roofline_model(ref: str):
+    """A model for the roofline: the random 1.1B Llama, or ``ref`` checked then loaded."""
+    if ref == "llama-1b":
+        from lowbit.inference.speed import random_llama
+
+        return random_llama()
+    from lowbit.loader import load_model
+
+    return load_model(ref).model
+
+
+def cmd_roofline(args, derived) -> int:
+    from lowbit.outputs import check_output_file
+
+    if (args.bandwidth is None) != (args.flops is None):
+        raise LowbitError("give both --bandwidth and --flops, or neither (then this machine is measured)")
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.model != "llama-1b":
+        _model_skeleton(args.model)
     from lowbit.analysis.roofline import Machine, measure_machine
     from lowbit.analysis.roofline_report import predicted_rows, roofline_table, write_chart
     from lowbit.evaluation import write_json
-    from lowbit.inference.speed import measure_variants, random_llama
-    from lowbit.models.loading import load_model
 
-    model = random_llama() if args.model == "llama-1b" else load_model(args.model).model
-    if args.measure:
-        machine = measure_machine()
-    elif args.bandwidth and args.flops:
+    model = _roofline_model(args.model)
+    if args.bandwidth is not None:
         machine = Machine(bandwidth_gbps=args.bandwidth, peak_gflops=args.flops * 1000)
+        where = "as given"
     else:
-        raise LowbitError("give --bandwidth GBps and --flops TFLOPs, or --measure to measure this machine")
-    print(f"machine: {machine.bandwidth_gbps:.1f} GB/s, {machine.peak_gflops:.0f} GFLOP/s (ridge {machine.ridge:.1f} FLOP/byte)")
-    if args.measure and args.rounds < 1:
-        raise LowbitError(f"--rounds {args.rounds}: give at least 1")
-    rows = measure_variants(model, machine, args.ctx, args.new_tokens, rounds=args.rounds) if args.measure else predicted_rows(model, machine, args.ctx, args.kv_bits)
+        machine = measure_machine()
+        where = "measured on this machine"
+    print(f"machine ({where}): {machine.bandwidth_gbps:.1f} GB/s, {machine.peak_gflops:.0f} GFLOP/s (ridge {machine.ridge:.1f} FLOP/byte)")
+    if args.measure:
+        from lowbit.inference.speed import measure_variants
+
+        rows = measure_variants(model, machine, args.ctx, args.new_tokens, rounds=args.rounds)
+    else:
+        rows = predicted_rows(model, machine, args.ctx, args.kv_bits)
     print(roofline_table(rows))
     if args.out:
         write_chart(rows, machine, model, args.ctx, args.out)
@@ -356,26 +587,44 @@ def cmd_roofline(args) -> int:
     return 0
 
 
-def cmd_bench_decode(args) -> int:
+def cmd_bench_decode(args, derived) -> int:
+    from lowbit.outputs import check_output_file
+
+    for model in args.models:
+        if model != "llama-1b":
+            from lowbit.models.refs import ref_kind
+
+            ref_kind(model)
+    if args.out_dir:
+        for model in args.models:
+            check_output_file(Path(args.out_dir) / f"roofline_{model}.png", "--out-dir")
     for model in args.models:
         print(f"\n== {model} ==")
         out = None if not args.out_dir else str(Path(args.out_dir) / f"roofline_{model}.png")
         ns = argparse.Namespace(model=model, bandwidth=None, flops=None, measure=True, ctx=args.ctx, new_tokens=args.new_tokens, rounds=args.rounds,
                                 kv_bits=32.0, out=out)
-        cmd_roofline(ns)
+        cmd_roofline(ns, derived)
     return 0
 
 
-def cmd_outliers(args) -> int:
+def cmd_outliers(args, derived) -> int:
+    from lowbit.calibration.config import CalibrationConfig
+    from lowbit.outputs import check_output_file
+
+    given = {"--calib-samples": 32, **given_flags(args, derived["outliers"])}
+    samples_config = build_from_flags(CalibrationConfig, given, derived["outliers"], "outliers")
+    if args.out:
+        check_output_file(Path(args.out) / "outliers.json", "--out")
+    _check_text(samples_config.corpus, samples_config.text_file)
+    skeleton = _model_skeleton(args.model, float_only=True)
+    _check_ctx(skeleton, samples_config.ctx, "--calib-ctx")
+    samples = samples_config.tokens(skeleton.tokenizer)
+
     from lowbit.analysis.outliers import analyse_outliers, summary_table, write_plots
     from lowbit.evaluation import write_json
-    from lowbit.models.loading import load_model
-    from lowbit.pipeline import CalibrationConfig
+    from lowbit.loader import load_model
 
     loaded = load_model(args.model)
-    if loaded.is_quantized:
-        raise LowbitError("outlier analysis needs a float model; give the source model, not a quantised directory")
-    samples = CalibrationConfig(corpus=args.calib_corpus, text_file=args.calib_text, samples=args.samples, ctx=args.ctx).tokens(loaded.tokenizer)
     report = analyse_outliers(loaded, samples, threshold=args.threshold)
     print(summary_table(report))
     if args.out:
@@ -386,34 +635,49 @@ def cmd_outliers(args) -> int:
     return 0
 
 
-def cmd_info(args) -> int:
+def cmd_info(args, derived) -> int:
     from lowbit.info import describe_path
 
     print(describe_path(args.path))
     return 0
 
 
+def cmd_methods(args, derived) -> int:
+    from lowbit.methods.registry import methods_table
+
+    print(methods_table(markdown=args.markdown))
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "generate": cmd_generate,
+            "roofline": cmd_roofline, "bench-decode": cmd_bench_decode, "info": cmd_info, "methods": cmd_methods}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lowbit: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers,
-                "generate": cmd_generate, "roofline": cmd_roofline, "bench-decode": cmd_bench_decode, "info": cmd_info}
-    start = time.perf_counter()
     try:
-        code = commands[args.command](args)
+        parser, derived = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except UsageError as err:
+            print(f"lowbit: error: {one_line(err)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lowbit: %(message)s")
+        if args.command != "methods":
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        start = time.perf_counter()
+        code = COMMANDS[args.command](args, derived)
+        log.info("%s took %.1f s", args.command, time.perf_counter() - start)
+        return code
     except LowbitError as err:
-        print(f"lowbit: error: {err}", file=sys.stderr)
-        return 2
+        print(f"lowbit: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
-        return 130
-    log.info("%s took %.1f s", args.command, time.perf_counter() - start)
-    return code
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

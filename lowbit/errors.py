@@ -12,3 +12,9 @@ class LowbitError(Exception):
 
 class SpecError(LowbitError, ValueError):
     """A quantisation setting that cannot apply (bits, group size, granularity...)."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """A message on one line: another library's multi-line error text, whitespace collapsed
+    (the CLI prints every error as one line)."""
+    return " ".join(str(error).split())

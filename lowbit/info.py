@@ -6,12 +6,17 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lowbit.checkpoint import read_header
-from lowbit.errors import LowbitError
-from lowbit.models.loading import CHECKPOINT_FILE, check_gguf_magic
+from lowbit.errors import LowbitError, SpecError, one_line
+from lowbit.methods.registry import config_from_dict
+from lowbit.models.refs import CHECKPOINT_FILE, ref_kind
+from lowbit.models.registry import NAMED_MODELS
 from lowbit.numerics.spec import QuantSpec
+from lowbit.packed.qweight import bits_per_weight
+
+ITEMSIZE = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
 
 
 def _mb(n: int) -> str:
@@ -30,24 +35,63 @@ def layer_label(info: dict) -> str:
     return module
 
 
+def _settings(data: dict, indent: str = "  ") -> list[str]:
+    """``key: value`` lines, nested settings (a spec, a training run) described inline."""
+    lines = []
+    for key, value in data.items():
+        if key in ("name", "version"):
+            continue
+        if isinstance(value, dict) and set(value) >= {"bits", "granularity"}:
+            value = QuantSpec.from_dict(value).describe()
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = " ".join(map(str, value)) or "none"
+        lines.append(f"{indent}{key}: {'none' if value is None else value}")
+    return lines
+
+
+def describe_method(header: dict) -> list[str]:
+    """The method lines of `lowbit info`: the registered config, or a version-1 header's
+    free-form record as it was written."""
+    method = header["method"]
+    if header["format_version"] >= 2:
+        try:
+            config = config_from_dict(method)
+        except (LowbitError, SpecError) as err:
+            raise LowbitError(f"the checkpoint's method record does not parse: {one_line(err)}") from None
+        lines = [f"method: {config.name} (config version {method.get('version', 1)}): {config.summary}", *_settings(method)]
+    else:
+        lines = [f"method: {method.get('name', '?')} (format version 1 record)", *_settings(method)]
+    if header.get("calibration"):
+        lines.append("calibration: " + ", ".join(f"{k}={v}" for k, v in header["calibration"].items()))
+    return lines
+
+
+def _tensor_bytes(file: Path) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    try:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                sizes[key] = n * ITEMSIZE.get(sl.get_dtype(), 4)
+    except (SafetensorError, OSError) as err:
+        raise LowbitError(f"could not read {file}: {one_line(err)}; the file is truncated or corrupted") from None
+    return sizes
+
+
 def describe_lowbit(path: Path) -> str:
     header = read_header(path)
     file = path / CHECKPOINT_FILE
-    sizes: dict[str, int] = {}
-    with safe_open(file, framework="pt") as f:
-        for key in f.keys():
-            sl = f.get_slice(key)
-            shape, dtype = sl.get_shape(), sl.get_dtype()
-            itemsize = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}.get(dtype, 4)
-            n = 1
-            for d in shape:
-                n *= d
-            sizes[key] = n * itemsize
+    sizes = _tensor_bytes(file)
     lines = [
         f"{path}: lowbit checkpoint, format version {header['format_version']} (written by lowbit {header.get('lowbit_version', '?')})",
         f"source model: {header['source']}  ({header['model_type']})",
-        f"method: {json.dumps(header['method'])}",
-        f"file: {_mb(file.stat().st_size)}; tied: {header['tied'] or 'none'}",
+        *describe_method(header),
+        f"file: {_mb(file.stat().st_size)}; tied: {', '.join(f'{k} = {v}' for k, v in header['tied'].items()) or 'none'}",
         "",
         f"{'layer':<44} {'shape':>12} {'spec':<22} {'bits/w':>7} {'bytes':>10}",
     ]
@@ -60,12 +104,12 @@ def describe_lowbit(path: Path) -> str:
         quant_bytes += nbytes
         quant_weights += numel
         specs[label] += 1
-        lines.append(f"{name:<44} {'x'.join(map(str, info['shape'])):>12} {label:<22} {8 * nbytes / numel:>7.3f} {nbytes:>10}")
+        lines.append(f"{name:<44} {'x'.join(map(str, info['shape'])):>12} {label:<22} {bits_per_weight(nbytes, numel):>7.3f} {nbytes:>10}")
     float_bytes = sum(sizes.values()) - quant_bytes
     lines += [
         "",
         f"{len(header['layers'])} quantised linears ({', '.join(f'{n}x {s}' for s, n in specs.items())}): "
-        f"{quant_weights} weights in {_mb(quant_bytes)}, {8 * quant_bytes / max(quant_weights, 1):.3f} bits/weight",
+        f"{quant_weights} weights in {_mb(quant_bytes)}, {bits_per_weight(quant_bytes, max(quant_weights, 1)):.3f} bits/weight",
         f"float tensors (embeddings, norms, unquantised layers): {_mb(float_bytes)}",
     ]
     return "\n".join(lines)
@@ -74,11 +118,10 @@ def describe_lowbit(path: Path) -> str:
 def describe_gguf(path: Path) -> str:
     from gguf import GGUFReader
 
-    check_gguf_magic(path)
     try:
         reader = GGUFReader(str(path))
-    except (ValueError, IndexError) as err:
-        raise LowbitError(f"could not read GGUF {path}: {err}; the file is truncated or corrupted") from err
+    except (ValueError, IndexError, KeyError, OSError) as err:
+        raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
     arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else "?"
     types = Counter(t.tensor_type.name for t in reader.tensors)
     lines = [f"{path}: GGUF, architecture {arch}, {len(reader.tensors)} tensors ({', '.join(f'{n} {t}' for t, n in types.most_common())})", ""]
@@ -88,27 +131,30 @@ def describe_gguf(path: Path) -> str:
 
 
 def describe_hf(path: Path) -> str:
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise LowbitError(f"could not read {path / 'config.json'}: {one_line(err)}") from None
     lines = [f"{path}: Hugging Face checkpoint, model_type {config.get('model_type')}", ""]
     total = 0
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                lines.append(f"{key:<56} {sl.get_dtype():>5} {'x'.join(map(str, sl.get_shape())):>14}")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    lines.append(f"{key:<56} {sl.get_dtype():>5} {'x'.join(map(str, sl.get_shape())):>14}")
+        except (SafetensorError, OSError) as err:
+            raise LowbitError(f"could not read {file}: {one_line(err)}; the file is truncated or corrupted") from None
         total += file.stat().st_size
     lines.append(f"\nsafetensors files: {_mb(total)}")
     return "\n".join(lines)
 
 
-def describe_path(path: str | Path) -> str:
-    path = Path(path)
-    if not path.exists():
-        raise LowbitError(f"{path} not found; give a lowbit directory, a Hugging Face directory or a .gguf file")
-    if path.is_file():
-        return describe_gguf(path)
-    if (path / CHECKPOINT_FILE).is_file():
-        return describe_lowbit(path)
-    if (path / "config.json").is_file():
-        return describe_hf(path)
-    raise LowbitError(f"{path} holds neither {CHECKPOINT_FILE} nor config.json")
+def describe_path(ref: str | Path) -> str:
+    """What ``ref`` holds: a lowbit checkpoint, a Hugging Face directory, a GGUF file or a
+    packaged model (its GGUF)."""
+    kind = ref_kind(str(ref))
+    if kind == "named":
+        return describe_gguf(NAMED_MODELS[str(ref)].locate())
+    path = Path(ref)
+    return {"gguf": describe_gguf, "lowbit": describe_lowbit, "hf": describe_hf}[kind](path)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TEXT, byte_tokenizer, tiny_llama
-from lowbit import QuantSpec, evaluate, load_model, quantize_model
+from lowbit import QuantSpec, RTNConfig, evaluate, load_model, quantize_model
 from lowbit.data import calibration_samples, eval_windows, load_text, tokenize_split
 from lowbit.errors import LowbitError
 
@@ -73,7 +73,7 @@ def test_perplexity_kld_and_top1_match_their_definitions():
     windows = torch.randint(0, 256, (3, 20))
     results = evaluate({"ref": ref, "other": other}, windows, reference=ref, progress=False)
     by = {r.label: r for r in results}
-    assert by["ref"].kld == pytest.approx(0.0, abs=1e-7) and by["ref"].top1_agreement == 1.0
+    assert by["ref"].kld == pytest.approx(0.0, abs=1e-7) and by["ref"].top1_percent == 100.0
     nll = kld = agree = 0.0
     with torch.no_grad():
         for w in windows:
@@ -85,7 +85,7 @@ def test_perplexity_kld_and_top1_match_their_definitions():
     assert by["other"].tokens == 3 * 19
     assert by["other"].perplexity == pytest.approx(math.exp(nll / 57), rel=1e-5)
     assert by["other"].kld == pytest.approx(kld / 57, rel=1e-4)
-    assert by["other"].top1_agreement == pytest.approx(agree / 57)
+    assert by["other"].top1_percent == pytest.approx(100 * agree / 57)
     # a random model is close to uniform over 257 tokens
     assert 150 < by["other"].perplexity < 400
 
@@ -97,11 +97,11 @@ def test_quantisation_error_grows_as_bits_fall(tiny_llama_dir, text_file):
     models = {"float": ref.model}
     for bits in (8, 4, 2):
         loaded = load_model(str(tiny_llama_dir))
-        quantize_model(loaded, QuantSpec(bits=bits, granularity="channel", group_size=None), progress=False)
+        quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=bits, granularity="channel", group_size=None)), progress=False)
         models[f"w{bits}"] = loaded.model
     by = {r.label: r for r in evaluate(models, windows, reference=ref.model, progress=False)}
     assert by["w8"].kld < by["w4"].kld < by["w2"].kld
-    assert by["w8"].top1_agreement >= by["w2"].top1_agreement
+    assert by["w8"].top1_percent >= by["w2"].top1_percent
     assert by["float"].bits_per_weight == 32 and by["w4"].bits_per_weight == pytest.approx(4 + 16 / 64, rel=0.05)
     assert by["w2"].model_bytes < by["w4"].model_bytes < by["w8"].model_bytes < by["float"].model_bytes
 

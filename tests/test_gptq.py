@@ -7,16 +7,15 @@ import torch
 from torch import nn
 
 from conftest import TEXT, byte_tokenizer, tiny_model
-from lowbit import QuantSpec, load_model, load_quantized, quantize_model, save_quantized
+from lowbit import GPTQConfig, QuantSpec, RTNConfig, load_model, load_quantized, quantize_model, save_quantized
 from lowbit.algorithms.gptq import gptq, output_error
-from lowbit.calibration import GPTQOptions, HessianAccumulator, calibrate_and_quantize, capture_block_inputs
+from lowbit.calibration import CalibrationConfig, HessianAccumulator, calibrate_and_quantize, capture_block_inputs
 from lowbit.calibration.engine import _block_output
 from lowbit.errors import LowbitError
 from lowbit.models import architecture_for
 from lowbit.models.loading import LoadedModel
 from lowbit.modules import QuantLinear
 from lowbit.numerics import dequantize, quantize
-from lowbit.pipeline import CalibrationConfig
 
 
 def layer_problem(out=96, inp=256, tokens=2048, seed=0):
@@ -125,9 +124,7 @@ class RecordingGPTQ:
     name = "recording"
 
     def __init__(self, spec):
-        from lowbit.calibration.methods import GPTQMethod
-
-        self.inner, self.hessians, self.block = GPTQMethod(spec), {}, 0
+        self.inner, self.hessians, self.block = GPTQConfig(spec=spec), {}, 0
 
     def statistics(self, in_features):
         return self.inner.statistics(in_features)
@@ -168,8 +165,8 @@ def test_gptq_beats_rtn_on_tiny_models(family, tmp_path):
     spec = QuantSpec(bits=3, symmetric=False, group_size=32)
     ours, rtn = loaded_tiny(family), loaded_tiny(family)
     reference = tiny_model(family)
-    result = quantize_model(ours, spec, method="gptq", calibration=calibration, progress=False)
-    quantize_model(rtn, spec, method="rtn", progress=False)
+    result = quantize_model(ours, GPTQConfig(spec=spec), calibration=calibration, progress=False)
+    quantize_model(rtn, RTNConfig(spec=spec), progress=False)
     assert all(isinstance(ours.model.get_submodule(r.name), QuantLinear) for r in result.layers)
     assert len(result.layers) == 3 * 7 if family != "opt" else 3 * 6
     assert sum(r.info["output_error"] for r in result.layers) < 0.8 * sum(r.info["baseline_output_error"] for r in result.layers)
@@ -186,31 +183,29 @@ def test_gptq_checkpoint_with_g_idx_round_trips(tiny_llama_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(
-        loaded, QuantSpec(bits=4, group_size=32), method="gptq",
-        calibration=CalibrationConfig(text_file=str(text), samples=8, ctx=64), gptq=GPTQOptions(act_order=True), progress=False,
-    )
+    quantize_model(loaded, GPTQConfig(spec=QuantSpec(bits=4, group_size=32), act_order="dynamic"),
+                   calibration=CalibrationConfig(text_file=str(text), samples=8, ctx=64), progress=False)
     assert loaded.model.model.layers[0].mlp.down_proj.g_idx is not None
     again = load_quantized(save_quantized(loaded, tmp_path / "q"))
     x = torch.randint(0, 256, (1, 30))
     with torch.no_grad():
         assert torch.equal(loaded.model(x).logits, again.model(x).logits)
     header = again.header
-    assert header["method"]["name"] == "gptq" and header["method"]["options"]["act_order"] is True
-    assert header["method"]["calibration"]["samples"] == 8
+    assert header["method"]["name"] == "gptq" and header["method"]["act_order"] == "dynamic"
+    assert header["calibration"]["samples"] == 8
 
 
 def test_gptq_refuses_layers_outside_the_blocks(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir))
     with pytest.raises(LowbitError, match="lm_head are not among them"):
-        quantize_model(loaded, QuantSpec(), method="gptq", skip=[], progress=False)
+        quantize_model(loaded, GPTQConfig(skip=()), progress=False)
 
 
 def test_skipped_block_linears_stay_float(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     loaded = loaded_tiny("llama")
-    quantize_model(loaded, QuantSpec(bits=4, group_size=32), method="gptq", skip=["lm_head", "down_proj"],
+    quantize_model(loaded, GPTQConfig(spec=QuantSpec(bits=4, group_size=32), skip=("lm_head", "down_proj")),
                    calibration=CalibrationConfig(text_file=str(text), samples=4, ctx=32), progress=False)
     assert type(loaded.model.model.layers[0].mlp.down_proj) is nn.Linear
     assert isinstance(loaded.model.model.layers[0].mlp.up_proj, QuantLinear)

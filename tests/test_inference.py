@@ -14,6 +14,7 @@ from lowbit.inference.kv_cache import KVSpec, QuantizedKVCache, dequantize_keys,
 from lowbit.kernels.cpu import KernelLinear, kernel_support, quantize_activations_q8, reference_gemm, use_cpu_kernels
 from lowbit.modules import QuantLinear
 from lowbit.numerics import QuantSpec
+from lowbit.methods import RTNConfig
 from lowbit.pipeline import quantize_model
 
 KERNEL_SPECS = [
@@ -109,7 +110,7 @@ def test_model_with_kernels_matches_reference(tiny_llama_dir):
     from lowbit import load_model
 
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(loaded, QuantSpec(bits=4, group_size=32), progress=False)
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
     x = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         expected = loaded.model(x).logits
@@ -232,7 +233,7 @@ def test_roofline_prices_bytes_and_flops():
     slow_memory = Machine(bandwidth_gbps=1.0, peak_gflops=1e6)
     assert step.bound(slow_memory) == "memory" and step.seconds(slow_memory) == pytest.approx(step.bytes / 1e9)
     assert prefill_cost(model, 512).intensity > 50 * step.intensity  # prefill reuses each weight 512 times
-    quantize_model(_loaded(model), QuantSpec(bits=4, group_size=32), progress=False)
+    quantize_model(_loaded(model), RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
     packed = decode_cost(model, context=100).weight_bytes
     assert packed < 0.3 * step.weight_bytes
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -254,7 +255,8 @@ def test_speed_variants_build_what_they_say():
     float model's, and the roofline pricing the int8 head below the float one."""
     from lowbit.analysis.roofline import Machine
     from lowbit.analysis.roofline_report import predicted_rows
-    from lowbit.inference.speed import VARIANTS, bits_per_weight, build_variant, random_llama
+    from lowbit.evaluation.metrics import linear_bits_per_weight
+    from lowbit.inference.speed import VARIANTS, build_variant, random_llama
 
     model = random_llama(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
     x = torch.randint(0, 512, (1, 9))
@@ -263,7 +265,7 @@ def test_speed_variants_build_what_they_say():
         reference = model(x).logits
         for variant in VARIANTS:
             built = build_variant(model, variant)
-            bits[variant] = bits_per_weight(built)
+            bits[variant] = linear_bits_per_weight(built)
             kernels = [m for m in built.modules() if isinstance(m, KernelLinear)]
             if variant in ("float32", "bf16", "W4 ref"):
                 assert not kernels

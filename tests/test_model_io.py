@@ -9,11 +9,11 @@ from safetensors import safe_open
 from torch import nn
 
 from conftest import tiny_llama
-from lowbit import QuantSpec, load_model, load_quantized, quantize_model, read_header, save_quantized
+from lowbit import QuantSpec, RTNConfig, load_model, load_quantized, quantize_model, read_header, save_quantized
 from lowbit.algorithms import rtn_quantize
 from lowbit.errors import LowbitError
 from lowbit.evaluation import linear_bits_per_weight, model_bytes
-from lowbit.models.loading import CHECKPOINT_FILE
+from lowbit.models.refs import CHECKPOINT_FILE
 from lowbit.modules import QuantLinear
 
 
@@ -40,7 +40,7 @@ def test_quant_linear_holds_only_packed_state():
 def test_swap_replaces_linears_but_not_embeddings_or_lm_head(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir))
     before = model_bytes(loaded.model)
-    result = quantize_model(loaded, QuantSpec(bits=4, group_size=32), progress=False)
+    result = quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
     model = loaded.model
     assert len(result.layers) == 2 * 7
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QuantLinear)
@@ -53,16 +53,16 @@ def test_swap_replaces_linears_but_not_embeddings_or_lm_head(tiny_llama_dir):
 
 def test_skip_patterns_choose_layers(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(loaded, QuantSpec(bits=8, granularity="channel", group_size=None), skip=["lm_head", r"mlp\."], progress=False)
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=8, granularity="channel", group_size=None), skip=("lm_head", r"mlp\.")), progress=False)
     names = [n for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)]
     assert names and all("self_attn" in n for n in names)
     with pytest.raises(LowbitError, match="match them all"):
-        quantize_model(load_model(str(tiny_llama_dir)), QuantSpec(), skip=["."], progress=False)
+        quantize_model(load_model(str(tiny_llama_dir)), RTNConfig(skip=(".",)), progress=False)
 
 
 def test_save_then_load_gives_identical_logits(tiny_llama_dir, tmp_path):
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(loaded, QuantSpec(bits=3, symmetric=False, group_size=48), progress=False)
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=3, symmetric=False, group_size=48)), progress=False)
     out = save_quantized(loaded, tmp_path / "q")
     again = load_quantized(out)
     x = torch.randint(0, 256, (2, 40))
@@ -70,7 +70,7 @@ def test_save_then_load_gives_identical_logits(tiny_llama_dir, tmp_path):
         assert torch.equal(loaded.model(x).logits, again.model(x).logits)
     assert again.model.lm_head.weight is again.model.model.embed_tokens.weight
     header = read_header(out)
-    assert header["format_version"] == 1 and header["model_type"] == "llama"
+    assert header["format_version"] == 2 and header["model_type"] == "llama"
     assert header["source"] == str(tiny_llama_dir.resolve())
     assert header["layers"]["model.layers.0.mlp.down_proj"]["spec"]["bits"] == 3
     assert header["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
@@ -88,7 +88,7 @@ def test_untied_lm_head_can_be_quantised_and_saved(tmp_path):
 
     byte_tokenizer().save_pretrained(path)
     loaded = load_model(str(path))
-    quantize_model(loaded, QuantSpec(bits=8, granularity="channel", group_size=None), skip=[], progress=False)
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=8, granularity="channel", group_size=None), skip=()), progress=False)
     assert isinstance(loaded.model.lm_head, QuantLinear)
     again = load_quantized(save_quantized(loaded, tmp_path / "q"))
     x = torch.randint(0, 256, (1, 16))
@@ -102,11 +102,11 @@ def test_head_spec_unties_a_tied_head_and_the_checkpoint_reloads_untied(tiny_lla
     float_model = load_model(str(tiny_llama_dir)).model
     loaded = load_model(str(tiny_llama_dir))
     embedding = loaded.model.model.embed_tokens.weight.detach().clone()
-    result = quantize_model(loaded, QuantSpec(bits=4, group_size=32), head_spec=QuantSpec(bits=8, granularity="channel", group_size=None), progress=False)
+    result = quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32), head=QuantSpec(bits=8, granularity="channel", group_size=None)), progress=False)
     assert isinstance(loaded.model.lm_head, QuantLinear) and loaded.model.lm_head.spec.bits == 8
     assert result.layers[-1].name == "lm_head" and result.layers[-1].info["weight_sqnr_db"] > 35
     assert torch.equal(loaded.model.model.embed_tokens.weight, embedding) and not loaded.model.config.tie_word_embeddings
-    assert result.method["head"]["bits"] == 8
+    assert result.config.to_dict()["head"]["bits"] == 8
     out = save_quantized(loaded, tmp_path / "q")
     again = load_quantized(out)
     x = torch.randint(0, 256, (2, 24))
@@ -122,13 +122,13 @@ def test_head_spec_unties_a_tied_head_and_the_checkpoint_reloads_untied(tiny_lla
 
 
 def test_head_spec_refuses_a_head_the_main_spec_already_takes(tiny_llama_dir):
-    with pytest.raises(LowbitError, match="keep it in skip"):
-        quantize_model(load_model(str(tiny_llama_dir)), QuantSpec(), skip=[], head_spec=QuantSpec(bits=8), progress=False)
+    with pytest.raises(LowbitError, match="keep it in --skip"):
+        quantize_model(load_model(str(tiny_llama_dir)), RTNConfig(skip=(), head=QuantSpec(bits=8)), progress=False)
 
 
 def test_existing_output_directory_is_refused_and_left_alone(tiny_llama_dir, tmp_path):
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(loaded, QuantSpec(bits=4, group_size=32), progress=False)
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -139,7 +139,7 @@ def test_existing_output_directory_is_refused_and_left_alone(tiny_llama_dir, tmp
 
 def test_failed_save_leaves_nothing_behind(tiny_llama_dir, tmp_path, monkeypatch):
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(loaded, QuantSpec(bits=4, group_size=32), progress=False)
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -152,7 +152,7 @@ def test_failed_save_leaves_nothing_behind(tiny_llama_dir, tmp_path, monkeypatch
 
 def test_truncated_checkpoint_gives_a_clear_error(tiny_llama_dir, tmp_path):
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(loaded, QuantSpec(bits=4, group_size=32), progress=False)
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
     out = save_quantized(loaded, tmp_path / "q")
     file = out / CHECKPOINT_FILE
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
@@ -197,12 +197,12 @@ def test_nan_weights_stop_quantisation(tiny_llama_dir):
     with torch.no_grad():
         loaded.model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(LowbitError, match=r"model.layers.1.mlp.up_proj holds 1 NaN/Inf"):
-        quantize_model(loaded, QuantSpec(bits=4, group_size=32), progress=False)
+        quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
 
 
 def test_header_is_plain_json(tiny_llama_dir, tmp_path):
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(loaded, QuantSpec(bits=4, group_size=32), progress=False)
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
     out = save_quantized(loaded, tmp_path / "q")
     with safe_open(out / CHECKPOINT_FILE, framework="pt") as f:
         header = json.loads(f.metadata()["lowbit"])

@@ -8,7 +8,7 @@ import torch
 from lowbit.errors import SpecError
 from lowbit.numerics import CodebookFormat, QuantSpec, dequantize, error_breakdown, quantize
 from lowbit.numerics.formats import CODEBOOKS, IntFormat, register_codebook
-from lowbit.numerics.quantize import expand_groups, representable_range
+from lowbit.numerics.quantization import expand_groups, representable_range
 
 
 def randw(rows=48, cols=200, seed=0, heavy=False):

@@ -5,17 +5,16 @@ import torch
 from torch import nn
 
 from conftest import TEXT, byte_tokenizer, tiny_model
-from lowbit import QuantSpec, load_quantized, quantize_model, save_quantized
+from lowbit import AWQConfig, LLMInt8Config, QuantSpec, RTNConfig, SmoothQuantConfig, W8A8Config, load_quantized, quantize_model, save_quantized
 from lowbit.algorithms.awq import awq_scales, clip_quantize
 from lowbit.algorithms.smoothquant import search_alpha, smoothing_scales, w8a8_output_error
 from lowbit.analysis.outliers import analyse_outliers, summary_table, write_plots
-from lowbit.calibration.methods import W8A8Options
 from lowbit.models import ARCHITECTURES, architecture_for
 from lowbit.models.loading import LoadedModel
 from lowbit.modules import LLMInt8Linear, QuantLinear, W8A8Linear
 from lowbit.modules.scaling import fold_input_scale, source_can_fold
 from lowbit.numerics import dequantize, fake_quantize, quantize
-from lowbit.pipeline import CalibrationConfig
+from lowbit.calibration import CalibrationConfig
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3", "opt"]
 
@@ -129,8 +128,8 @@ def test_awq_beats_rtn_on_tiny_models(family, tmp_path):
     calibration = CalibrationConfig(text_file=str(text), samples=8, ctx=64)
     spec = QuantSpec(bits=3, group_size=32)
     ours, rtn, reference = loaded(family), loaded(family), tiny_model(family)
-    result = quantize_model(ours, spec, method="awq", calibration=calibration, progress=False)
-    quantize_model(rtn, spec, method="rtn", progress=False)
+    result = quantize_model(ours, AWQConfig(spec=spec), calibration=calibration, progress=False)
+    quantize_model(rtn, RTNConfig(spec=spec), progress=False)
     assert sum(r.info["output_error"] for r in result.layers) < sum(r.info["baseline_output_error"] for r in result.layers)
     x = tokens()
     with torch.no_grad():
@@ -143,13 +142,14 @@ def test_w8a8_methods_swap_in_integer_modules_and_round_trip(tmp_path):
     text.write_text(TEXT)
     calibration = CalibrationConfig(text_file=str(text), samples=8, ctx=64)
     x = tokens()
-    for method, kwargs, kind in [
-        ("w8a8", {"w8a8": W8A8Options("tensor")}, W8A8Linear),
-        ("smoothquant", {"w8a8": W8A8Options("token", alpha=0.8)}, W8A8Linear),
-        ("llm-int8", {"threshold": 1.0}, LLMInt8Linear),
+    for config, kind in [
+        (W8A8Config(act_granularity="tensor"), W8A8Linear),
+        (SmoothQuantConfig(act_granularity="token", alpha=0.8), W8A8Linear),
+        (LLMInt8Config(threshold=1.0), LLMInt8Linear),
     ]:
+        method = config.name
         lm = loaded("llama")
-        quantize_model(lm, QuantSpec(bits=8, granularity="channel", group_size=None), method=method, calibration=calibration, progress=False, **kwargs)
+        quantize_model(lm, config, calibration=calibration, progress=False)
         assert all(isinstance(m, kind) for n, m in lm.model.named_modules() if n.endswith(("q_proj", "down_proj")))
         again = load_quantized(save_quantized(lm, tmp_path / method))
         with torch.no_grad():
@@ -168,8 +168,7 @@ def test_smoothquant_leaves_w8a8_inputs_flatter(tmp_path):
             block.input_layernorm.weight[7] = 40.0
     samples = calibration.tokens(lm.tokenizer)
     before = analyse_outliers(lm, samples)
-    quantize_model(lm, QuantSpec(bits=8, granularity="channel", group_size=None), method="smoothquant",
-                   calibration=calibration, w8a8=W8A8Options("tensor", alpha=0.5), progress=False)
+    quantize_model(lm, SmoothQuantConfig(act_granularity="tensor", alpha=0.5), calibration=calibration, progress=False)
     captured = []
     hook = lm.model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
     with torch.no_grad():
@@ -210,8 +209,7 @@ def test_llm_int8_reports_outlier_share(tmp_path):
     with torch.no_grad():
         for block in lm.model.model.layers:
             block.input_layernorm.weight[5] = 50.0
-    result = quantize_model(lm, QuantSpec(bits=8, granularity="channel", group_size=None), method="llm-int8",
-                            calibration=CalibrationConfig(text_file=str(text), samples=4, ctx=64), threshold=6.0, progress=False)
+    result = quantize_model(lm, LLMInt8Config(threshold=6.0), calibration=CalibrationConfig(text_file=str(text), samples=4, ctx=64), progress=False)
     q = next(r for r in result.layers if r.name.endswith("0.self_attn.q_proj"))
     assert q.info["outlier_channels"] >= 1 and q.info["output_error"] < q.info["baseline_output_error"]
     module = lm.model.model.layers[0].self_attn.q_proj

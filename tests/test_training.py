@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import TEXT, byte_tokenizer, tiny_llama
-from lowbit import QuantSpec, load_model, load_quantized, quantize_model, save_quantized
+from lowbit import NF4Config, QuantSpec, load_model, load_quantized, quantize_model, save_quantized
 from lowbit.modules import QuantLinear, storage_bytes
 from lowbit.numerics import CODEBOOKS, dequantize, quantize
 from lowbit.numerics.codebooks import minifloat_levels, normal_float_levels
@@ -149,7 +149,7 @@ def test_lora_starts_as_identity_and_a_training_step_lowers_the_loss():
 
 def test_qlora_adapters_save_load_and_merge(tiny_llama_dir, tmp_path):
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(loaded, QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True), method="nf4", progress=False)
+    quantize_model(loaded, NF4Config(spec=QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True, scale_dtype="float32")), progress=False)
     config = LoRAConfig(rank=4, alpha=8, dropout=0.0)
     add_lora(loaded.model, config)
     tokens = torch.tensor(byte_tokenizer()(TEXT, add_special_tokens=False).input_ids)
@@ -161,7 +161,7 @@ def test_qlora_adapters_save_load_and_merge(tiny_llama_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["adapter_config.json", "adapters.safetensors"]
     # a fresh NF4 base plus the saved adapters computes the same
     fresh = load_model(str(tiny_llama_dir))
-    quantize_model(fresh, QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True), method="nf4", progress=False)
+    quantize_model(fresh, NF4Config(spec=QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True, scale_dtype="float32")), progress=False)
     load_adapters(fresh.model, tmp_path / "adapters")
     with torch.no_grad():
         torch.testing.assert_close(fresh.model(x).logits, tuned)
@@ -172,7 +172,7 @@ def test_qlora_adapters_save_load_and_merge(tiny_llama_dir, tmp_path):
 
 def test_nf4_checkpoint_round_trips(tiny_llama_dir, tmp_path):
     loaded = load_model(str(tiny_llama_dir))
-    quantize_model(loaded, QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True), method="nf4", progress=False)
+    quantize_model(loaded, NF4Config(spec=QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True, scale_dtype="float32")), progress=False)
     again = load_quantized(save_quantized(loaded, tmp_path / "q"))
     x = torch.randint(0, 256, (1, 20))
     with torch.no_grad():

@@ -24,7 +24,19 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.numerics.quantize import Quantized, choose_range, decode, encode, expand_groups, fake_quantize, group_size_of, grouped, params_from_range
+from lowbit.numerics.quantization import (
+    Quantized,
+    as_rows,
+    choose_range,
+    decode,
+    encode,
+    expand_groups,
+    fake_quantize,
+    group_size_of,
+    grouped,
+    params_from_range,
+    quantize_with_params,
+)
 from lowbit.numerics.spec import QuantSpec
 
 DEFAULT_GRID = 20
@@ -60,8 +72,8 @@ def clip_quantize(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: 
     {1, 1 - max_shrink/grid, ..., 1 - max_shrink} that minimises Σ_t (x_t,g · (w_g - ŵ_g))²,
     the group's contribution to the output error on sample inputs ``x`` (tokens, in)."""
     w = weight.detach().float()
-    rows = w.reshape(1, -1) if spec.granularity == "tensor" else w
     if spec.granularity == "tensor":  # one range for everything: nothing per group to choose
+        rows = as_rows(w, spec)
         return _quantize_with_ranges(w, spec, *choose_range(grouped(rows, rows.shape[1]), spec), rows.shape[1])
     group_size = group_size_of(tuple(w.shape), spec, name)
     cols = w.shape[1]
@@ -84,9 +96,4 @@ def clip_quantize(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: 
 
 
 def _quantize_with_ranges(w: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor, group_size: int) -> Quantized:
-    scale, zero = params_from_range(lo, hi, spec)
-    rows = w.reshape(1, -1) if spec.granularity == "tensor" else w
-    cols = rows.shape[1]
-    s, z = expand_groups(scale, group_size, cols), None if zero is None else expand_groups(zero, group_size, cols)
-    codes = encode(rows, s, z, spec).reshape(w.shape)
-    return Quantized(codes=codes, scale=scale, zero=zero, group_size=group_size, spec=spec)
+    return quantize_with_params(w, *params_from_range(lo, hi, spec), group_size, spec)

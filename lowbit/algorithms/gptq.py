@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.numerics.quantize import Quantized, decode, encode, find_params, group_size_of
+from lowbit.numerics.quantization import Quantized, as_rows, decode, encode, find_params, group_size_of
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import QuantizedWeight
 
@@ -104,7 +104,7 @@ def gptq(
     scales = torch.zeros(1 if spec.granularity == "tensor" else out_features, n_groups)
     zeros = torch.zeros_like(scales) if spec.has_zero else None
     if not grouped:  # one (S, Z) per row or per tensor, fixed before any update (as the paper)
-        rows = W.reshape(1, -1) if spec.granularity == "tensor" else W
+        rows = as_rows(W, spec)
         scales, zeros = find_params(rows, spec, rows.shape[1])
     elif static_groups:
         scales, zeros = find_params(W, spec, group_size)
@@ -156,11 +156,6 @@ def gptq(
         g_idx = group_of[inverse]
     quantized = Quantized(codes=codes[:, inverse], scale=scales, zero=zeros, group_size=group_size, spec=spec, g_idx=g_idx)
     return GPTQResult(quantized=quantized, dequantized=Q[:, inverse], damp=damp_used)
-
-
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, **options) -> QuantizedWeight:
-    """GPTQ of one weight, packed. Options as for `gptq`."""
-    return gptq(weight, hessian, spec, **options).weight
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.numerics.quantize import quantize
+from lowbit.numerics.quantization import quantize
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import QuantizedWeight
 

@@ -17,7 +17,52 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from lowbit.methods.config import HEAD_SPECS
 from lowbit.modules import QUANTIZED_MODULES, storage_bytes
+from lowbit.numerics.spec import QuantSpec
+from lowbit.packed.qweight import bits_per_weight, stored_bytes
+
+# The weight formats of the decode-speed table (built by `lowbit.inference.speed`, priced by
+# `lowbit.analysis.roofline_report`): block linears at these specs; an "h8" variant also
+# rounds the output head to int8 per channel; the others keep a float32 head.
+VARIANT_SPECS = {"W8": QuantSpec(bits=8, granularity="channel", group_size=None), "W4": QuantSpec(bits=4, group_size=128),
+                 "W4A8": QuantSpec(bits=4, group_size=128)}
+FLOAT_VARIANT_BITS = {"float32": 32.0, "bf16": 16.0}
+HEAD_VARIANT_SPEC = HEAD_SPECS[8]
+
+
+def variant_bits(variant: str, row: int = 2048) -> tuple[float, float]:
+    """Storage bits per weight of a variant's block linears and of its output head, from
+    their specs (scales priced on square ``row``-column layers: per-channel scales cost
+    16 / row bits). bf16 halves the head too; other variants keep a float32 head."""
+    if variant in FLOAT_VARIANT_BITS:
+        bits = FLOAT_VARIANT_BITS[variant]
+        return bits, bits
+    def bits_of(spec: QuantSpec) -> float:
+        return bits_per_weight(stored_bytes((row, row), spec), row * row)
+
+    head = bits_of(HEAD_VARIANT_SPEC) if variant.endswith("h8") else 32.0
+    return bits_of(VARIANT_SPECS[variant.split()[0]]), head
+
+
+@dataclass
+class SpeedRow:
+    """One row of the roofline table: a weight format, its predicted decode tokens/s and
+    prefill time, and (when the variant was built and run) the measured ones (NaN if not)."""
+
+    variant: str
+    bits_per_weight: float
+    weight_bytes: int
+    decode_tokens_per_second: float
+    predicted_tokens_per_second: float
+    prefill_seconds: float
+    predicted_prefill_seconds: float
+    intensity: float
+    bound: str
+    rounds: int = 0  # measured runs behind the medians (0: a prediction only)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -7,27 +7,23 @@ from pathlib import Path
 
 from torch import nn
 
-from lowbit.analysis.roofline import Machine, StepCost, decode_cost, prefill_cost
-from lowbit.inference.speed import SpeedRow
+from lowbit.analysis.roofline import Machine, SpeedRow, StepCost, decode_cost, prefill_cost, variant_bits
 
-# Storage bits per weight of each variant's quantised block linears (codes + float16 scales;
-# per-channel scales priced at a 2048-column row), and of its output head.
-VARIANT_BITS = {"float32": 32.0, "bf16": 16.0, "W8": 8.0 + 16 / 2048, "W4": 4.0 + 16 / 128, "W4 h8": 4.0 + 16 / 128}
-HEAD_BITS = {"bf16": 16.0, "W4 h8": 8.0 + 16 / 2048}  # the rest keep a float32 head
+PREDICTED_VARIANTS = ("float32", "bf16", "W8", "W4", "W4 h8")  # W4A8 costs what W4 does in bytes
 
 
 def predicted_rows(model: nn.Module, machine: Machine, ctx: int, kv_bits: float = 32.0) -> list[SpeedRow]:
     """The roofline's prediction for each variant without building it: the float model's
     step with its block linears re-priced at the variant's bits (lm_head keeps the model's
-    width, or HEAD_BITS)."""
+    width, or an int8 head's: `variant_bits`)."""
     base = decode_cost(model, ctx, kv_bits)
     base_prefill = prefill_cost(model, ctx, kv_bits)
     head = model.get_output_embeddings()
     head_weights = head.in_features * head.out_features
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)) - head_weights
     rows = []
-    for variant, bits in VARIANT_BITS.items():
-        head_bits = HEAD_BITS.get(variant, 32.0)
+    for variant in PREDICTED_VARIANTS:
+        bits, head_bits = variant_bits(variant)
         weight_bytes = int(weights * bits / 8 + head_weights * head_bits / 8)
         step = StepCost(weight_bytes, base.kv_bytes, base.flops)
         prefill = StepCost(weight_bytes, base_prefill.kv_bytes, base_prefill.flops)
@@ -74,7 +70,7 @@ def write_chart(rows: list[SpeedRow], machine: Machine, model: nn.Module, ctx: i
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(bits, roof(head_bytes), color="black", lw=1.5, label=f"roofline ({machine.bandwidth_gbps:.0f} GB/s, {machine.peak_gflops:.0f} GFLOP/s)")
     if any(r.variant.endswith("h8") for r in rows):
-        ax.plot(bits, roof(head_bytes * HEAD_BITS["W4 h8"] / 32), color="black", lw=1, ls="--", label="roofline, int8 head")
+        ax.plot(bits, roof(head_bytes * variant_bits("W4 h8")[1] / 32), color="black", lw=1, ls="--", label="roofline, int8 head")
     for r in rows:
         ax.scatter([r.bits_per_weight], [r.predicted_tokens_per_second], marker="x", color="grey")
         if not math.isnan(r.decode_tokens_per_second):

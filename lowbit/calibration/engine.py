@@ -37,6 +37,7 @@ from lowbit.models.architectures import Architecture, LinearGroup, decoder_block
 from lowbit.models.loading import LoadedModel
 from lowbit.modules import QUANTIZED_MODULES, storage_bytes
 from lowbit.modules.swap import set_module
+from lowbit.packed.qweight import bits_per_weight
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,13 @@ class Statistics(Protocol):
 
 
 class CalibratedMethod(Protocol):
-    """What the engine asks of an algorithm (see `lowbit.calibration.methods`)."""
+    """What the engine asks of a calibrated method: its registered config (`lowbit.methods`,
+    e.g. `GPTQConfig`) implements these two. ``quantize_group`` gets all of a group's float
+    linears by name (``linears``) and the ones to quantise (``selected``: a method that
+    rescales the group's input must rescale every linear that reads it); each report
+    carries ``weight_sqnr_db`` and, on the calibration inputs, ``output_error`` (mean squared
+    output error per token) beside ``baseline_output_error`` of the simplest method of the
+    same format (named by ``baseline``)."""
 
     name: str
 
@@ -131,13 +138,18 @@ def capture_block_inputs(model: nn.Module, arch: Architecture, samples: torch.Te
 
 @dataclass
 class LayerResult:
-    """One quantised linear: its name, weight shape (out, in), storage bits per weight and
-    what the method reports (weight_sqnr_db always; output errors for calibrated methods)."""
+    """One quantised linear: its name, weight shape (out, in), the bytes it stores for its
+    weight (codes, scales, zero-points; no bias) and what the method reports (weight_sqnr_db
+    always; output errors for calibrated methods)."""
 
     name: str
     shape: tuple[int, int]
-    bits_per_weight: float
+    nbytes: int
     info: dict
+
+    @property
+    def bits_per_weight(self) -> float:
+        return bits_per_weight(self.nbytes, self.shape[0] * self.shape[1])
 
 
 @dataclass
@@ -243,8 +255,7 @@ def calibrate_and_quantize(
                 for n, module, info in method.quantize_group(block, group, everyone, names, stats[group.role], arch):
                     full = f"{prefix}.{n}"
                     set_module(block, n, module)
-                    shape = (module.out_features, module.in_features)
-                    result.layers.append(LayerResult(full, shape, 8 * storage_bytes(module) / (shape[0] * shape[1]), info))
+                    result.layers.append(LayerResult(full, (module.out_features, module.in_features), storage_bytes(module), info))
                     summary.append(f"{n.rsplit('.', 1)[-1]} {_short(info)}")
         for batch in batches:
             batch.hidden = _block_output(block(batch.hidden, **batch.block_kwargs[index]))

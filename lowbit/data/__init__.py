@@ -1,5 +1,10 @@
 """Calibration and evaluation text."""
 
-from lowbit.data.corpora import CORPORA, TokenSplit, calibration_samples, eval_windows, load_text, tokenize_split
+from lowbit._lazy import lazy_exports
 
-__all__ = ["CORPORA", "TokenSplit", "calibration_samples", "eval_windows", "load_text", "tokenize_split"]
+_EXPORTS = {
+    **dict.fromkeys(["CORPORA", "DEFAULT_CORPUS", "load_text"], "lowbit.data.texts"),
+    **dict.fromkeys(["TokenSplit", "calibration_samples", "eval_windows", "tokenize_split"], "lowbit.data.corpora"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

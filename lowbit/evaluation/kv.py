@@ -23,7 +23,7 @@ class KVQuality:
     perplexity_float: float
     perplexity: float
     kld: float
-    top1_agreement: float
+    top1_percent: float  # 0-100, as EvalResult
     tokens: int
     float_cache_bytes: int
     cache_bytes: int
@@ -61,4 +61,4 @@ def kv_cache_quality(model: nn.Module, windows: torch.Tensor, spec: KVSpec, chun
         agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
         tokens += len(targets)
         bytes_f, bytes_q = cache_bytes(float_cache), cache_bytes(quant_cache)
-    return KVQuality(math.exp(nll_f / tokens), math.exp(nll_q / tokens), kld / tokens, agree / tokens, tokens, bytes_f, bytes_q)
+    return KVQuality(math.exp(nll_f / tokens), math.exp(nll_q / tokens), kld / tokens, 100.0 * agree / tokens, tokens, bytes_f, bytes_q)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +20,8 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.modules import QUANTIZED_MODULES, storage_bytes
+from lowbit.modules.quant_linear import dequantized_once
+from lowbit.packed.qweight import bits_per_weight
 
 
 @dataclass
@@ -27,9 +30,10 @@ class EvalResult:
 
     perplexity: exp(mean negative log-likelihood per predicted token).
     kld: mean KL(P_ref || P_model) per position, nats; None without a reference.
-    top1_agreement: share of positions whose argmax equals the reference's; None without one.
+    top1_percent: percentage of positions whose argmax equals the reference's (0-100, as the
+        CLI's table prints it); None without a reference.
     tokens: predicted tokens scored.
-    bits_per_weight: storage bits per weight of the linear layers (lm_head excluded).
+    bits_per_weight: storage bits per weight of the linear layers (the output head excluded).
     model_bytes: bytes of all the model's tensors (tied tensors once).
     seconds: wall time of this model's forward passes.
     """
@@ -37,7 +41,7 @@ class EvalResult:
     label: str
     perplexity: float
     kld: float | None
-    top1_agreement: float | None
+    top1_percent: float | None
     tokens: int
     bits_per_weight: float
     model_bytes: int
@@ -58,21 +62,23 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def linear_bits_per_weight(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> float:
-    """Storage bits per weight over the model's linear layers, float or quantised; a layer is
-    left out when any part of its dotted name is in ``exclude`` (so the QuantLinear a kernel
-    wraps, ``lm_head.reference``, is left out with its ``lm_head``)."""
-    bits = count = 0
-    for name, module in model.named_modules():
-        if any(part in exclude for part in name.split(".")):
+def linear_bits_per_weight(model: nn.Module) -> float:
+    """Storage bits per weight over the model's linear layers, float or quantised, leaving
+    out the output head (`get_output_embeddings`) and everything inside it (the QuantLinear
+    a kernel wraps, ``lm_head.reference``, goes with its ``lm_head``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside_head = set() if head is None else {id(m) for m in head.modules()}
+    nbytes = count = 0
+    for module in model.modules():
+        if id(module) in inside_head:
             continue
         if isinstance(module, tuple(QUANTIZED_MODULES.values())):
-            bits += 8 * storage_bytes(module)
+            nbytes += storage_bytes(module)
             count += module.out_features * module.in_features
         elif isinstance(module, nn.Linear):
-            bits += 8 * module.weight.numel() * module.weight.element_size()
+            nbytes += module.weight.numel() * module.weight.element_size()
             count += module.weight.numel()
-    return bits / count if count else float("nan")
+    return bits_per_weight(nbytes, count) if count else float("nan")
 
 
 # Positions x vocabulary elements of one float32 chunk of logits: 32 M floats = 128 MB, so
@@ -137,8 +143,33 @@ def evaluate(
     log-softmax, KLD and top-1 are then computed in chunks of positions, the reference's
     chunk once and shared. A model that is the reference object itself is not run twice.
     KL is summed as Σ P_ref (log P_ref - log P) with the difference taken first, so small
-    divergences do not cancel away in float32.
+    divergences do not cancel away in float32. Quantised layers compute with their weights
+    dequantised once for the whole evaluation (`dequantized_once`): the same numbers as
+    dequantising on every call, at the float model's speed.
     """
+    _check_inputs(models, windows, reference)
+    with ExitStack() as stack:
+        for model in {id(m): m for m in [*models.values(), *([reference] if reference is not None else [])]}.values():
+            stack.enter_context(dequantized_once(model))
+        return _evaluate(models, windows, reference, progress)
+
+
+def _check_inputs(models, windows, reference) -> None:
+    if not isinstance(models, dict) or not models:
+        raise LowbitError("evaluate needs at least one model: pass {label: model}, e.g. {'w4': loaded.model}")
+    for label, model in [*models.items(), *([("reference", reference)] if reference is not None else [])]:
+        if not isinstance(model, nn.Module) or not hasattr(model, "get_output_embeddings"):
+            raise LowbitError(f"evaluate: {label!r} is a {type(model).__name__}, not a causal LM; pass loaded.model")
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        raise LowbitError("evaluate takes windows as an int64 (n, ctx) tensor; build them with lowbit.data.eval_windows")
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise LowbitError(f"evaluate got windows of shape {tuple(windows.shape)}; give at least one window of at least 2 tokens")
+    vocab = min(m.get_output_embeddings().out_features for m in [*models.values(), *([reference] if reference is not None else [])])
+    if int(windows.min()) < 0 or int(windows.max()) >= vocab:
+        raise LowbitError(f"evaluate: the windows hold token ids outside [0, {vocab}) (the model's vocabulary); tokenise with the model's own tokenizer")
+
+
+def _evaluate(models: dict[str, nn.Module], windows: torch.Tensor, reference: nn.Module | None, progress: bool) -> list[EvalResult]:
     ref_label = next((label for label, m in models.items() if m is reference), "__reference__")
     runs = {label: m for label, m in models.items() if m is not reference}  # each model run once
     if reference is not None:
@@ -189,7 +220,7 @@ def evaluate(
             label=label,
             perplexity=math.exp(nll[label] / positions),
             kld=kld[label] / positions if reference is not None else None,
-            top1_agreement=agree[label] / positions if reference is not None else None,
+            top1_percent=100.0 * agree[label] / positions if reference is not None else None,
             tokens=positions,
             bits_per_weight=linear_bits_per_weight(model),
             model_bytes=model_bytes(model),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from lowbit.evaluation.metrics import EvalResult
+from lowbit.outputs import new_file
 
 
 def _fmt(value, spec: str) -> str:
@@ -24,15 +24,12 @@ def results_table(results: Sequence[EvalResult], baseline: str | None = None) ->
         lines.append(
             f"{r.label:<28} {r.bits_per_weight:>7.2f} {r.model_bytes / 1e6:>8.1f} {r.perplexity:>9.3f} "
             f"{_fmt(delta, '+.1f') + ('%' if delta is not None else ''):>8} {_fmt(r.kld, '.4f'):>8} "
-            f"{_fmt(None if r.top1_agreement is None else 100 * r.top1_agreement, '.1f'):>7} {r.tokens:>7} {r.seconds:>7.1f}"
+            f"{_fmt(r.top1_percent, '.1f'):>7} {r.tokens:>7} {r.seconds:>7.1f}"
         )
     return "\n".join(lines)
 
 
 def write_json(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as JSON via a temporary name, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    with new_file(path, "JSON output") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")

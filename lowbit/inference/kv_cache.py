@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from lowbit.errors import LowbitError
-from lowbit.numerics.quantize import quantize
+from lowbit.numerics.quantization import quantize
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import QuantizedWeight
 

@@ -19,39 +19,20 @@ from __future__ import annotations
 import copy
 import gc
 import statistics
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from lowbit.analysis.roofline import Machine, decode_cost, prefill_cost
+from lowbit.analysis.roofline import HEAD_VARIANT_SPEC, VARIANT_SPECS, Machine, SpeedRow, decode_cost, prefill_cost
+from lowbit.evaluation.metrics import linear_bits_per_weight
 from lowbit.inference.generate import generate
 from lowbit.kernels.cpu import use_cpu_kernels
+from lowbit.methods.rtn import RTNConfig
 from lowbit.models.architectures import architecture_for
 from lowbit.models.loading import LoadedModel
-from lowbit.numerics.spec import QuantSpec
-from lowbit.pipeline import HEAD_SPECS, quantize_model
+from lowbit.pipeline import quantize_model
 
 VARIANTS = ("float32", "bf16", "W8", "W4", "W4A8", "W4 h8", "W4A8 h8", "W4 ref")
-SPECS = {"W8": QuantSpec(bits=8, granularity="channel", group_size=None), "W4": QuantSpec(bits=4, group_size=128),
-         "W4A8": QuantSpec(bits=4, group_size=128)}
-
-
-@dataclass
-class SpeedRow:
-    variant: str
-    bits_per_weight: float
-    weight_bytes: int
-    decode_tokens_per_second: float
-    predicted_tokens_per_second: float
-    prefill_seconds: float
-    predicted_prefill_seconds: float
-    intensity: float
-    bound: str
-    rounds: int = 0  # measured runs behind the medians (0: a prediction only)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def random_llama(hidden: int = 2048, intermediate: int = 5632, layers: int = 22, heads: int = 32, kv_heads: int = 4, vocab: int = 32000, seed: int = 0) -> nn.Module:
@@ -73,20 +54,13 @@ def build_variant(model: nn.Module, variant: str) -> nn.Module:
         return model
     if variant == "bf16":
         return copy.deepcopy(model).to(torch.bfloat16)
-    spec = SPECS[variant.split()[0]]
     copy_ = copy.deepcopy(model)
     loaded = LoadedModel(model=copy_, tokenizer=None, source="speed", arch=architecture_for(copy_.config.model_type))
-    head_spec = HEAD_SPECS[8] if variant.endswith("h8") else None
-    quantize_model(loaded, spec, method="rtn", head_spec=head_spec, progress=False)
+    config = RTNConfig(spec=VARIANT_SPECS[variant.split()[0]], head=HEAD_VARIANT_SPEC if variant.endswith("h8") else None)
+    quantize_model(loaded, config, progress=False)
     if not variant.endswith("ref"):
         use_cpu_kernels(copy_, int8_activations=variant.startswith("W4A8"))
     return copy_
-
-
-def bits_per_weight(model: nn.Module) -> float:
-    from lowbit.evaluation.metrics import linear_bits_per_weight
-
-    return linear_bits_per_weight(model)
 
 
 def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, new_tokens: int = 32,
@@ -113,7 +87,7 @@ def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, n
         variant_model = built[variant]
         step = decode_cost(variant_model, prompt_len + new_tokens // 2)
         prefill = prefill_cost(variant_model, prompt_len)
-        rows.append(SpeedRow(variant, bits_per_weight(variant_model), step.weight_bytes,
+        rows.append(SpeedRow(variant, linear_bits_per_weight(variant_model), step.weight_bytes,
                              statistics.median(r.decode_tokens_per_second for r in runs[variant]), 1.0 / step.seconds(machine),
                              statistics.median(r.prefill_seconds for r in runs[variant]), prefill.seconds(machine), step.intensity,
                              step.bound(machine), len(runs[variant])))

@@ -1,7 +1,11 @@
 """Models: the architecture table, packaged models and offline loading."""
 
-from lowbit.models.architectures import ARCHITECTURES, Architecture, architecture_for
-from lowbit.models.loading import LoadedModel, load_model
-from lowbit.models.registry import DEFAULT_MODEL, NAMED_MODELS
+from lowbit._lazy import lazy_exports
 
-__all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "NAMED_MODELS", "Architecture", "LoadedModel", "architecture_for", "load_model"]
+_EXPORTS = {
+    **dict.fromkeys(["ARCHITECTURES", "Architecture", "architecture_for"], "lowbit.models.architectures"),
+    "LoadedModel": "lowbit.models.loading",
+    **dict.fromkeys(["DEFAULT_MODEL", "NAMED_MODELS"], "lowbit.models.registry"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -45,6 +45,7 @@ class Architecture:
     groups: the block's linear groups in execution order.
     norm_offset: the norm multiplies by (offset + weight): 0 for Llama-style RMSNorm and
         LayerNorm, 1 for Gemma's RMSNorm.
+    gguf_names: values of a GGUF file's ``general.architecture`` that load as this family.
     """
 
     name: str
@@ -52,6 +53,7 @@ class Architecture:
     blocks: str
     groups: tuple[LinearGroup, ...]
     norm_offset: float = 0.0
+    gguf_names: tuple[str, ...] = ()
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -68,11 +70,11 @@ def _llama_like(mlp_norm: str) -> tuple[LinearGroup, ...]:
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama",), "model.layers", _llama_like("post_attention_layernorm")),
-    Architecture("qwen2", ("qwen2",), "model.layers", _llama_like("post_attention_layernorm")),
-    Architecture("mistral", ("mistral",), "model.layers", _llama_like("post_attention_layernorm")),
+    Architecture("llama", ("llama",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("llama",)),
+    Architecture("qwen2", ("qwen2",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("qwen2",)),
+    Architecture("mistral", ("mistral",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("mistral",)),
     # Gemma 3 normalises attention and MLP outputs too; the MLP's input norm is pre_feedforward_layernorm.
-    Architecture("gemma3", ("gemma3_text",), "model.layers", _llama_like("pre_feedforward_layernorm"), norm_offset=1.0),
+    Architecture("gemma3", ("gemma3_text",), "model.layers", _llama_like("pre_feedforward_layernorm"), norm_offset=1.0, gguf_names=("gemma3",)),
     Architecture(
         "opt",
         ("opt",),
@@ -99,6 +101,15 @@ def architecture_for(model_type: str) -> Architecture:
     raise LowbitError(
         f"architecture {model_type!r} is not supported; lowbit supports {', '.join(supported_model_types())}"
     )
+
+
+def architecture_for_gguf(gguf_name: str, path) -> Architecture:
+    """The table row for a GGUF file whose ``general.architecture`` is ``gguf_name``."""
+    for arch in ARCHITECTURES:
+        if gguf_name in arch.gguf_names:
+            return arch
+    names = sorted(n for arch in ARCHITECTURES for n in arch.gguf_names)
+    raise LowbitError(f"{path}: GGUF architecture {gguf_name!r} is not supported; lowbit reads GGUF files of {', '.join(names)}")
 
 
 def decoder_blocks(model: nn.Module, arch: Architecture) -> nn.ModuleList:

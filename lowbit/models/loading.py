@@ -1,10 +1,12 @@
-"""Load a model fully offline: a named packaged model, a GGUF file, a Hugging Face
-checkpoint directory, or a lowbit quantised directory.
+"""Load a float model fully offline: a named packaged model, a GGUF file or a Hugging Face
+checkpoint directory (`lowbit.loader.load_model` adds lowbit's quantised directories).
 
-GGUF files are dequantised by transformers' GGUF reader, which takes 40-100 s for the
-packaged models on two cores (most of it parsing the tokenizer vocabulary), so the result is
-converted once into a Hugging Face directory under the cache (`registry.cache_dir()`),
-keyed by the file's path, size and modification time, and loaded from there afterwards.
+GGUF files are dequantised by transformers' GGUF reader, which takes 15-40 s for the
+packaged models on two cores (much of it parsing the tokenizer vocabulary), so the result
+is converted once into a Hugging Face directory under the cache (`registry.cache_dir()`),
+keyed by the file's path, size and modification time (a changed file converts again and
+its stale conversion is removed), and loaded from there afterwards. A conversion that
+fails, or whose weights hold NaN or Inf, is not cached.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +23,15 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lowbit.errors import LowbitError
-from lowbit.models.architectures import Architecture, architecture_for
-from lowbit.models.registry import NAMED_MODELS, cache_dir
+from lowbit.errors import LowbitError, one_line
+from lowbit.models.architectures import Architecture, architecture_for, architecture_for_gguf
+from lowbit.models.refs import check_gguf_magic
+from lowbit.models.registry import cache_dir
+from lowbit.outputs import new_directory
 
 log = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
-CHECKPOINT_FILE = "lowbit.safetensors"
+SOURCE_RECORD = "lowbit-source.json"
 
 
 @dataclass
@@ -50,91 +53,113 @@ class LoadedModel:
         return self.header is not None
 
 
-def describe_model_ref() -> str:
-    return f"a named model ({', '.join(NAMED_MODELS)}), a .gguf file or a checkpoint directory"
-
-
-def load_model(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``ref``: a name from `NAMED_MODELS`, a ``.gguf`` file, a Hugging Face directory
-    (config.json + safetensors) or a lowbit directory. Float weights come in ``dtype``."""
-    if ref in NAMED_MODELS:
-        return _load_gguf(NAMED_MODELS[ref].locate(), source=ref, dtype=dtype)
-    path = Path(ref)
-    if not path.exists():
-        raise LowbitError(f"model {ref!r} not found; give {describe_model_ref()}")
-    if path.is_file():
-        return _load_gguf(path, source=str(path.resolve()), dtype=dtype)
-    if (path / CHECKPOINT_FILE).is_file():
-        from lowbit.checkpoint import load_quantized
-
-        return load_quantized(path, dtype=dtype)
-    if (path / "config.json").is_file():
-        return load_hf_dir(path, source=str(path.resolve()), dtype=dtype)
-    raise LowbitError(f"{path} holds neither {CHECKPOINT_FILE} nor config.json; give {describe_model_ref()}")
-
-
-def check_gguf_magic(path: Path) -> None:
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise LowbitError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); give a .gguf file or a checkpoint directory")
-
-
 def _gguf_cache_path(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir() / "converted" / f"{path.stem}-{key}"
 
 
+def gguf_architecture(path: Path) -> Architecture:
+    """The architecture row of a GGUF file, from its metadata alone (fast, no weights read)."""
+    from gguf import GGUFReader
+
+    check_gguf_magic(path)
+    try:
+        reader = GGUFReader(str(path))
+        name = reader.fields["general.architecture"].contents()
+    except (ValueError, KeyError, IndexError, OSError) as err:
+        raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
+    return architecture_for_gguf(name, path)
+
+
+def _first_non_finite(model: torch.nn.Module) -> str | None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def _remove_stale_conversions(path: Path, keep: Path) -> None:
+    """Drop earlier conversions of the same file (made before it changed)."""
+    for other in keep.parent.glob(f"{path.stem}-*"):
+        record = other / SOURCE_RECORD
+        if other != keep and record.is_file():
+            try:
+                stale = json.loads(record.read_text()).get("gguf") == str(path.resolve())
+            except (OSError, ValueError):
+                continue
+            if stale:
+                shutil.rmtree(other, ignore_errors=True)
+
+
 def convert_gguf(path: Path) -> Path:
     """Dequantise a GGUF file into a Hugging Face float32 directory in the cache, once.
 
-    Written to a temporary directory and renamed, so an interrupted conversion leaves nothing
-    that a later run would mistake for a finished one.
+    Written to a temporary directory and renamed (`lowbit.outputs.new_directory`), so an
+    interrupted or failed conversion leaves nothing that a later run would mistake for a
+    finished one; a conversion with NaN or Inf weights is refused, not cached.
     """
-    check_gguf_magic(path)
     target = _gguf_cache_path(path)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.warning("converting %s once into %s (dequantising GGUF takes a minute or two)", path.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    gguf_architecture(path)
+    start = time.perf_counter()
+    log.warning("converting %s once into the cache %s (dequantising a GGUF takes 15-40 s for the packaged models)", path.name, target.parent)
+    with new_directory(target, "GGUF conversion") as tmp:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True)
-        except (ValueError, KeyError, IndexError, OSError) as err:
-            raise LowbitError(f"could not read GGUF {path}: {err}; the file is truncated, corrupted or of an architecture transformers cannot read") from err
+        except (ValueError, KeyError, IndexError, OSError, RuntimeError) as err:
+            raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
         architecture_for(model.config.model_type)
+        bad = _first_non_finite(model)
+        if bad is not None:
+            raise LowbitError(f"GGUF {path} dequantises to NaN or Inf in {bad}; the file is corrupted (nothing was cached)")
         # The weights are plain float32 now; drop the GGUF marker so they save as such.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "lowbit-source.json").write_text(json.dumps({"gguf": str(path.resolve()), "size": path.stat().st_size}))
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        stat = path.stat()
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+    _remove_stale_conversions(path, target)
+    log.warning("converted %s in %.0f s", path.name, time.perf_counter() - start)
     return target
 
 
-def _load_gguf(path: Path, source: str, dtype: torch.dtype) -> LoadedModel:
+def load_gguf(path: Path, source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A GGUF file, dequantised to float (through the conversion cache)."""
     return load_hf_dir(convert_gguf(path), source=source, dtype=dtype)
+
+
+def read_config(path: Path):
+    """The Hugging Face config of a directory (config.json only: fast, no weights)."""
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError) as err:
+        raise LowbitError(f"could not read {path / 'config.json'}: {one_line(err)}") from None
+
+
+def read_tokenizer(path: Path):
+    """The tokenizer saved in a directory."""
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError) as err:
+        raise LowbitError(f"could not read the tokenizer in {path}: {one_line(err)}") from None
 
 
 def load_hf_dir(path: Path, source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A Hugging Face causal-LM directory (config.json, safetensors, tokenizer files)."""
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError) as err:
-        raise LowbitError(f"could not read {path / 'config.json'}: {err}") from err
-    arch = architecture_for(config.model_type)
+    arch = architecture_for(read_config(path).model_type)
     try:
         # disable_mmap: weights in owned memory, so dropping a float weight really frees it
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, disable_mmap=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise LowbitError(f"could not load the checkpoint in {path}: {err}; a file is missing, truncated or corrupted") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise LowbitError(f"could not load the checkpoint in {path}: {one_line(err)}; a file is missing, truncated or corrupted") from None
+    bad = _first_non_finite(model)
+    if bad is not None:
+        raise LowbitError(f"{path}: tensor {bad} holds NaN or Inf; the checkpoint is corrupted")
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, arch=arch)

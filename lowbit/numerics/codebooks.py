@@ -23,7 +23,7 @@ Minifloats. A value with sign s, exponent e (E bits, bias B) and mantissa m (M b
 
 from __future__ import annotations
 
-import torch
+from statistics import NormalDist
 
 from lowbit.numerics.formats import CodebookFormat, register_codebook
 
@@ -32,10 +32,16 @@ def normal_float_levels(bits: int) -> list[float]:
     """NormalFloat levels for ``bits`` bits (sorted, normalised, with an exact 0)."""
     n = 2**bits
     p_max = 1 - 0.5 * (1 / (2 * n) + 1 / (2 * (n - 1)))
-    positive = torch.special.ndtri(torch.linspace(p_max, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
-    negative = -torch.special.ndtri(torch.linspace(p_max, 0.5, n // 2, dtype=torch.float64)[:-1])
-    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
-    return (levels / levels.abs().max()).tolist()
+    quantile = NormalDist().inv_cdf  # Φ⁻¹ in float64
+
+    def evenly(count: int) -> list[float]:  # `count` probabilities from p_max down to ½, ½ left out
+        return [p_max + (0.5 - p_max) * i / count for i in range(count)]
+
+    positive = [quantile(p) for p in evenly(n // 2)]
+    negative = [-quantile(p) for p in evenly(n // 2 - 1)]
+    levels = sorted([*negative, 0.0, *positive])
+    largest = max(abs(v) for v in levels)
+    return [v / largest for v in levels]
 
 
 def minifloat_levels(exponent_bits: int, mantissa_bits: int, bias: int, reserved_top_exponent: bool = False, nan_top_code: bool = False) -> list[float]:

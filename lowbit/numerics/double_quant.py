@@ -20,7 +20,7 @@ import torch
 
 DQ_BLOCK = 256
 INT8_MAX = 127
-MIN_SCALE = 2.0**-24  # as lowbit.numerics.quantize: no stored scale may be zero
+MIN_SCALE = 2.0**-24  # as lowbit.numerics.quantization: no stored scale may be zero
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,10 @@ class DoubleQuant:
         return cls(tensors["scales_q"], tensors["scales_block"], tensors["scales_offset"], shape)
 
     @staticmethod
-    def expected_shapes(shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    def layout(shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, dtype) of the stored tensors for scales of ``shape``."""
         n = shape[0] * shape[1]
-        return {"scales_q": (n,), "scales_block": (-(-n // DQ_BLOCK),), "scales_offset": (1,)}
+        return {"scales_q": ((n,), "uint8"), "scales_block": ((-(-n // DQ_BLOCK),), "float32"), "scales_offset": ((1,), "float32")}
 
 
 def double_quantize(scale: torch.Tensor) -> DoubleQuant:

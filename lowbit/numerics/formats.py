@@ -11,16 +11,22 @@ Two families share one interface (`bits`, `code_count`, `encode`, `decode`):
 
 Codes are always unsigned integers ``0 .. 2**bits - 1`` so one packing routine serves all
 formats (see `lowbit.numerics.packing`).
+
+The formats are plain descriptions and this module does not import torch when it loads:
+`QuantSpec` validates against them while the CLI parses its arguments, which must take well
+under a second. Only `encode`, `decode` and `table` need tensors, and import torch there.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from lowbit.errors import SpecError
+
+if TYPE_CHECKING:
+    import torch
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -66,10 +72,14 @@ class IntFormat:
 
     def encode(self, q: torch.Tensor) -> torch.Tensor:
         """Integers ``q`` (already clamped to [qmin, qmax]) to unsigned codes, uint8."""
+        import torch
+
         return (q - self.qmin).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Unsigned codes to the integers ``q`` they stand for, float32."""
+        import torch
+
         return codes.to(torch.float32) + self.qmin
 
 
@@ -102,6 +112,8 @@ class CodebookFormat:
         return len(self.levels)
 
     def table(self) -> torch.Tensor:
+        import torch
+
         return torch.tensor(self.levels, dtype=torch.float32)
 
     def encode(self, normalised: torch.Tensor) -> torch.Tensor:
@@ -110,6 +122,8 @@ class CodebookFormat:
         Ties go to the lower level; midpoints between neighbours decide (a bucketize, not an
         argmin over the table, so memory stays O(values)).
         """
+        import torch
+
         table = self.table().to(normalised.device)
         midpoints = (table[1:] + table[:-1]) / 2
         return torch.bucketize(normalised.to(torch.float32), midpoints, right=False).to(torch.uint8)

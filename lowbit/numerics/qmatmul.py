@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.numerics.formats import IntFormat
-from lowbit.numerics.quantize import Quantized
+from lowbit.numerics.quantization import Quantized
 
 
 def integer_values(q: Quantized) -> torch.Tensor:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 from functools import cached_property
 
 from lowbit.errors import SpecError
+from lowbit.numerics import codebooks  # noqa: F401  (registers NF4, FP4 and FP8)
 from lowbit.numerics.formats import CODEBOOKS, CodebookFormat, IntFormat
+from lowbit.settings import from_dict, setting, to_dict
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
+WEIGHT_GRANULARITIES = ("group", "channel", "tensor")  # token: activations only
+ACT_GRANULARITIES = ("token", "tensor")  # int8 activations: per-token dynamic, per-tensor static
 RANGE_METHODS = ("minmax", "percentile", "mse")
 ZERO_POINTS = ("int", "float")
 SCALE_DTYPES = ("float16", "float32")
+DEFAULT_GROUP_SIZE = 128
+DEFAULT_PERCENTILE = 99.9
 
 
 @dataclass(frozen=True)
@@ -38,16 +45,17 @@ class QuantSpec:
         `lowbit.numerics.double_quant`); absmax-scaled formats only (no zero-point).
     """
 
-    bits: int = 4
-    symmetric: bool = True
-    granularity: str = "group"
-    group_size: int | None = 128
-    zero_point: str = "int"
-    range: str = "minmax"
-    percentile: float = 99.9
-    format: str = "int"
-    scale_dtype: str = "float16"
-    double_quant: bool = False
+    bits: int = setting(4, "code width in bits", accepts="an integer from 2 to 8")
+    symmetric: bool = setting(True, "asymmetric range with a zero-point (default: symmetric, Z = 0)", flag="--asym", switch=False)
+    granularity: str = setting("group", "who shares one scale: group_size columns of a row, a whole row (channel) or the tensor",
+                               choices=WEIGHT_GRANULARITIES)
+    group_size: int | None = setting(DEFAULT_GROUP_SIZE, "columns per group (the last group of a row may be shorter)", accepts="a positive integer")
+    zero_point: str = setting("int", "with --asym: an integer zero-point (Eq. 3.3) or a float offset (llama.cpp Q4_1, HQQ)", choices=ZERO_POINTS)
+    range: str = setting("minmax", "how each group's range is chosen (percentile and mse clip)", choices=RANGE_METHODS)
+    percentile: float = setting(DEFAULT_PERCENTILE, "with --range percentile: the percentile kept", accepts="a number in (50, 100]")
+    format: str = setting("int", "number format: integers, or a codebook with absmax scales", choices=("int", *CODEBOOKS))
+    scale_dtype: str = setting("float16", "how scales and offsets are stored", choices=SCALE_DTYPES)
+    double_quant: bool = setting(False, "store the absmax scales in 8 bits (QLoRA double quantisation)", switch=True)
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -61,10 +69,14 @@ class QuantSpec:
             raise SpecError(f"group_size={self.group_size} only applies to granularity 'group', not {self.granularity!r}")
         if self.zero_point not in ZERO_POINTS:
             raise SpecError(f"zero_point {self.zero_point!r} is unknown; use 'int' or 'float'")
+        if self.zero_point != "int" and self.symmetric:
+            raise SpecError(f"zero_point={self.zero_point!r} applies to an asymmetric range; add --asym (symmetric=False) or drop it")
         if self.range not in RANGE_METHODS:
             raise SpecError(f"range {self.range!r} is unknown; use one of {', '.join(RANGE_METHODS)}")
-        if not 50.0 < self.percentile <= 100.0:
+        if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
             raise SpecError(f"percentile={self.percentile} must lie in (50, 100]")
+        if self.percentile != DEFAULT_PERCENTILE and self.range != "percentile":
+            raise SpecError(f"percentile={self.percentile} applies to range 'percentile'; add --range percentile or drop it")
         if self.scale_dtype not in SCALE_DTYPES:
             raise SpecError(f"scale_dtype {self.scale_dtype!r} is unknown; use float16 or float32")
         if self.format != "int":
@@ -114,13 +126,25 @@ class QuantSpec:
         dq = " dq" if self.double_quant else ""
         return f"W{self.bits}{fmt} {where} {kind}{rng}{dq}"
 
+    def with_changes(self, **changes) -> "QuantSpec":
+        """`dataclasses.replace` that keeps related fields consistent: moving to a granularity
+        other than ``group`` drops the group size (giving one as well then fails), moving to
+        ``group`` from one without a group size takes the default, and a codebook format
+        brings its code width unless ``bits`` is given too."""
+        granularity = changes.get("granularity")
+        if granularity is not None and "group_size" not in changes:
+            if granularity != "group":
+                changes["group_size"] = None
+            elif self.group_size is None:
+                changes["group_size"] = DEFAULT_GROUP_SIZE
+        fmt = changes.get("format")
+        if fmt in CODEBOOKS and "bits" not in changes:
+            changes["bits"] = CODEBOOKS[fmt].bits
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise SpecError(f"unknown quantisation spec keys {sorted(unknown)}; this lowbit reads {sorted(known)}")
-        return cls(**data)
+        return from_dict(cls, data, "quantisation spec")

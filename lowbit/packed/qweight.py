@@ -6,6 +6,7 @@ these tensors and kernels read them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,8 +14,50 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.numerics.double_quant import DoubleQuant
 from lowbit.numerics.packing import pack, packed_length, unpack
-from lowbit.numerics.quantize import Quantized, dequantize
+from lowbit.numerics.quantization import Quantized, dequantize
 from lowbit.numerics.spec import QuantSpec
+
+
+ITEMSIZE = {"uint8": 1, "int32": 4, "float16": 2, "float32": 4}
+
+
+def bits_per_weight(nbytes: int, weights: int) -> float:
+    """Storage bits per weight: 8 · stored bytes (codes, scales, zero-points) / weights. The
+    one definition every table, header and report uses."""
+    return 8.0 * nbytes / weights
+
+
+def scale_grid(shape: tuple[int, int], group_size: int, spec: QuantSpec) -> tuple[int, int]:
+    """(rows, n_groups) of the scales of a weight of ``shape``: one per group of each row,
+    one per row (per channel) or a single one (per tensor)."""
+    out_features, in_features = shape
+    n_groups = 1 if spec.granularity in ("tensor", "channel", "token") else -(-in_features // group_size)
+    return (1 if spec.granularity == "tensor" else out_features), n_groups
+
+
+def stored_layout(shape: tuple[int, int], group_size: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of every tensor a weight of ``shape`` (out, in) stores under
+    ``spec`` with ``group_size`` columns per group (the layout of `QuantizedWeight`; an
+    act-order ``g_idx``, int32 (in,), comes on top)."""
+    out_features, in_features = shape
+    rows, n_groups = scale_grid(shape, group_size, spec)
+    layout = {"qdata": ((out_features, packed_length(in_features, spec.bits)), "uint8")}
+    if spec.double_quant:
+        layout.update(DoubleQuant.layout((rows, n_groups)))
+    else:
+        layout["scales"] = ((rows, n_groups), spec.scale_dtype)
+    if spec.has_zero:
+        if spec.zero_point == "float":
+            layout["zeros"] = ((rows, n_groups), spec.scale_dtype)
+        else:
+            layout["zeros"] = ((packed_length(rows * n_groups, spec.bits),), "uint8")
+    return layout
+
+
+def stored_bytes(shape: tuple[int, int], spec: QuantSpec) -> int:
+    """Bytes a weight of ``shape`` stores under ``spec`` (no g_idx), without building it."""
+    group_size = shape[0] * shape[1] if spec.granularity == "tensor" else spec.group_size_for(shape[1])
+    return sum(math.prod(dims) * ITEMSIZE[dtype] for dims, dtype in stored_layout(shape, group_size, spec).values())
 
 
 @dataclass
@@ -115,23 +158,16 @@ class QuantizedWeight:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int, spec: QuantSpec, name: str = "layer") -> "QuantizedWeight":
-        """Rebuild from stored tensors, checking every shape against the spec."""
+        """Rebuild from stored tensors, checking every shape and dtype against the spec."""
         out_features, in_features = shape
-        n_groups = 1 if spec.granularity in ("tensor", "channel", "token") else -(-in_features // group_size)
-        rows = 1 if spec.granularity == "tensor" else out_features
-        expect = {"qdata": (out_features, packed_length(in_features, spec.bits))}
-        if spec.double_quant:
-            expect.update(DoubleQuant.expected_shapes((rows, n_groups)))
-        else:
-            expect["scales"] = (rows, n_groups)
-        if spec.has_zero:
-            expect["zeros"] = (rows, n_groups) if spec.zero_point == "float" else (packed_length(rows * n_groups, spec.bits),)
-        for key, want in expect.items():
+        rows, n_groups = scale_grid(shape, group_size, spec)
+        for key, (want, dtype) in stored_layout(shape, group_size, spec).items():
             got = tensors.get(key)
             if got is None:
                 raise LowbitError(f"{name}: the checkpoint lacks tensor {key!r}; it is incomplete or from another tool, re-quantise it")
-            if tuple(got.shape) != want:
-                raise LowbitError(f"{name}.{key} has shape {tuple(got.shape)}, the spec needs {want}; the checkpoint is corrupted")
+            if tuple(got.shape) != want or got.dtype != getattr(torch, dtype):
+                raise LowbitError(f"{name}.{key} is {str(got.dtype).removeprefix('torch.')} {tuple(got.shape)}, the spec needs "
+                                  f"{dtype} {want}; the checkpoint is corrupted")
         g_idx = tensors.get("g_idx")
         if g_idx is not None and (tuple(g_idx.shape) != (in_features,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
             raise LowbitError(f"{name}.g_idx must hold {in_features} group indices below {n_groups}; the checkpoint is corrupted")
@@ -159,4 +195,4 @@ class QuantizedWeight:
     @property
     def bits_per_weight(self) -> float:
         """Storage bits per weight, scales and zero-points included."""
-        return 8.0 * self.nbytes / self.numel
+        return bits_per_weight(self.nbytes, self.numel)

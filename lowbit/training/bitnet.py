@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.modules.swap import set_module
+from lowbit.methods.config import DEFAULT_SKIP
+from lowbit.modules.swap import linear_layers, set_module
 
 EPS = 1e-5
 
@@ -43,9 +44,9 @@ class BitLinear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
-def to_bitlinear(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    """Replace every nn.Linear (not named in ``skip``) by a BitLinear sharing its weights."""
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not any(s in n for s in skip)]
+def to_bitlinear(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[str]:
+    """Replace every nn.Linear (not matched by a ``skip`` regex) by a BitLinear sharing its weights."""
+    names = [name for name, _ in linear_layers(model, skip)]
     for name in names:
         old = model.get_submodule(name)
         new = BitLinear(old.in_features, old.out_features, bias=old.bias is not None)

@@ -7,22 +7,21 @@ tuned on.
 
 from __future__ import annotations
 
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from lowbit.checkpoint import prepare_output_dir, save_quantized
+from lowbit.checkpoint import save_quantized
 from lowbit.data.corpora import eval_windows, tokenize_split
-from lowbit.errors import LowbitError
-from lowbit.models.loading import LoadedModel, load_model
-from lowbit.numerics.spec import QuantSpec
+from lowbit.loader import load_model
+from lowbit.methods.qat import QATConfig
+from lowbit.methods.qlora import QLoRAConfig
+from lowbit.methods.rtn import NF4Config, RTNConfig
+from lowbit.models.loading import LoadedModel
+from lowbit.outputs import check_new_directory, new_directory
 from lowbit.pipeline import quantize_model
-from lowbit.training.lora import LoRAConfig, add_lora, merge_lora, save_adapters
+from lowbit.training.lora import add_lora, merge_lora, save_adapters
 from lowbit.training.qat import convert_qat, prepare_qat
-from lowbit.training.trainer import TrainConfig, perplexity, train
+from lowbit.training.trainer import perplexity, train
 
 
 @dataclass
@@ -45,91 +44,78 @@ class FinetuneReport:
         return asdict(self)
 
 
-def _data(loaded: LoadedModel, corpus, text_file, config: TrainConfig, eval_n: int):
+def _data(loaded: LoadedModel, corpus, text_file, ctx: int, eval_n: int):
     split = tokenize_split(loaded.tokenizer, corpus, text_file)
-    return split, eval_windows(split, config.ctx, eval_n)
+    return split, eval_windows(split, ctx, eval_n, ctx_label="--ctx", windows_label="--eval-windows")
 
 
 def qlora_finetune(
     model_ref: str,
     out: str | Path,
-    lora: LoRAConfig = LoRAConfig(),
-    train_config: TrainConfig = TrainConfig(),
-    block_size: int = 64,
-    double_quant: bool = True,
+    config: QLoRAConfig | None = None,
     corpus: str | None = None,
     text_file: str | None = None,
     eval_n: int = 16,
     merged_out: str | Path | None = None,
     progress: bool = True,
 ) -> FinetuneReport:
-    """NF4 (block ``block_size``, double-quantised) frozen base + LoRA adapters, trained on
-    the corpus; adapters saved to ``out`` (and the merged float model to ``merged_out``)."""
-    out = Path(out)
-    if out.exists() or (merged_out is not None and Path(merged_out).exists()):
-        raise LowbitError(f"output directory {out if out.exists() else merged_out} already exists; choose another or remove it")
+    """Quantise the base to ``config.spec`` (NF4, double-quantised scales by default), freeze
+    it and train LoRA adapters (``config.lora``) on the corpus for ``config.train``; the
+    adapters are saved to ``out`` (and the merged float model to ``merged_out``)."""
+    config = config or QLoRAConfig()
+    check_new_directory(out, "--out")
+    if merged_out is not None:
+        check_new_directory(merged_out, "--merge-out")
     reference = load_model(model_ref)
-    split, windows = _data(reference, corpus, text_file, train_config, eval_n)
+    split, windows = _data(reference, corpus, text_file, config.train.ctx, eval_n)
     float_ppl = perplexity(reference.model, windows)
     del reference
     loaded = load_model(model_ref)
-    spec = QuantSpec(bits=4, format="nf4", group_size=block_size, double_quant=double_quant, scale_dtype="float32")
-    quantize_model(loaded, spec, method="nf4", progress=False)
+    quantize_model(loaded, NF4Config(spec=config.spec), progress=False)
     before = perplexity(loaded.model, windows)
-    add_lora(loaded.model, lora)
-    result = train(loaded.model, split.calibration, train_config, bos_id=split.bos_id, progress=progress, desc="qlora")
+    add_lora(loaded.model, config.lora)
+    result = train(loaded.model, split.calibration, config.train, bos_id=split.bos_id, progress=progress, desc="qlora")
     after = perplexity(loaded.model, windows)
-    tmp = prepare_output_dir(out)
-    try:
-        save_adapters(loaded.model, tmp, lora, extra={"base_model": loaded.source, "base_spec": spec.to_dict(), "train": asdict(train_config)})
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with new_directory(out, "--out") as tmp:
+        save_adapters(loaded.model, tmp, config.lora, extra={"base_model": loaded.source, "method": config.to_dict()})
     if merged_out is not None:
         merge_lora(loaded.model)
-        tmp = prepare_output_dir(Path(merged_out))
-        try:
+        with new_directory(merged_out, "--merge-out") as tmp:
             loaded.model.save_pretrained(tmp)
             loaded.tokenizer.save_pretrained(tmp)
-            tmp.rename(merged_out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return FinetuneReport("qlora", float_ppl, before, after, windows[:, 1:].numel(), result.losses, result.seconds,
-                          result.trainable_parameters, result.optimizer_state_bytes, {"spec": spec.describe(), "lora": asdict(lora)})
+                          result.trainable_parameters, result.optimizer_state_bytes, {"spec": config.spec.describe(), "lora": asdict(config.lora)})
 
 
 def qat_finetune(
     model_ref: str,
     out: str | Path,
-    spec: QuantSpec,
-    train_config: TrainConfig = TrainConfig(lr=2e-5),
-    lsq: bool = False,
+    config: QATConfig | None = None,
     corpus: str | None = None,
     text_file: str | None = None,
     eval_n: int = 16,
     progress: bool = True,
 ) -> FinetuneReport:
     """Fine-tune every block linear through its fake-quantised weight (STE, optionally
-    LSQ steps), then pack it; ``before`` is RTN post-training quantisation at the same spec."""
-    out = Path(out)
-    if out.exists():
-        raise LowbitError(f"output directory {out} already exists; choose another --out or remove it")
+    LSQ steps), then pack it and save it to ``out``; ``before`` is RTN post-training
+    quantisation at the same spec."""
+    config = config or QATConfig()
+    check_new_directory(out, "--out")
     reference = load_model(model_ref)
-    split, windows = _data(reference, corpus, text_file, train_config, eval_n)
+    split, windows = _data(reference, corpus, text_file, config.train.ctx, eval_n)
     float_ppl = perplexity(reference.model, windows)
     ptq = load_model(model_ref)
-    quantize_model(ptq, spec, method="rtn", progress=False)
+    quantize_model(ptq, RTNConfig(spec=config.spec), progress=False)
     before = perplexity(ptq.model, windows)
     del ptq
-    prepare_qat(reference.model, spec, lsq=lsq)
+    prepare_qat(reference.model, config.spec, lsq=config.lsq)
     embeddings = reference.model.get_input_embeddings()
     for p in embeddings.parameters():  # embeddings (and a tied lm_head) stay as they are
         p.requires_grad_(False)
-    start = time.perf_counter()
-    result = train(reference.model, split.calibration, train_config, bos_id=split.bos_id, progress=progress, desc="qat")
+    result = train(reference.model, split.calibration, config.train, bos_id=split.bos_id, progress=progress, desc="qat")
     convert_qat(reference.model)
     after = perplexity(reference.model, windows)
-    reference.header = {"method": {"name": "qat", "spec": spec.to_dict(), "lsq": lsq, "train": asdict(train_config), "seconds": time.perf_counter() - start}, "source": reference.source}
+    reference.header = {"method": config.to_dict(), "calibration": None, "source": reference.source}
     save_quantized(reference, out)
     return FinetuneReport("qat", float_ppl, before, after, windows[:, 1:].numel(), result.losses, result.seconds,
-                          result.trainable_parameters, result.optimizer_state_bytes, {"spec": spec.describe(), "lsq": lsq})
+                          result.trainable_parameters, result.optimizer_state_bytes, {"spec": config.spec.describe(), "lsq": config.lsq})

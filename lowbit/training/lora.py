@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,26 +27,10 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.modules import QUANTIZED_MODULES
 from lowbit.modules.swap import set_module
+from lowbit.training.config import LoRAConfig
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """rank r, alpha α (the update is scaled by α / r), dropout on the adapter's input, and
-    target regexes matched (re.search) against linear names."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: tuple[str, ...] = (r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",)
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise LowbitError(f"LoRA rank {self.rank} must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LowbitError(f"LoRA dropout {self.dropout} must lie in [0, 1)")
 
 
 class LoRALinear(nn.Module):

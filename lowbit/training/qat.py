@@ -18,16 +18,16 @@ so the saved model computes exactly what was trained.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.methods.config import DEFAULT_SKIP
 from lowbit.modules.quant_linear import QuantLinear
-from lowbit.modules.swap import set_module
+from lowbit.modules.swap import linear_layers, set_module
 from lowbit.numerics.formats import IntFormat
-from lowbit.numerics.quantize import Quantized, expand_groups, find_params, group_size_of
+from lowbit.numerics.quantization import Quantized, as_rows, expand_groups, find_params, group_size_of
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import QuantizedWeight
 
@@ -69,12 +69,9 @@ class FakeQuantLinear(nn.Module):
         self.step = nn.Parameter(step) if lsq else None
         self.grad_factor = 1.0 / math.sqrt(self.group_size * self.fmt.qmax) if spec.granularity != "tensor" else 1.0 / math.sqrt(self.weight.numel() * self.fmt.qmax)
 
-    def _rows(self, w: torch.Tensor) -> torch.Tensor:
-        return w.reshape(1, -1) if self.spec.granularity == "tensor" else w
-
     def _minmax_step(self, w: torch.Tensor) -> torch.Tensor:
-        rows = self._rows(w.float())
-        spec = QuantSpec(**{**self.spec.to_dict(), "scale_dtype": "float32"})
+        rows = as_rows(w.float(), self.spec)
+        spec = self.spec.with_changes(scale_dtype="float32")
         step, _ = find_params(rows, spec, rows.shape[1] if self.spec.granularity == "tensor" else self.group_size)
         return step
 
@@ -84,7 +81,7 @@ class FakeQuantLinear(nn.Module):
         return self._minmax_step(self.weight.detach())
 
     def quantized_weight(self) -> torch.Tensor:
-        rows = self._rows(self.weight)
+        rows = as_rows(self.weight, self.spec)
         step = expand_groups(self.current_step(), self.group_size, rows.shape[1])
         return fake_quantize_ste(rows, step, self.fmt).reshape(self.weight.shape)
 
@@ -94,18 +91,17 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def to_quant_linear(self) -> QuantLinear:
         """The trained layer in packed form, computing what the fake-quantised one did."""
-        rows = self._rows(self.weight.float())
+        rows = as_rows(self.weight.float(), self.spec)
         step = self.current_step().detach().float()
         q = torch.clamp(torch.round(rows / expand_groups(step, self.group_size, rows.shape[1])), self.fmt.qmin, self.fmt.qmax)
-        spec = QuantSpec(**{**self.spec.to_dict(), "scale_dtype": "float32"})
+        spec = self.spec.with_changes(scale_dtype="float32")
         quantized = Quantized(codes=self.fmt.encode(q).reshape(self.weight.shape), scale=step, zero=None, group_size=self.group_size, spec=spec)
         return QuantLinear(QuantizedWeight.from_quantized(quantized), self.bias)
 
 
-def prepare_qat(model: nn.Module, spec: QuantSpec, lsq: bool = False, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+def prepare_qat(model: nn.Module, spec: QuantSpec, lsq: bool = False, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[str]:
     """Swap every nn.Linear not matched by ``skip`` for a FakeQuantLinear; returns the names."""
-    patterns = [re.compile(p) for p in skip]
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not any(p.search(n) for p in patterns)]
+    names = [name for name, _ in linear_layers(model, skip)]
     for name in names:
         set_module(model, name, FakeQuantLinear(model.get_submodule(name), spec, lsq))
     return names

@@ -21,22 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 200
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    ctx: int = 256
-    warmup: float = 0.05  # share of steps
-    grad_clip: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.ctx < 2 or self.lr <= 0:
-            raise LowbitError("training needs steps >= 1, batch_size >= 1, ctx >= 2 and lr > 0")
+from lowbit.training.config import TrainConfig
 
 
 @dataclass

@@ -85,8 +85,9 @@ def expand_groups(t: torch.Tensor, group_size: int, cols: int, g_idx: torch.Tens
     return t.repeat_interleave(group_size, dim=1)[:, :cols]
 
 
-def _as_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Per tensor is one row holding every element; other granularities keep the rows."""
+def as_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The rows that groups are cut from: per tensor, one row holding every element of
+    ``x`` (rows, cols); every other granularity keeps ``x``'s rows."""
     return x.reshape(1, -1) if spec.granularity == "tensor" else x
 
 
@@ -234,12 +235,23 @@ def quantize(x: torch.Tensor, spec: QuantSpec, name: str = "this tensor") -> Qua
     if bad:
         raise SpecError(f"{name} holds {bad} NaN/Inf values; the checkpoint is corrupted or was saved mid-overflow, re-export it")
     group_size = group_size_of(tuple(x.shape), spec, name)
-    rows = _as_rows(x.to(torch.float32), spec)
+    rows = as_rows(x.to(torch.float32), spec)
     scale, zero = find_params(rows, spec, group_size)
+    return quantize_with_params(x, scale, zero, group_size, spec)
+
+
+def quantize_with_params(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int, spec: QuantSpec) -> Quantized:
+    """Codes of ``x`` (rows, cols) against per-group ``scale`` and ``zero`` (rows, n_groups)
+    chosen beforehand (by `find_params`, or by a method's own search such as AWQ's clipping).
+
+    This is the one finishing step of every method that fixes its scales before its codes:
+    with ``spec.double_quant`` the scales are double-quantised first and the codes are
+    computed against the 8-bit scales that will be stored, not the float ones."""
     scale_dq = None
     if spec.double_quant:
         scale_dq = double_quantize(scale)
         scale = scale_dq.dequantize()
+    rows = as_rows(x.to(torch.float32), spec)
     cols = rows.shape[1]
     s = expand_groups(scale, group_size, cols)
     z = None if zero is None else expand_groups(zero, group_size, cols)
@@ -249,7 +261,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, name: str = "this tensor") -> Qua
 
 def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The tensor ``q`` stands for (Eq. 3.2 per element), computed in ``dtype``, shape of ``q.codes``."""
-    rows_view = _as_rows(q.codes, q.spec)
+    rows_view = as_rows(q.codes, q.spec)
     cols = rows_view.shape[1]
     s = expand_groups(q.scale.to(dtype), q.group_size, cols, q.g_idx)
     z = None if q.zero is None else expand_groups(q.zero.to(dtype), q.group_size, cols, q.g_idx)
@@ -307,12 +319,12 @@ def representable_range(q: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
 def error_breakdown(x: torch.Tensor, q: Quantized) -> ErrorBreakdown:
     """Split the error of ``q`` (the quantised ``x``) into rounding and clipping (§2.2)."""
     x = x.to(torch.float32)
-    rows = _as_rows(x, q.spec)
+    rows = as_rows(x, q.spec)
     lo, hi = representable_range(q)
     cols = rows.shape[1]
     lo, hi = expand_groups(lo, q.group_size, cols, q.g_idx), expand_groups(hi, q.group_size, cols, q.g_idx)
     clipped = torch.minimum(torch.maximum(rows, lo), hi)
-    x_hat = _as_rows(dequantize(q), q.spec)
+    x_hat = as_rows(dequantize(q), q.spec)
     outside = (rows < lo) | (rows > hi)
     return ErrorBreakdown(
         rounding=(clipped - x_hat).square().sum().item(),

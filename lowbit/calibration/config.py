@@ -1,0 +1,51 @@
+"""Where a calibrated method's samples come from (plain data, no torch: the CLI parses it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowbit.data.texts import CORPORA, DEFAULT_CORPUS
+from lowbit.errors import SpecError
+from lowbit.settings import label, setting, to_dict
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """``samples`` windows of ``ctx`` tokens at seeded random offsets in the first half of
+    ``corpus`` (or of ``text_file``), run through the model ``batch_size`` at a time;
+    ``true_sequential`` as in `lowbit.calibration.engine.calibrate_and_quantize`."""
+
+    corpus: str | None = setting(None, f"named corpus for the samples (its first half; default {DEFAULT_CORPUS})",
+                                 flag="--calib-corpus", choices=tuple(CORPORA), metavar="NAME")
+    text_file: str | None = setting(None, "UTF-8 text file for the samples (its first half)", flag="--calib-text", metavar="FILE")
+    samples: int = setting(128, "calibration samples", flag="--calib-samples")
+    ctx: int = setting(512, "tokens per calibration sample", flag="--calib-ctx")
+    seed: int = setting(0, "seed for the sample offsets")
+    batch_size: int = setting(8, "samples per forward pass", flag="--calib-batch")
+    true_sequential: bool = setting(False, "collect each linear group's inputs after the earlier groups of its block are quantised (slower)",
+                                    switch=True)
+
+    def __post_init__(self):
+        if self.corpus is not None and self.text_file is not None:
+            raise SpecError(f"give {label(CalibrationConfig, 'corpus')} or {label(CalibrationConfig, 'text_file')}, not both")
+        if self.corpus is not None and self.corpus not in CORPORA:
+            raise SpecError(f"{label(CalibrationConfig, 'corpus')} {self.corpus!r} is unknown; use one of {', '.join(CORPORA)} or a text file")
+        for name, low in (("samples", 1), ("ctx", 2), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise SpecError(f"{label(CalibrationConfig, name)} must be an integer of at least {low}, got {value!r}")
+
+    def tokens(self, tokenizer):
+        """int64 (samples, ctx) token ids."""
+        from lowbit.data.corpora import calibration_samples, tokenize_split
+
+        split = tokenize_split(tokenizer, self.corpus, self.text_file)
+        return calibration_samples(split, self.samples, self.ctx, self.seed, ctx_label=label(CalibrationConfig, "ctx"))
+
+    def to_dict(self) -> dict:
+        """What a checkpoint header records: the corpus actually used and the file's absolute path."""
+        data = to_dict(self)
+        data["corpus"] = None if self.text_file else (self.corpus or DEFAULT_CORPUS)
+        data["text_file"] = None if self.text_file is None else str(Path(self.text_file).resolve())
+        return data

@@ -1,0 +1,87 @@
+"""AWQ on the block-by-block calibration engine (report §7.3; the maths: `lowbit.algorithms.awq`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lowbit.errors import SpecError
+from lowbit.methods.config import QuantizeConfig
+from lowbit.methods.registry import register
+from lowbit.methods.rtn import ALL_SPEC_FIELDS
+from lowbit.numerics.spec import QuantSpec
+from lowbit.settings import label, setting
+
+if TYPE_CHECKING:
+    import torch
+
+    from lowbit.calibration.statistics import InputStatistics
+
+
+def mean_sq_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """Mean over the rows of x (tokens, in) of ||(W - Ŵ) x||²."""
+    return (x @ (weight.float() - approx.float()).T).square().sum(1).mean().item()
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class AWQConfig(QuantizeConfig):
+    """AWQ: scale each input channel by s = s_X^α (α searched per group of linears), fold
+    1/s into the operation that feeds the group, then round, each group's range clipped by
+    the factor that minimises its output error."""
+
+    name = "awq"
+    kind = "weight-only"
+    summary = "activation-aware per-channel scales (searched α) folded into the previous op, then clipped rounding"
+    reference = "report §7.3; Lin et al. 2023"
+    calibrated = True
+    spec_fields = ALL_SPEC_FIELDS
+
+    spec: QuantSpec = setting(QuantSpec(bits=4, group_size=128), "the weight format")
+    grid: int = setting(20, "α values tried for the scales (α = i / grid)", flag="--awq-grid")
+    clip: bool = setting(True, "search each group's clipping range (--no-clip: plain min-max)", switch=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.grid, int) or self.grid < 1:
+            raise SpecError(f"{label(AWQConfig, 'grid')} must be a positive integer (e.g. 20), got {self.grid!r}")
+
+    def statistics(self, in_features: int) -> InputStatistics:
+        from lowbit.calibration.statistics import InputStatistics
+
+        return InputStatistics(in_features)
+
+    def quantize_group(self, block, group, linears, selected, stats: InputStatistics, arch) -> list:
+        """The engine's step for one group of linears (`lowbit.calibration.engine`)."""
+        import torch
+
+        from lowbit.algorithms.awq import awq_scales, clip_quantize
+        from lowbit.modules.quant_linear import QuantLinear
+        from lowbit.modules.scaling import fold_input_scale, source_can_fold
+        from lowbit.numerics.quantization import fake_quantize, quantize, weight_sqnr_db
+        from lowbit.packed.qweight import QuantizedWeight
+
+        x = stats.rows()
+        originals = {n: linears[n].weight.detach().float().clone() for n in selected}
+        in_features = next(iter(linears.values())).in_features
+        alpha, s = None, torch.ones(in_features)
+        if source_can_fold(block, group.source, group.source_kind, in_features):
+            s, alpha, _ = awq_scales(x, stats.absmean, [originals[n] for n in selected], self.spec, self.grid)
+            fold_input_scale(block, group.source, group.source_kind, list(linears.values()), s, arch.norm_offset)
+        x_scaled = x / s
+        out = []
+        for name in selected:
+            weight = linears[name].weight.detach().float()
+            q = clip_quantize(weight, x_scaled, self.spec, name=name) if self.clip else quantize(weight, self.spec, name)
+            packed = QuantizedWeight.from_quantized(q)
+            effective = packed.dequantize() / s  # what the layer now computes on the unscaled input
+            rtn = fake_quantize(originals[name], self.spec)
+            info = {
+                "weight_sqnr_db": weight_sqnr_db(originals[name], effective),
+                "output_error": mean_sq_error(x, originals[name], effective),
+                "baseline_output_error": mean_sq_error(x, originals[name], rtn),
+                "baseline": "rtn",
+                "alpha": alpha,
+            }
+            out.append((name, QuantLinear(packed, linears[name].bias), info))
+        return out

@@ -1,0 +1,117 @@
+"""What every method's configuration shares.
+
+A method is one frozen dataclass (its config) registered by name (`lowbit.methods.registry`).
+The config holds the method's `QuantSpec` where it has one, and its own options, each
+declared once with its default and help (`lowbit.settings.setting`). It validates itself
+at construction: a field it cannot honour is refused there, with a one-line message that
+says what to do, so the CLI and the Python API refuse the same settings. Its class
+attributes say what the method is and needs; the registry, the CLI, the checkpoint header
+and docs/methods.md are derived from them.
+
+Importing a config must stay cheap (no torch): the CLI builds its parser from them. The
+work itself (`quantize_weight`, or the engine's `statistics` / `quantize_group`) imports
+its algorithm when it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from lowbit.errors import SpecError
+from lowbit.numerics.spec import QuantSpec
+from lowbit.settings import check_patterns, flag_of, setting, to_dict
+
+# Linears left in float unless the user says otherwise: the output head, which llama.cpp's
+# Q4 files also keep at higher precision and which is often tied to the input embeddings.
+DEFAULT_SKIP = ("lm_head",)
+# The output head's own spec (`--head-bits`), rounded to nearest: int8 per output channel,
+# or int4 groups of 128; both run on the CPU kernels.
+HEAD_SPECS = {8: QuantSpec(bits=8, granularity="channel", group_size=None), 4: QuantSpec(bits=4, group_size=128)}
+
+KINDS = ("weight-only", "weight+activation", "training")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """The base of every method's config.
+
+    Class attributes (set by each method):
+    name: the registered name (``--method NAME``).
+    kind: "weight-only", "weight+activation" or "training".
+    summary: one line for --help and the methods table.
+    reference: where its maths is (a section of the report, or the paper).
+    calibrated: whether it runs on calibration samples (block by block, `lowbit.calibration`).
+    spec_fields: the `QuantSpec` fields the user may change; every other one is fixed at
+        the default spec's value and refused if changed (`refusals` says why, by field).
+    version: bumped when a field changes meaning; stored in checkpoint headers.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    summary: ClassVar[str]
+    reference: ClassVar[str] = ""
+    calibrated: ClassVar[bool] = False
+    spec_fields: ClassVar[frozenset[str]] = frozenset()
+    refusals: ClassVar[dict[str, str]] = {}
+    version: ClassVar[int] = 1
+
+    def __post_init__(self):
+        spec = getattr(self, "spec", None)
+        if spec is not None:
+            self.check_spec(spec)
+
+    @classmethod
+    def default_spec(cls) -> QuantSpec | None:
+        field = cls.__dataclass_fields__.get("spec")
+        return None if field is None else field.default
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Refuse every spec field this method does not honour (changed from its default)."""
+        if not isinstance(spec, QuantSpec):
+            raise SpecError(f"{self.name}: spec must be a QuantSpec, got {type(spec).__name__}")
+        default = self.default_spec()
+        for f in fields(QuantSpec):
+            value = getattr(spec, f.name)
+            if f.name in self.spec_fields or value == getattr(default, f.name):
+                continue
+            flag = flag_of(QuantSpec, f.name)
+            given = f"{f.name}={value!r}" + (f" ({flag})" if flag else "")
+            why = self.refusals.get(f.name, f"its {f.name} is fixed at {getattr(default, f.name)!r}")
+            raise SpecError(f"{self.name} cannot take {given}: {why}; drop it")
+
+    def to_dict(self) -> dict:
+        """What a checkpoint header stores: the name, the config's version and every field."""
+        return {"name": self.name, "version": self.version, **to_dict(self)}
+
+    def describe(self) -> str:
+        """One line for logs: the spec's label (if any) and the options that differ from
+        their defaults."""
+        spec = getattr(self, "spec", None)
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                   if f.name not in ("spec", "skip") and getattr(self, f.name) != f.default]
+        parts = ([spec.describe()] if spec is not None else []) + changed
+        return f"{self.name} " + ", ".join(parts) if parts else self.name
+
+
+def _head_spec(bits: int) -> QuantSpec:
+    return HEAD_SPECS[bits]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig(MethodConfig):
+    """A post-training method (`lowbit quantize`, `lowbit.quantize_model`): which linears it
+    leaves in float, and whether it also rounds the output head."""
+
+    skip: tuple[str, ...] = setting(DEFAULT_SKIP, "regex of the linears to leave in float (repeatable)",
+                                    repeat=True, metavar="REGEX")
+    head: QuantSpec | None = setting(None, "also round the output head to nearest: 8 = int8 per output channel, 4 = int4 groups of 128 "
+                                     "(without it the head stays float)", flag="--head-bits", parse=int, choices=tuple(HEAD_SPECS), convert=_head_spec)
+
+    def __post_init__(self):
+        if isinstance(self.skip, list):
+            object.__setattr__(self, "skip", tuple(self.skip))
+        check_patterns(QuantizeConfig, "skip", self.skip)
+        if self.head is not None and not isinstance(self.head, QuantSpec):
+            raise SpecError(f"head must be a QuantSpec or None, got {type(self.head).__name__}")
+        super().__post_init__()

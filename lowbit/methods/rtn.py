@@ -1,0 +1,80 @@
+"""Round to nearest (RTN), and the NF4 / FP4 codebooks it rounds into (report §3.1, §7.5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+from lowbit.methods.config import QuantizeConfig
+from lowbit.methods.registry import register
+from lowbit.numerics.spec import QuantSpec
+from lowbit.settings import setting
+
+if TYPE_CHECKING:
+    import torch
+
+    from lowbit.packed.qweight import QuantizedWeight
+
+ALL_SPEC_FIELDS = frozenset(f.name for f in fields(QuantSpec))
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class RTNConfig(QuantizeConfig):
+    """Round each weight to its nearest level by Eq. 3.1, with the range ``spec.range``
+    picks; no data, no error feedback: the baseline every other method must beat."""
+
+    name = "rtn"
+    kind = "weight-only"
+    summary = "round each weight to its nearest level (Eq. 3.1); no data needed"
+    reference = "report §3.1-§3.3"
+    spec_fields = ALL_SPEC_FIELDS
+
+    spec: QuantSpec = setting(QuantSpec(bits=4, group_size=128), "the weight format")
+
+    def quantize_weight(self, weight: torch.Tensor, name: str) -> QuantizedWeight:
+        """The packed weight of one float weight (out_features, in_features)."""
+        from lowbit.algorithms.rtn import rtn_quantize
+
+        return rtn_quantize(weight, self.spec, name)
+
+
+_CODEBOOK_REFUSALS = {
+    "bits": "its codes are 4-bit",
+    "symmetric": "a codebook is absmax-scaled and has no zero-point",
+    "zero_point": "a codebook is absmax-scaled and has no zero-point",
+    "granularity": "its scales are per block of group_size weights (--group-size)",
+    "range": "each block is scaled by its absmax",
+    "percentile": "each block is scaled by its absmax",
+    "format": "for another codebook use --method rtn --format NAME",
+}
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class NF4Config(RTNConfig):
+    """NormalFloat-4 (QLoRA): round to the nearest of 16 normal quantiles, each block of
+    ``spec.group_size`` weights scaled by its absmax (float32, as bitsandbytes stores it,
+    or 8-bit with double quantisation)."""
+
+    name = "nf4"
+    summary = "NormalFloat-4 codebook, absmax per block (QLoRA's format; bitsandbytes' table)"
+    reference = "report §7.5"
+    spec_fields = frozenset({"group_size", "double_quant", "scale_dtype"})
+    refusals = _CODEBOOK_REFUSALS
+
+    spec: QuantSpec = setting(QuantSpec(bits=4, format="nf4", group_size=64, scale_dtype="float32"), "the weight format")
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class FP4Config(RTNConfig):
+    """FP4 (E2M1, bitsandbytes' variant), absmax per block, as `NF4Config`."""
+
+    name = "fp4"
+    summary = "4-bit float codebook (bitsandbytes' E2M1), absmax per block"
+    reference = "report §2.1, §7.5"
+    spec_fields = frozenset({"group_size", "double_quant", "scale_dtype"})
+    refusals = _CODEBOOK_REFUSALS
+
+    spec: QuantSpec = setting(QuantSpec(bits=4, format="fp4", group_size=64, scale_dtype="float32"), "the weight format")
