@@ -20,7 +20,8 @@ _EXPORTS = {
     "evaluate": "lowbit.evaluation.metrics",
     "load_model": "lowbit.loader",
     "QuantSpec": "lowbit.numerics.spec",
-    **dict.fromkeys(["CalibrationConfig", "quantize_model"], "lowbit.pipeline"),
+    "CalibrationConfig": "lowbit.calibration.config",
+    "quantize_model": "lowbit.pipeline",
     **dict.fromkeys(
         ["METHODS", "AWQConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "NF4Config", "QATConfig", "QLoRAConfig", "RTNConfig",
          "SmoothQuantConfig", "W8A8Config", "method_config"],

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,16 +119,11 @@ def _applies(cls, option) -> bool:
 def _defaults_text(uses) -> str:
     """" (default X)", or the default of each method where they differ; nothing when the
     default is "not set" (the help text then says what happens)."""
-    from lowbit.methods.registry import _value
-    from lowbit.settings import TAKES_VALUE
+    from lowbit.settings import shown_default
 
     by_default: dict[str, list[str]] = {}
     for cls, option in uses:
-        if option.flag.switch is not TAKES_VALUE:
-            shown = "on" if option.default == option.flag.switch else "off"
-        else:
-            shown = None if option.default is None else _value(option.default)
-        by_default.setdefault(shown, []).append(getattr(cls, "name", ""))
+        by_default.setdefault(shown_default(option), []).append(getattr(cls, "name", ""))
     if list(by_default) == [None]:
         return ""
     if len(by_default) == 1:
@@ -181,11 +178,13 @@ def given_flags(args: argparse.Namespace, flags: dict[str, FlagUse]) -> dict[str
 def build_from_flags(cls, given: dict[str, Any], flags: dict[str, FlagUse], for_what: str):
     """An instance of ``cls`` from the given flags that belong to it; a given flag that
     does not is an error naming ``for_what`` (e.g. "--method rtn")."""
-    from lowbit.settings import build
+    from lowbit.settings import build, options
 
     values = {}
     for name, value in given.items():
         match = next((option for owner, option in flags[name].uses if owner is cls), None)
+        if match is None:  # a spec field the method fixes: its config says why it refuses it
+            match = next((option for option in options(cls) if option.name == name), None)
         if match is None:
             owners = ", ".join(getattr(c, "name", c.__name__) for c, _ in flags[name].uses)
             raise LowbitError(f"{name} does not apply to {for_what} (it is an option of {owners}); drop it")
@@ -649,6 +648,26 @@ def cmd_methods(args, derived) -> int:
     return 0
 
 
+def _import_heavy_libraries() -> None:
+    """Import torch and transformers with Ctrl-C held back until they are in. An interrupt
+    that lands inside their initialisation was seen to abort the process from C++
+    ("terminate called after throwing ... KeyboardInterrupt") or to vanish; held back, it
+    is raised here, after the imports, and ends as "lowbit: interrupted"."""
+    interrupted = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum)) if main_thread else None
+    try:
+        import torch  # noqa: F401
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "generate": cmd_generate,
             "roofline": cmd_roofline, "bench-decode": cmd_bench_decode, "info": cmd_info, "methods": cmd_methods}
 
@@ -665,9 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lowbit: %(message)s")
         if args.command != "methods":
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
+            _import_heavy_libraries()
         start = time.perf_counter()
         code = COMMANDS[args.command](args, derived)
         log.info("%s took %.1f s", args.command, time.perf_counter() - start)
@@ -680,5 +697,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def run() -> None:
+    """The console script: `main`, then exit with its status. After an interrupt the process
+    leaves at once (``os._exit``): every temporary output was removed while the interrupt
+    unwound, and shutting the interpreter down after a SIGINT that landed inside torch's or
+    transformers' imports sometimes ended the process by the signal instead of status 130."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

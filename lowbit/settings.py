@@ -112,6 +112,21 @@ def check_patterns(cls, name: str, patterns: Any) -> None:
             raise SpecError(f"{label(cls, name)}: {pattern!r} is not a regular expression ({err}); fix or escape it") from None
 
 
+def shown_default(option: Option) -> str | None:
+    """How an option's default reads in --help and the methods table: on/off for a switch,
+    a spec's label, tuples space-separated; None when it is unset."""
+    value = option.default
+    if option.flag.switch is not TAKES_VALUE:
+        return "on" if value == option.flag.switch else "off"
+    if value is None:
+        return None
+    if hasattr(value, "describe"):
+        return value.describe()
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -167,3 +167,80 @@ def test_roofline_measure_interleaves_rounds(capsys, tmp_path, monkeypatch):
     assert all(r["decode_tokens_per_second"] > 0 and r["prefill_seconds"] > 0 for r in rows.values())
     code, _, err = run(capsys, "roofline", str(model_dir), "--measure", "--rounds", "0")
     assert code == 2 and "argument --rounds: 0 is not a positive integer" in err
+
+
+def test_methods_table_in_the_docs_is_the_registrys():
+    from pathlib import Path
+
+    from lowbit.methods import methods_table
+
+    page = (Path(__file__).parent.parent / "docs" / "methods.md").read_text()
+    start = page.index("<!-- methods table")
+    table = page[page.index("\n", start) + 1 : page.index("<!-- end of methods table -->")].strip()
+    assert table == methods_table(markdown=True), "docs/methods.md is stale: paste `lowbit methods --markdown` into it"
+
+
+def test_argument_parsing_imports_neither_torch_nor_transformers():
+    code = ("import sys\nfrom lowbit.cli import build_parser\nbuild_parser()[0].parse_args(['quantize', '--method', 'gptq', '--out', 'x'])\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["False", "False"]
+
+
+def test_methods_command_lists_every_registered_method(capsys):
+    from lowbit.methods import METHODS
+
+    code, stdout, _ = run(capsys, "methods")
+    assert code == 0 and [line.split()[0] for line in stdout.splitlines()[1:]] == list(METHODS)
+
+
+def test_a_new_method_is_one_config_and_one_registration(capsys, tiny_llama_dir, tmp_path):
+    """Register a throw-away method the way docs/methods.md says: it gets its flags, help,
+    validation and header, quantises and round-trips, with nothing else touched."""
+    from dataclasses import dataclass
+
+    from lowbit import load_quantized
+    from lowbit.errors import SpecError
+    from lowbit.methods import METHODS, QuantizeConfig, register
+    from lowbit.numerics.spec import QuantSpec
+    from lowbit.settings import label, setting
+
+    @register
+    @dataclass(frozen=True, kw_only=True)
+    class ShrunkRTN(QuantizeConfig):
+        """RTN of the weight scaled by ``shrink`` (a toy: it only checks the plumbing)."""
+
+        name = "shrunk-rtn"
+        kind = "weight-only"
+        summary = "round-to-nearest of a shrunk weight (test only)"
+        spec_fields = frozenset({"bits", "group_size"})
+
+        spec: QuantSpec = setting(QuantSpec(bits=4, group_size=32), "the weight format")
+        shrink: float = setting(1.0, "factor applied to the weight before rounding")
+
+        def __post_init__(self):
+            super().__post_init__()
+            if not 0 < self.shrink <= 1:
+                raise SpecError(f"{label(ShrunkRTN, 'shrink')} must lie in (0, 1], got {self.shrink!r}")
+
+        def quantize_weight(self, weight, name):
+            from lowbit.algorithms.rtn import rtn_quantize
+
+            return rtn_quantize(weight * self.shrink, self.spec, name)
+
+    try:
+        with pytest.raises(SystemExit):
+            main(["quantize", "--help"])
+        help_text = capsys.readouterr().out
+        assert "shrunk-rtn" in help_text and "--shrink" in help_text and "options of shrunk-rtn" in help_text
+        out = tmp_path / "q"
+        code, stdout, _ = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--method", "shrunk-rtn", "--shrink", "0.5", "--bits", "3", "--out", str(out))
+        assert code == 0 and "shrunk-rtn" in stdout
+        header = load_quantized(out).header
+        assert header["method"] == {**ShrunkRTN(spec=QuantSpec(bits=3, group_size=32), shrink=0.5).to_dict()}
+        code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--method", "shrunk-rtn", "--shrink", "2", "--out", str(tmp_path / "r"))
+        assert code == 2 and "shrink (--shrink) must lie in (0, 1]" in err
+        code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--method", "shrunk-rtn", "--asym", "--out", str(tmp_path / "r"))
+        assert code == 2 and "shrunk-rtn cannot take symmetric=False (--asym)" in err
+    finally:
+        del METHODS["shrunk-rtn"]

@@ -86,3 +86,27 @@ def test_q4_1_grid_requantises_losslessly_with_float_offsets(smollm2):
         worst_int = max(worst_int, (dequantize(quantize(w, int_spec)) - w).abs().max().item() / scale)
     assert worst_float < 1e-5
     assert worst_int > 1e-3
+
+
+def test_a_gguf_that_dequantises_to_nan_is_refused_and_not_cached(tmp_path, monkeypatch):
+    """A GGUF whose first block scale is NaN converts to NaN weights: the conversion is
+    refused with the tensor's name and nothing is left in the cache."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from lowbit.errors import LowbitError
+    from lowbit.models.loading import convert_gguf
+    from lowbit.models.registry import NAMED_MODELS
+
+    require_smollm2()
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "broken.gguf"
+    copy.write_bytes(NAMED_MODELS["smollm2"].locate().read_bytes())
+    tensor = next(t for t in GGUFReader(str(copy)).tensors if t.name == "blk.0.attn_q.weight")
+    with copy.open("r+b") as f:  # Q4_1 and Q8_0 blocks both start with an fp16 scale d
+        f.seek(int(tensor.data_offset))
+        f.write(np.array([np.nan], dtype=np.float16).tobytes())
+    with pytest.raises(LowbitError, match=r"dequantises to NaN or Inf in model.layers.0.self_attn.q_proj.weight"):
+        convert_gguf(copy)
+    converted = tmp_path / "cache" / "converted"
+    assert not converted.exists() or list(converted.iterdir()) == []

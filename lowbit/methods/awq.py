@@ -35,7 +35,9 @@ class AWQConfig(QuantizeConfig):
     summary = "activation-aware per-channel scales (searched α) folded into the previous op, then clipped rounding"
     reference = "report §7.3; Lin et al. 2023"
     calibrated = True
-    spec_fields = ALL_SPEC_FIELDS
+    spec_fields = ALL_SPEC_FIELDS - {"double_quant"}
+    refusals = {"double_quant": "AWQ folds each group's scales into the layer before it, which is often quantised already, and "
+                                "double-quantised scales cannot be rescaled exactly (use rtn or nf4 for double quantisation)"}
 
     spec: QuantSpec = setting(QuantSpec(bits=4, group_size=128), "the weight format")
     grid: int = setting(20, "α values tried for the scales (α = i / grid)", flag="--awq-grid")

@@ -8,12 +8,10 @@ or stores methods asks here: ``lowbit quantize --method`` and ``lowbit finetune 
 
 from __future__ import annotations
 
-from typing import Any
-
 from lowbit.errors import LowbitError, SpecError
 from lowbit.methods.config import KINDS, MethodConfig, QuantizeConfig
 from lowbit.numerics.spec import QuantSpec
-from lowbit.settings import from_dict, options
+from lowbit.settings import from_dict, options, shown_default
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -61,16 +59,6 @@ def config_from_dict(data: dict) -> MethodConfig:
     return from_dict(cls, fields, f"method {cls.name}")
 
 
-def _value(value: Any) -> str:
-    if isinstance(value, QuantSpec):
-        return value.describe()
-    if isinstance(value, tuple):
-        return " ".join(map(str, value)) or "none"
-    if value is None:
-        return "none"
-    return str(value)
-
-
 def methods_table(markdown: bool = True) -> str:
     """Every registered method: kind, whether it calibrates, its default format, which spec
     fields it lets change and its own options with their defaults. docs/methods.md holds
@@ -79,12 +67,13 @@ def methods_table(markdown: bool = True) -> str:
     for name, cls in METHODS.items():
         spec = cls.default_spec()
         spec_flags = [o.name for o in options(QuantSpec) if o.path[0] in cls.spec_fields] if spec is not None else []
-        own = [f"{o.name} {_value(o.default)}" for o in options(cls) if o.path[0] != "spec" and o.path[0] not in ("skip", "head")]
+        own = [f"{o.name} {shown_default(o) or 'none'}" for o in options(cls) if o.path[0] not in ("spec", "skip", "head")]
         rows.append((name, cls.kind, "yes" if cls.calibrated else "no", spec.describe() if spec is not None else "int8 per channel",
                      " ".join(spec_flags) or "none", "; ".join(own) or "none", cls.summary))
     if not markdown:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[6] for r in rows)
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(f"`{c}`" if i == 0 else c for i, c in enumerate(r)) + " |" for r in rows[1:]]
+    cell = lambda c: c.replace("|", "\\|")  # noqa: E731  (a bar inside a cell would end it)
+    lines += ["| " + " | ".join(f"`{c}`" if i == 0 else cell(c) for i, c in enumerate(r)) + " |" for r in rows[1:]]
     return "\n".join(lines)
