@@ -70,13 +70,18 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
 @contextmanager
 def new_directory(path: str | Path, what: str = "output directory") -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``path`` to fill; it becomes ``path`` when the block
-    ends without error, and is removed otherwise. ``path`` must not exist."""
+    ends without error (with the usual permissions: readable by others unless the umask says
+    otherwise), and is removed otherwise. ``path`` must not exist."""
     path = check_new_directory(path, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result gets the usual mode
+        mask = _umask()  # mkdtemp makes the directory private, and some writers (safetensors) their files
+        tmp.chmod(0o777 & ~mask)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                file.chmod(0o666 & ~mask)
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -94,3 +99,11 @@ def new_file(path: str | Path, what: str = "output file") -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """A matplotlib figure as a PNG at ``path``, through `new_file`."""
+    path = Path(path)
+    with new_file(path, "chart") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return path

@@ -1,5 +1,6 @@
 """The lowbit command on the tiny model: verbs, JSON, and one-line errors for bad input."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -244,3 +245,64 @@ def test_a_new_method_is_one_config_and_one_registration(capsys, tiny_llama_dir,
         assert code == 2 and "shrunk-rtn cannot take symmetric=False (--asym)" in err
     finally:
         del METHODS["shrunk-rtn"]
+
+
+def test_roofline_works_bare_by_measuring_this_machine(capsys, tiny_llama_dir, monkeypatch):
+    from lowbit.analysis import roofline
+
+    calls = []
+    monkeypatch.setattr(roofline, "measure_machine", lambda: calls.append(1) or roofline.Machine(bandwidth_gbps=12.0, peak_gflops=150.0))
+    code, stdout, _ = run(capsys, "roofline", str(tiny_llama_dir))
+    assert code == 0 and calls == [1]
+    assert "machine (measured on this machine): 12.0 GB/s, 150 GFLOP/s" in stdout and "W4" in stdout
+
+
+def test_generate_one_token_reports_no_decode_rate(capsys, tiny_llama_dir):
+    code, stdout, err = run(capsys, "generate", str(tiny_llama_dir), "--prompt", "Quantisation is", "--max-new-tokens", "1")
+    assert code == 0 and "nan" not in err and "no decode step timed" in err and "1 new tokens" in err
+
+
+def test_quantize_eval_prints_generated_text_from_both_models(capsys, tiny_llama_dir, text_file, tmp_path):
+    code, stdout, _ = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--group-size", "32", "--asym", "--out", str(tmp_path / "q"),
+                          "--eval", "--text", str(text_file), "--windows", "2", "--ctx", "64", "--prompt", "Groups of weights")
+    assert code == 0
+    table, samples = stdout.split("greedy continuation of 'Groups of weights'")
+    lines = [line for line in samples.splitlines() if line.strip()]
+    assert len(lines) == 3 and "(reference)" in lines[1] and lines[2].split()[0] == "q"
+    assert all("Groups of weights" in line for line in lines[1:])
+
+
+def test_info_describes_the_method_in_words(capsys, tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "g"
+    code, _, _ = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--group-size", "32", "--calib-text", str(text_file),
+                     "--calib-samples", "4", "--calib-ctx", "32", "--out", str(out))
+    assert code == 0
+    code, stdout, _ = run(capsys, "info", str(out))
+    assert code == 0 and "{" not in stdout.split("\n\n")[0]  # no raw JSON in the header part
+    assert "method: gptq (config version 1)" in stdout and "  act_order: static" in stdout and "  spec: W4 g32 sym" in stdout
+    assert "calibration: corpus=None, text_file=" in stdout and "samples=4" in stdout
+
+
+def test_readme_commands_and_api_snippet_use_what_exists():
+    """README's main command parses as written, and its API snippet imports only names that
+    exist and that it uses."""
+    import ast
+    import re
+    import shlex
+    from pathlib import Path
+
+    from lowbit.cli import build_parser
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    main_command = next(line for line in readme.splitlines() if line.startswith("scripts/install.sh && .venv/bin/lowbit quantize"))
+    argv = shlex.split(main_command.split(".venv/bin/lowbit ", 1)[1])
+    args = build_parser()[0].parse_args(argv)
+    assert args.method == "gptq" and args.eval
+    snippet = re.search(r"```python\n(.*?)```", readme.split("## Python API", 1)[1], re.S).group(1)
+    tree = ast.parse(snippet)
+    imported = [(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names]
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    for module, name in imported:
+        assert hasattr(importlib.import_module(module), name), (module, name)
+        assert name in used, f"README's snippet imports {name} and never uses it"
+    assert {"CalibrationConfig", "GPTQConfig"} <= {name for _, name in imported}

@@ -207,3 +207,17 @@ def test_header_is_plain_json(tiny_llama_dir, tmp_path):
     with safe_open(out / CHECKPOINT_FILE, framework="pt") as f:
         header = json.loads(f.metadata()["lowbit"])
     assert header["method"]["name"] == "rtn" and header["method"]["skip"] == ["lm_head"]
+
+
+def test_saved_checkpoint_has_the_usual_permissions(tiny_llama_dir, tmp_path):
+    """Written through a private temporary directory, the result still gets the mode the
+    umask gives new files (safetensors' writer makes its file private on its own)."""
+    import os
+
+    loaded = load_model(str(tiny_llama_dir))
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
+    out = save_quantized(loaded, tmp_path / "q")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o666 & ~mask for p in out.iterdir()}

@@ -25,6 +25,7 @@ import torch
 
 from lowbit.models.architectures import decoder_blocks
 from lowbit.models.loading import LoadedModel
+from lowbit.outputs import save_figure
 
 DEFAULT_THRESHOLD = 6.0
 SAMPLED_ROWS = 4096  # token rows kept per input for percentiles: whole samples, so every position is represented
@@ -224,7 +225,6 @@ def write_plots(report: OutlierReport, out_dir) -> list:
     from matplotlib.colors import LogNorm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for role in dict.fromkeys(r.role for r in report.inputs):
@@ -237,8 +237,7 @@ def write_plots(report: OutlierReport, out_dir) -> list:
     ax.set_title(f"Linear-input magnitudes: {Path(str(report.model)).name}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "max_magnitude_per_layer.png")
-    fig.savefig(paths[-1], dpi=120)
+    paths.append(save_figure(fig, out_dir / "max_magnitude_per_layer.png"))
     plt.close(fig)
 
     if len(report.hidden_labels):
@@ -252,7 +251,6 @@ def write_plots(report: OutlierReport, out_dir) -> list:
         fig.colorbar(image, ax=ax, label="per-channel max |x|")
         ax.set_title("Channel x layer heat map of input magnitudes")
         fig.tight_layout()
-        paths.append(out_dir / "channel_layer_heatmap.png")
-        fig.savefig(paths[-1], dpi=120)
+        paths.append(save_figure(fig, out_dir / "channel_layer_heatmap.png"))
         plt.close(fig)
     return paths

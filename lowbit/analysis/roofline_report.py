@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from lowbit.analysis.roofline import Machine, SpeedRow, StepCost, decode_cost, prefill_cost, variant_bits
+from lowbit.outputs import save_figure
 
 PREDICTED_VARIANTS = ("float32", "bf16", "W8", "W4", "W4 h8")  # W4A8 costs what W4 does in bytes
 
@@ -81,8 +82,6 @@ def write_chart(rows: list[SpeedRow], machine: Machine, model: nn.Module, ctx: i
     ax.set_title(f"Decode roofline at context {ctx}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    out = save_figure(fig, out)
     plt.close(fig)
     return out

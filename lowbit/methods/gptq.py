@@ -37,7 +37,7 @@ class GPTQConfig(QuantizeConfig):
     calibrated = True
     spec_fields = ALL_SPEC_FIELDS - {"double_quant"}
     refusals = {"double_quant": "GPTQ fixes each group's scale during its column sweep, after the codes before it, so the scales "
-                                "cannot be double-quantised before the codes are chosen (use rtn, nf4 or awq for that)"}
+                                "cannot be double-quantised before the codes are chosen (use rtn or nf4 for that)"}
 
     spec: QuantSpec = setting(QuantSpec(bits=4, group_size=128), "the weight format")
     act_order: str = setting("static", "column order: static (by diag(H), groups fixed first, no g_idx), dynamic (g_idx) or off",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import SpecError
 from lowbit.numerics.formats import IntFormat
 from lowbit.numerics.quantization import Quantized
 
@@ -25,7 +26,7 @@ def integer_values(q: Quantized) -> torch.Tensor:
     """The integers X_q of Eq. 3.1 behind the codes of an `IntFormat` tensor, int64."""
     fmt = q.spec.number_format
     if not isinstance(fmt, IntFormat) or (not q.spec.symmetric and q.spec.zero_point != "int"):
-        raise ValueError("integer matmul needs integer codes with an integer (or no) zero-point")
+        raise SpecError("integer matmul needs integer codes with an integer (or no) zero-point")
     return fmt.decode(q.codes).to(torch.int64)
 
 
@@ -46,7 +47,7 @@ def quantized_matmul(x: Quantized, w: Quantized) -> torch.Tensor:
     tokens, k = xq.shape
     n = wq.shape[0]
     if x.spec.granularity not in ("tensor", "token", "channel"):
-        raise ValueError("activations must be quantised per tensor or per token for an integer matmul")
+        raise SpecError("activations must be quantised per tensor or per token for an integer matmul")
     s_x, z_x = _per_row(x.scale, tokens), _per_row(x.zero, tokens)
     z_x_int = z_x.to(torch.int64)
     w_scale = w.scale.to(torch.float64).expand(n, -1)
@@ -70,6 +71,6 @@ def quantized_matmul(x: Quantized, w: Quantized) -> torch.Tensor:
 def symmetric_matmul(x: Quantized, w: Quantized) -> torch.Tensor:
     """The collapsed symmetric form Y = S_x S_w (X_q W_q) (§3.4), per-channel weights; float64."""
     if not (x.spec.symmetric and w.spec.symmetric) or w.scale.shape[-1] != 1:
-        raise ValueError("the one-product form needs symmetric X and W and one weight scale per row")
+        raise SpecError("the one-product form needs symmetric X and W and one weight scale per row")
     acc = integer_values(x) @ integer_values(w).T
     return x.scale.to(torch.float64) * w.scale.to(torch.float64).reshape(1, -1) * acc.to(torch.float64)
