@@ -131,17 +131,21 @@ def _defaults_text(uses) -> str:
     return " (default " + "; ".join(f"{', '.join(names)}: {value}" for value, names in by_default.items()) + ")"
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, classes: list, titled: bool = True) -> dict[str, FlagUse]:
-    """Add a flag for every setting of ``classes`` (config classes), once per flag name;
-    flags used by the same set of classes share a --help group named after them. Every flag
-    defaults to "not given" so that what a user set can be told from what they did not."""
+def add_setting_flags(parser: argparse.ArgumentParser, classes: list, titled: bool = True, only: tuple[str, ...] | None = None,
+                      defaults: dict[str, Any] | None = None) -> dict[str, FlagUse]:
+    """Add a flag for every setting of ``classes`` (config classes), once per flag name
+    (``only``: just these top-level fields); flags used by the same set of classes share a
+    --help group named after them. Every flag defaults to "not given", so that what a user
+    set can be told from what they did not, except those in ``defaults`` (field name ->
+    value), a command's own default for a setting it shares."""
+    import dataclasses
     from lowbit.settings import TAKES_VALUE, options
 
     flags: dict[str, FlagUse] = {}
     order: list[tuple[str, object]] = []
     for cls in classes:
         for option in options(cls):
-            if not _applies(cls, option):
+            if not _applies(cls, option) or (only is not None and option.path[0] not in only):
                 continue
             use = flags.get(option.name)
             if use is None:
@@ -151,8 +155,11 @@ def add_setting_flags(parser: argparse.ArgumentParser, classes: list, titled: bo
                 raise TypeError(f"flag {option.name} means two things ({use.uses[0][0].__name__}, {cls.__name__})")
             use.uses.append((cls, option))
     groups: dict[tuple, argparse._ArgumentGroup] = {}
+    defaults = defaults or {}
     for name, option in order:
         use = flags[name]
+        if option.path[0] in defaults:
+            use.uses = [(cls, dataclasses.replace(o, default=defaults[option.path[0]])) for cls, o in use.uses]
         users = tuple(getattr(cls, "name", cls.__name__) for cls, _ in use.uses)
         if titled:
             title = "options of " + ", ".join(users) if len(users) < len(classes) else "options of every method"
@@ -163,9 +170,10 @@ def add_setting_flags(parser: argparse.ArgumentParser, classes: list, titled: bo
         help_text = f"{meta.help}{_defaults_text(use.uses)}".replace("%", "%%")
         if meta.switch is not TAKES_VALUE:
             negative = "--no-" + name[2:]
-            group.add_argument(name, negative, dest=use.dest, action=Switch, const=meta.switch, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(name, negative, dest=use.dest, action=Switch, const=meta.switch, default=defaults.get(option.path[0], argparse.SUPPRESS),
+                               help=help_text)
         else:
-            group.add_argument(name, dest=use.dest, type=_value_type(option), choices=meta.choices, default=argparse.SUPPRESS,
+            group.add_argument(name, dest=use.dest, type=_value_type(option), choices=meta.choices, default=defaults.get(option.path[0], argparse.SUPPRESS),
                                action="append" if meta.repeat else "store", metavar=meta.metavar, help=help_text)
     return flags
 
@@ -296,7 +304,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     o.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
     o.add_argument("--threshold", type=number(float, 0, low_open=True), default=6.0, help="outlier magnitude (default 6.0, as LLM.int8())")
     o.add_argument("--out", help="directory for the PNG plots and outliers.json")
-    derived["outliers"] = add_setting_flags(o.add_argument_group("samples"), [CalibrationConfig], titled=False)
+    derived["outliers"] = add_setting_flags(o.add_argument_group("samples"), [CalibrationConfig], titled=False,
+                                            only=("corpus", "text_file", "samples", "ctx", "seed"), defaults={"samples": 32})
 
     i = sub.add_parser("info", help="what a checkpoint holds: method, layers, specs, sizes")
     i.add_argument("path", help="a lowbit directory, a Hugging Face directory, a .gguf file or a packaged model's name")
@@ -610,8 +619,7 @@ def cmd_outliers(args, derived) -> int:
     from lowbit.calibration.config import CalibrationConfig
     from lowbit.outputs import check_output_file
 
-    given = {"--calib-samples": 32, **given_flags(args, derived["outliers"])}
-    samples_config = build_from_flags(CalibrationConfig, given, derived["outliers"], "outliers")
+    samples_config = build_from_flags(CalibrationConfig, given_flags(args, derived["outliers"]), derived["outliers"], "outliers")
     if args.out:
         check_output_file(Path(args.out) / "outliers.json", "--out")
     _check_text(samples_config.corpus, samples_config.text_file)
