@@ -12,17 +12,20 @@ prints one line and exits 130; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError, one_line
+from lowbit.settings import TAKES_VALUE, build, options, shown_default
 
 log = logging.getLogger("lowbit")
 
@@ -54,18 +57,12 @@ class Switch(argparse.Action):
 
 
 def _value_type(option) -> Any:
-    """The argparse ``type`` of a setting: its own parser or its field's type, failing with
-    one line that says what the flag accepts."""
-    from lowbit.settings import nested_class
-
+    """The argparse ``type`` of a setting: its own parser or its field's type (``int | None``
+    parses as int), failing with one line that says what the flag accepts."""
     parse = option.flag.parse
     if parse is None:
-        base = option.type if isinstance(option.type, type) else next(
-            (t for t in getattr(option.type, "__args__", ()) if t in (int, float, str)), str)
-        if nested_class(option.type) is None and base in (int, float, str):
-            parse = base
-        else:
-            parse = str
+        kinds = (option.type,) if isinstance(option.type, type) else typing.get_args(option.type)
+        parse = next((kind for kind in kinds if kind in (int, float)), str)
     accepts = option.flag.accepts or {int: "an integer", float: "a number"}.get(parse, "a value")
 
     def convert(text: str):
@@ -119,8 +116,6 @@ def _applies(cls, option) -> bool:
 def _defaults_text(uses) -> str:
     """" (default X)", or the default of each method where they differ; nothing when the
     default is "not set" (the help text then says what happens)."""
-    from lowbit.settings import shown_default
-
     by_default: dict[str, list[str]] = {}
     for cls, option in uses:
         by_default.setdefault(shown_default(option), []).append(getattr(cls, "name", ""))
@@ -138,9 +133,6 @@ def add_setting_flags(parser: argparse.ArgumentParser, classes: list, titled: bo
     --help group named after them. Every flag defaults to "not given", so that what a user
     set can be told from what they did not, except those in ``defaults`` (field name ->
     value), a command's own default for a setting it shares."""
-    import dataclasses
-    from lowbit.settings import TAKES_VALUE, options
-
     flags: dict[str, FlagUse] = {}
     order: list[tuple[str, object]] = []
     for cls in classes:
@@ -186,8 +178,6 @@ def given_flags(args: argparse.Namespace, flags: dict[str, FlagUse]) -> dict[str
 def build_from_flags(cls, given: dict[str, Any], flags: dict[str, FlagUse], for_what: str):
     """An instance of ``cls`` from the given flags that belong to it; a given flag that
     does not is an error naming ``for_what`` (e.g. "--method rtn")."""
-    from lowbit.settings import build, options
-
     values = {}
     for name, value in given.items():
         match = next((option for owner, option in flags[name].uses if owner is cls), None)
@@ -451,6 +441,8 @@ def cmd_quantize(args, derived) -> int:
     plan_layers(skeleton.model, skeleton.arch, config)
     if calibration is not None:
         _check_ctx(skeleton, calibration.ctx, "--calib-ctx")
+        if calibration.text_file:  # a named corpus is long enough; a file is checked now, not after loading
+            calibration.tokens(skeleton.tokenizer)
     if args.eval:
         _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)
 

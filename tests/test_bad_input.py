@@ -183,6 +183,13 @@ def test_quantize_eval_with_too_short_a_text_fails_before_saving(capsys, tiny_ll
                    "fewer than one window", tmp_path)
 
 
+def test_calibration_text_too_short_fails_before_the_weights_load(capsys, tiny_llama_dir, tmp_path, never_loads):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    one_line_error(capsys, ["quantize", "--model", tiny_llama_dir, "--method", "gptq", "--group-size", "32", "--calib-text", short,
+                            "--calib-ctx", "64", "--out", tmp_path / "q"], "fewer than one sample of 64; use a longer text or a smaller ctx (--calib-ctx)", tmp_path)
+
+
 def test_group_size_larger_than_the_layers_fails_before_the_weights_load(capsys, tiny_llama_dir, tmp_path, never_loads):
     one_line_error(capsys, ["quantize", "--model", tiny_llama_dir, "--group-size", "100000", "--out", tmp_path / "q"],
                    "group_size 100000 is larger than in_features 64", tmp_path)

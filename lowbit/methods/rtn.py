@@ -39,42 +39,43 @@ class RTNConfig(QuantizeConfig):
         return rtn_quantize(weight, self.spec, name)
 
 
-_CODEBOOK_REFUSALS = {
-    "bits": "its codes are 4-bit",
-    "symmetric": "a codebook is absmax-scaled and has no zero-point",
-    "zero_point": "a codebook is absmax-scaled and has no zero-point",
-    "granularity": "its scales are per block of group_size weights (--group-size)",
-    "range": "each block is scaled by its absmax",
-    "percentile": "each block is scaled by its absmax",
-    "format": "for another codebook use --method rtn --format NAME",
-}
+@dataclass(frozen=True, kw_only=True)
+class CodebookConfig(RTNConfig):
+    """Round to the nearest level of a codebook, each block of ``spec.group_size`` weights
+    scaled by its absmax (float32, as bitsandbytes stores it, or 8-bit with double
+    quantisation). Subclasses name the codebook in their default spec."""
+
+    spec_fields = frozenset({"group_size", "double_quant", "scale_dtype"})
+    refusals = {
+        "bits": "its codes are 4-bit",
+        "symmetric": "a codebook is absmax-scaled and has no zero-point",
+        "zero_point": "a codebook is absmax-scaled and has no zero-point",
+        "granularity": "its scales are per block of group_size weights (--group-size)",
+        "range": "each block is scaled by its absmax",
+        "percentile": "each block is scaled by its absmax",
+        "format": "for another codebook use --method rtn --format NAME",
+    }
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class NF4Config(RTNConfig):
-    """NormalFloat-4 (QLoRA): round to the nearest of 16 normal quantiles, each block of
-    ``spec.group_size`` weights scaled by its absmax (float32, as bitsandbytes stores it,
-    or 8-bit with double quantisation)."""
+class NF4Config(CodebookConfig):
+    """NormalFloat-4 (QLoRA): the 16 levels are normal quantiles (bitsandbytes' table)."""
 
     name = "nf4"
     summary = "NormalFloat-4 codebook, absmax per block (QLoRA's format; bitsandbytes' table)"
     reference = "report §7.5"
-    spec_fields = frozenset({"group_size", "double_quant", "scale_dtype"})
-    refusals = _CODEBOOK_REFUSALS
 
     spec: QuantSpec = setting(QuantSpec(bits=4, format="nf4", group_size=64, scale_dtype="float32"), "the weight format")
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class FP4Config(RTNConfig):
-    """FP4 (E2M1, bitsandbytes' variant), absmax per block, as `NF4Config`."""
+class FP4Config(CodebookConfig):
+    """FP4: the 16 values of bitsandbytes' E2M1 float."""
 
     name = "fp4"
     summary = "4-bit float codebook (bitsandbytes' E2M1), absmax per block"
     reference = "report §2.1, §7.5"
-    spec_fields = frozenset({"group_size", "double_quant", "scale_dtype"})
-    refusals = _CODEBOOK_REFUSALS
 
     spec: QuantSpec = setting(QuantSpec(bits=4, format="fp4", group_size=64, scale_dtype="float32"), "the weight format")

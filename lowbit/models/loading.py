@@ -1,7 +1,7 @@
 """Load a float model fully offline: a named packaged model, a GGUF file or a Hugging Face
 checkpoint directory (`lowbit.loader.load_model` adds lowbit's quantised directories).
 
-GGUF files are dequantised by transformers' GGUF reader, which takes 15-50 s for the
+GGUF files are dequantised by transformers' GGUF reader, which takes 15-60 s for the
 packaged models on two cores (much of it parsing the tokenizer vocabulary), so the result
 is converted once into a Hugging Face directory under the cache (`registry.cache_dir()`),
 keyed by the file's path, size and modification time (a changed file converts again and
@@ -104,7 +104,7 @@ def convert_gguf(path: Path) -> Path:
         return target
     gguf_architecture(path)
     start = time.perf_counter()
-    log.warning("converting %s once into the cache %s (about 15 s for SmolLM2-135M and 50 s for Gemma 3 270M on two cores)", path.name, target.parent)
+    log.warning("converting %s once into the cache %s (15-20 s for SmolLM2-135M, about a minute for Gemma 3 270M, on two cores)", path.name, target.parent)
     with new_directory(target, "GGUF conversion") as tmp:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
