@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TEXT, byte_tokenizer, tiny_llama
+from conftest import byte_tokenizer, tiny_llama
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.models.refs import CHECKPOINT_FILE
