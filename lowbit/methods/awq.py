@@ -6,10 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lowbit.errors import SpecError
-from lowbit.methods.config import QuantizeConfig
+from lowbit.methods.config import CalibratedWeightConfig
 from lowbit.methods.registry import register
-from lowbit.methods.rtn import ALL_SPEC_FIELDS
-from lowbit.numerics.spec import QuantSpec
 from lowbit.settings import label, setting
 
 if TYPE_CHECKING:
@@ -25,21 +23,17 @@ def mean_sq_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class AWQConfig(QuantizeConfig):
+class AWQConfig(CalibratedWeightConfig):
     """AWQ: scale each input channel by s = s_X^α (α searched per group of linears), fold
     1/s into the operation that feeds the group, then round, each group's range clipped by
     the factor that minimises its output error."""
 
     name = "awq"
-    kind = "weight-only"
     summary = "activation-aware per-channel scales (searched α) folded into the previous op, then clipped rounding"
     reference = "report §7.3; Lin et al. 2023"
-    calibrated = True
-    spec_fields = ALL_SPEC_FIELDS - {"double_quant"}
     refusals = {"double_quant": "AWQ folds each group's scales into the layer before it, which is often quantised already, and "
                                 "double-quantised scales cannot be rescaled exactly (use rtn or nf4 for double quantisation)"}
 
-    spec: QuantSpec = setting(QuantSpec(bits=4, group_size=128), "the weight format")
     grid: int = setting(20, "α values tried for the scales (α = i / grid)", flag="--awq-grid")
     clip: bool = setting(True, "search each group's clipping range (--no-clip: plain min-max)", switch=True)
 

@@ -30,6 +30,9 @@ DEFAULT_SKIP = ("lm_head",)
 HEAD_SPECS = {8: QuantSpec(bits=8, granularity="channel", group_size=None), 4: QuantSpec(bits=4, group_size=128)}
 
 KINDS = ("weight-only", "weight+activation", "training")
+ALL_SPEC_FIELDS = frozenset(f.name for f in fields(QuantSpec))
+# The default weight format of the integer weight-only methods (rtn, gptq, awq, qat).
+WEIGHT_SPEC = QuantSpec(bits=4, group_size=128)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,3 +118,16 @@ class QuantizeConfig(MethodConfig):
         if self.head is not None and not isinstance(self.head, QuantSpec):
             raise SpecError(f"head must be a QuantSpec or None, got {type(self.head).__name__}")
         super().__post_init__()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibratedWeightConfig(QuantizeConfig):
+    """A weight-only method that runs block by block on calibration samples (gptq, awq):
+    integer weights, W4 g128 by default, every spec field but double quantisation (each
+    subclass says in ``refusals`` why it cannot honour that)."""
+
+    kind = "weight-only"
+    calibrated = True
+    spec_fields = ALL_SPEC_FIELDS - {"double_quant"}
+
+    spec: QuantSpec = setting(WEIGHT_SPEC, "the weight format")

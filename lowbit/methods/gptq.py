@@ -6,10 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lowbit.errors import SpecError
-from lowbit.methods.config import QuantizeConfig
+from lowbit.methods.config import CalibratedWeightConfig
 from lowbit.methods.registry import register
-from lowbit.methods.rtn import ALL_SPEC_FIELDS
-from lowbit.numerics.spec import QuantSpec
 from lowbit.settings import label, setting
 
 if TYPE_CHECKING:
@@ -26,20 +24,16 @@ ACT_ORDERS = {"static": (True, True), "dynamic": (True, False), "off": (False, F
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class GPTQConfig(QuantizeConfig):
+class GPTQConfig(CalibratedWeightConfig):
     """GPTQ: quantise column by column, the columns not yet quantised absorbing each one's
     error through the inverse Hessian of the layer's calibration inputs."""
 
     name = "gptq"
-    kind = "weight-only"
     summary = "column-by-column rounding with inverse-Hessian error feedback on calibration inputs"
     reference = "report §7.2; Frantar et al. 2022"
-    calibrated = True
-    spec_fields = ALL_SPEC_FIELDS - {"double_quant"}
     refusals = {"double_quant": "GPTQ fixes each group's scale during its column sweep, after the codes before it, so the scales "
                                 "cannot be double-quantised before the codes are chosen (use rtn or nf4 for that)"}
 
-    spec: QuantSpec = setting(QuantSpec(bits=4, group_size=128), "the weight format")
     act_order: str = setting("static", "column order: static (by diag(H), groups fixed first, no g_idx), dynamic (g_idx) or off",
                              choices=tuple(ACT_ORDERS))
     block_size: int = setting(128, "columns per lazy-update block")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lowbit.methods.config import MethodConfig
+from lowbit.methods.config import WEIGHT_SPEC, MethodConfig
 from lowbit.methods.registry import register
 from lowbit.numerics.spec import QuantSpec
 from lowbit.settings import setting
@@ -30,7 +30,7 @@ class QATConfig(MethodConfig):
     spec_fields = frozenset({"bits", "group_size", "granularity"})
     refusals = {f: "QAT trains symmetric integer weights" for f in ("symmetric", "zero_point", "format", "double_quant", "range", "percentile")}
 
-    spec: QuantSpec = setting(QuantSpec(bits=4, group_size=128), "the weight format")
+    spec: QuantSpec = setting(WEIGHT_SPEC, "the weight format")
     lsq: bool = setting(False, "learn the step sizes (LSQ)", switch=True)
     train: TrainConfig = setting(TrainConfig(lr=2e-5), "the training run")
 

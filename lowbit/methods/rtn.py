@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lowbit.methods.config import QuantizeConfig
+from lowbit.methods.config import ALL_SPEC_FIELDS, WEIGHT_SPEC, QuantizeConfig
 from lowbit.methods.registry import register
 from lowbit.numerics.spec import QuantSpec
 from lowbit.settings import setting
@@ -14,9 +14,6 @@ if TYPE_CHECKING:
     import torch
 
     from lowbit.packed.qweight import QuantizedWeight
-
-ALL_SPEC_FIELDS = frozenset(f.name for f in fields(QuantSpec))
-
 
 @register
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +27,7 @@ class RTNConfig(QuantizeConfig):
     reference = "report §3.1-§3.3"
     spec_fields = ALL_SPEC_FIELDS
 
-    spec: QuantSpec = setting(QuantSpec(bits=4, group_size=128), "the weight format")
+    spec: QuantSpec = setting(WEIGHT_SPEC, "the weight format")
 
     def quantize_weight(self, weight: torch.Tensor, name: str) -> QuantizedWeight:
         """The packed weight of one float weight (out_features, in_features)."""
@@ -57,6 +54,12 @@ class CodebookConfig(RTNConfig):
     }
 
 
+def codebook_spec(codebook: str):
+    """The spec field of a codebook method: 4-bit ``codebook`` codes, blocks of 64, float32
+    absmax scales (bitsandbytes' defaults)."""
+    return setting(QuantSpec(bits=4, format=codebook, group_size=64, scale_dtype="float32"), "the weight format")
+
+
 @register
 @dataclass(frozen=True, kw_only=True)
 class NF4Config(CodebookConfig):
@@ -65,8 +68,7 @@ class NF4Config(CodebookConfig):
     name = "nf4"
     summary = "NormalFloat-4 codebook, absmax per block (QLoRA's format; bitsandbytes' table)"
     reference = "report §7.5"
-
-    spec: QuantSpec = setting(QuantSpec(bits=4, format="nf4", group_size=64, scale_dtype="float32"), "the weight format")
+    spec: QuantSpec = codebook_spec("nf4")
 
 
 @register
@@ -77,5 +79,4 @@ class FP4Config(CodebookConfig):
     name = "fp4"
     summary = "4-bit float codebook (bitsandbytes' E2M1), absmax per block"
     reference = "report §2.1, §7.5"
-
-    spec: QuantSpec = setting(QuantSpec(bits=4, format="fp4", group_size=64, scale_dtype="float32"), "the weight format")
+    spec: QuantSpec = codebook_spec("fp4")
