@@ -70,7 +70,7 @@ def scoring(model: str, n_windows: int, rounds: int) -> dict:
     w4 = load_model(model)
     quantize_model(w4, RTNConfig(spec=QuantSpec(bits=4, group_size=128)), progress=False)
     windows = eval_windows(tokenize_split(reference.tokenizer, "pydoc"), 512, n_windows)
-    every_call = _dequantise_every_call  # the path before: no once-per-evaluation cache
+    every_call = DequantiseEveryCall  # the path before: no once-per-evaluation cache
     cases = {"float32": (reference.model, nullcontext), "W4 g128, dequantised once": (w4.model, nullcontext),
              "W4 g128, dequantised every call": (w4.model, every_call)}
     seconds = {label: [] for label in cases}
@@ -87,7 +87,7 @@ def scoring(model: str, n_windows: int, rounds: int) -> dict:
                     "x_float_min": min(t) / base_min, "perplexity": perplexity[label], "rounds": t} for label, t in seconds.items()}
 
 
-class _dequantise_every_call:
+class DequantiseEveryCall:
     """Within the block, `evaluate` does not cache dequantised weights."""
 
     def __enter__(self):
