@@ -221,3 +221,28 @@ def test_saved_checkpoint_has_the_usual_permissions(tiny_llama_dir, tmp_path):
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o666 & ~mask for p in out.iterdir()}
+
+
+def test_a_version_1_checkpoint_still_loads_and_describes_itself(tiny_llama_dir, tmp_path):
+    """Checkpoints written before the method registry (format version 1: a free-form method
+    record with its wall time, no calibration field) load to the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.info import describe_path
+
+    loaded = load_model(str(tiny_llama_dir))
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32)), progress=False)
+    out = save_quantized(loaded, tmp_path / "q")
+    file = out / CHECKPOINT_FILE
+    with safe_open(file, framework="pt") as f:
+        header = json.loads(f.metadata()["lowbit"])
+    header["format_version"] = 1
+    header["method"] = {"name": "rtn", "spec": header["method"]["spec"], "skip": ["lm_head"], "seconds": 0.42}
+    del header["calibration"]
+    save_file(load_file(file), file, metadata={"lowbit": json.dumps(header)})
+    again = load_quantized(out)
+    x = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x).logits, again.model(x).logits)
+    text = describe_path(out)
+    assert "format version 1" in text and "method: rtn (format version 1 record)" in text and "seconds: 0.42" in text
