@@ -40,14 +40,13 @@ from transformers import AutoModelForCausalLM
 from lowbit import __version__
 from lowbit.errors import LowbitError, one_line
 from lowbit.models.architectures import architecture_for
-from lowbit.models.loading import LoadedModel, read_config, read_tokenizer
+from lowbit.models.loading import LoadedModel, non_finite, read_config, read_tokenizer
 from lowbit.models.refs import CHECKPOINT_FILE
 from lowbit.modules import QUANTIZED_MODULES
 from lowbit.modules.swap import set_module
 from lowbit.outputs import new_directory
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -134,14 +133,6 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise LowbitError(f"could not read the tensors of {file}: {one_line(err)}; the file is truncated or corrupted") from None
 
 
-def check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """Every float tensor of a checkpoint (scales, float offsets, norms, embeddings, biases)
-    must be finite; NaN or Inf there would run to garbage without an error."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise LowbitError(f"{where}: tensor {name} holds {bad} NaN/Inf values; the checkpoint is corrupted, quantise its source again")
-
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Rebuild a working model from a lowbit directory alone.
@@ -153,7 +144,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
     path = Path(path)
     header = read_header(path)
     tensors = _load_tensors(path / CHECKPOINT_FILE)
-    check_finite(tensors, path / CHECKPOINT_FILE)
+    bad = non_finite(tensors)  # scales, float offsets, norms, embeddings: NaN there runs to garbage without an error
+    if bad is not None:
+        raise LowbitError(f"{path / CHECKPOINT_FILE}: tensor {bad[0]} holds {bad[1]} NaN/Inf values; the checkpoint is corrupted, "
+                          "quantise its source again")
     config = read_config(path)
     tokenizer = read_tokenizer(path)
     arch = architecture_for(config.model_type)

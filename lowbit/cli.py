@@ -198,21 +198,24 @@ def build_from_flags(cls, given: dict[str, Any], flags: dict[str, FlagUse], for_
 # the parser
 
 
+# the evaluation flags and their defaults (`quantize --eval` also prints text for DEFAULT_PROMPT)
+EVAL_DEFAULTS = {"text": None, "corpus": None, "windows": 20, "ctx": 512, "json": None, "prompt": None}
+
+
 def _add_eval_args(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """The evaluation flags; with ``suppress`` they default to "not given" (quantize's, which
+    apply only with --eval)."""
     from lowbit.data.texts import CORPORA, DEFAULT_CORPUS
 
-    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    default = (lambda key: argparse.SUPPRESS) if suppress else EVAL_DEFAULTS.get
     text = p.add_mutually_exclusive_group()
-    text.add_argument("--text", metavar="FILE", default=default(None), help="evaluate on this UTF-8 text file (its second half)")
-    text.add_argument("--corpus", choices=sorted(CORPORA), default=default(None), help=f"named corpus (default {DEFAULT_CORPUS})")
-    p.add_argument("--windows", type=number(int, 1), default=default(20), help="evaluation windows (default 20)")
-    p.add_argument("--ctx", type=number(int, 2), default=default(512), help="tokens per window (default 512)")
-    p.add_argument("--json", metavar="FILE", default=default(None), help="also write the results as JSON")
-    p.add_argument("--prompt", default=default(None), help="also print each model's greedy continuation of this prompt "
+    text.add_argument("--text", metavar="FILE", default=default("text"), help="evaluate on this UTF-8 text file (its second half)")
+    text.add_argument("--corpus", choices=sorted(CORPORA), default=default("corpus"), help=f"named corpus (default {DEFAULT_CORPUS})")
+    p.add_argument("--windows", type=number(int, 1), default=default("windows"), help=f"evaluation windows (default {EVAL_DEFAULTS['windows']})")
+    p.add_argument("--ctx", type=number(int, 2), default=default("ctx"), help=f"tokens per window (default {EVAL_DEFAULTS['ctx']})")
+    p.add_argument("--json", metavar="FILE", default=default("json"), help="also write the results as JSON")
+    p.add_argument("--prompt", default=default("prompt"), help="also print each model's greedy continuation of this prompt "
                    + (f"(default with --eval: {DEFAULT_PROMPT!r})" if suppress else "(default: none)"))
-
-
-EVAL_FLAGS = ("text", "corpus", "windows", "ctx", "json", "prompt")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -362,9 +365,12 @@ def _print_samples(models: dict, tokenizer, prompt: str) -> None:
         print(f"  {label:<{width}}  {prompt}{'' if text.startswith((' ', ',', '.')) else ' '}{text}")
 
 
-def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | None) -> int:
+def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | None, split=None) -> int:
     """Check everything, then score ``model_ref`` (against ``reference_ref``, or a quantised
-    model's source) and print the table (and the generated text with ``prompt``)."""
+    model's source) and print the table (and the generated text with ``prompt``). ``split``:
+    the evaluation text already tokenised with this model's tokenizer (tokenising
+    Shakespeare takes 5 s)."""
+    from lowbit.data.corpora import eval_windows
     from lowbit.evaluation import evaluate, results_table, write_json
     from lowbit.loader import load_model
     from lowbit.outputs import check_output_file
@@ -376,7 +382,10 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
     if reference_ref is None and skeleton.is_quantized:
         reference_ref = skeleton.header["source"]
     reference_skeleton = _model_skeleton(reference_ref, what="--reference") if reference_ref else None
-    split, windows = _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)
+    if split is None:
+        split, windows = _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)
+    else:
+        windows = eval_windows(split, args.ctx, args.windows)
     if reference_skeleton is not None:
         _check_ctx(reference_skeleton, args.ctx, "--ctx")
         if reference_skeleton.model.get_output_embeddings().out_features != skeleton.model.get_output_embeddings().out_features:
@@ -422,10 +431,10 @@ def cmd_quantize(args, derived) -> int:
         raise LowbitError(f"{', '.join(calibration_given)} {'does' if len(calibration_given) == 1 else 'do'} not apply to --method {args.method} "
                           "(it uses no calibration data); drop it")
     calibration = build_from_flags(CalibrationConfig, calibration_given, derived["calibration"], "calibration") if cls.calibrated else None
-    eval_given = [f"--{k}" for k in EVAL_FLAGS if hasattr(args, k)]
+    eval_given = [f"--{k}" for k in EVAL_DEFAULTS if hasattr(args, k)]
     if eval_given and not args.eval:
         raise LowbitError(f"{', '.join(eval_given)} apply with --eval; add --eval or drop them")
-    for key, value in {"text": None, "corpus": None, "windows": 20, "ctx": 512, "json": None, "prompt": DEFAULT_PROMPT}.items():
+    for key, value in {**EVAL_DEFAULTS, "prompt": DEFAULT_PROMPT}.items():
         if not hasattr(args, key):
             setattr(args, key, value)
 
@@ -443,8 +452,7 @@ def cmd_quantize(args, derived) -> int:
         _check_ctx(skeleton, calibration.ctx, "--calib-ctx")
         if calibration.text_file:  # a named corpus is long enough; a file is checked now, not after loading
             calibration.tokens(skeleton.tokenizer)
-    if args.eval:
-        _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)
+    split = _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)[0] if args.eval else None
 
     from lowbit.checkpoint import save_quantized
     from lowbit.loader import load_model
@@ -454,8 +462,8 @@ def cmd_quantize(args, derived) -> int:
     save_quantized(loaded, out)
     print(f"quantised {len(result.layers)} linears of {args.model} with {config.describe()} in {result.seconds:.1f} s -> {out}")
     print(summarize_layers(result.layers))
-    if args.eval:
-        return _run_eval(str(out), None, args, args.prompt)
+    if args.eval:  # the checkpoint keeps the source's tokenizer, so the text tokenised above serves
+        return _run_eval(str(out), None, args, args.prompt, split=split)
     return 0
 
 
@@ -588,12 +596,11 @@ def cmd_roofline(args, derived) -> int:
 
 
 def cmd_bench_decode(args, derived) -> int:
+    from lowbit.models.refs import ref_kind
     from lowbit.outputs import check_output_file
 
     for model in args.models:
         if model != "llama-1b":
-            from lowbit.models.refs import ref_kind
-
             ref_kind(model)
     if args.out_dir:
         for model in args.models:

@@ -155,7 +155,7 @@ def options(cls, prefix: tuple[str, ...] = (), defaults: Any = None) -> Iterator
             continue
         if not meta.cli:
             continue
-        flag = meta if meta.flag else dataclasses.replace(meta, flag="--" + f.name.replace("_", "-"))
+        flag = meta if meta.flag else dataclasses.replace(meta, flag=flag_of(cls, f.name))
         yield Option((*prefix, f.name), flag, default, hints[f.name])
 
 

@@ -72,10 +72,12 @@ def gguf_architecture(path: Path) -> Architecture:
     return architecture_for_gguf(name, path)
 
 
-def _first_non_finite(model: torch.nn.Module) -> str | None:
-    for name, tensor in model.state_dict().items():
+def non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """The first float tensor holding NaN or Inf, and how many such values it holds; None
+    if every one is finite."""
+    for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return name
+            return name, int((~torch.isfinite(tensor)).sum())
     return None
 
 
@@ -112,9 +114,9 @@ def convert_gguf(path: Path) -> Path:
         except (ValueError, KeyError, IndexError, OSError, RuntimeError) as err:
             raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
         architecture_for(model.config.model_type)
-        bad = _first_non_finite(model)
+        bad = non_finite(model.state_dict())
         if bad is not None:
-            raise LowbitError(f"GGUF {path} dequantises to NaN or Inf in {bad}; the file is corrupted (nothing was cached)")
+            raise LowbitError(f"GGUF {path} dequantises to NaN or Inf in {bad[0]}; the file is corrupted (nothing was cached)")
         # The weights are plain float32 now; drop the GGUF marker so they save as such.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -155,11 +157,11 @@ def load_hf_dir(path: Path, source: str, dtype: torch.dtype = torch.float32) -> 
     try:
         # disable_mmap: weights in owned memory, so dropping a float weight really frees it
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, disable_mmap=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise LowbitError(f"could not load the checkpoint in {path}: {one_line(err)}; a file is missing, truncated or corrupted") from None
-    bad = _first_non_finite(model)
+    tokenizer = read_tokenizer(path)
+    bad = non_finite(model.state_dict())
     if bad is not None:
-        raise LowbitError(f"{path}: tensor {bad} holds NaN or Inf; the checkpoint is corrupted")
+        raise LowbitError(f"{path}: tensor {bad[0]} holds {bad[1]} NaN/Inf values; the checkpoint is corrupted")
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, arch=arch)
