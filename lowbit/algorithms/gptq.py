@@ -81,7 +81,8 @@ def gptq(
     weight: (out_features, in_features), any float dtype (not modified).
     hessian: float32 (in_features, in_features), H = 2/n Σ x xᵀ over the layer's inputs.
     spec: target format and granularity; group-wise scales are chosen when their first
-        column is reached, from the columns' values at that moment (already updated).
+        column is reached, from the columns' values at that moment (already updated); a
+        GGML K-quant's scales when the first column of their super-block is reached.
     act_order: process columns by descending diag(H) (most-activated first).
     static_groups: with act_order, fix every group's scale from the unquantised weight
         in column order first, so groups stay runs of consecutive columns (no g_idx).
@@ -109,6 +110,11 @@ def gptq(
     elif static_groups:
         scales, zeros = find_params(W, spec, group_size)
 
+    # columns whose scales are fixed together: a group, or a K-quant's super-block of 256,
+    # whose group scales are stored as integers under one shared scale (`ggml_stored`)
+    window = spec.ggml.block if spec.ggml is not None and spec.ggml.k_quant else group_size
+    if act_order and not static_groups and window != group_size:
+        raise LowbitError(f"{name}: {spec.format} fixes its scales per super-block of {window} columns; use static act-order")
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(in_features)
     W, H = W[:, perm], H[perm][:, perm]
     U, damp_used = inverse_hessian_factor(H, damp, name)
@@ -131,13 +137,13 @@ def gptq(
         for i in range(i2 - i1):
             col = i1 + i
             g = int(group_of[col])
-            if grouped and not static_groups and col % group_size == 0:
-                # the group's columns as they stand now: in-block ones carry this block's updates
-                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                s, z = find_params(current, spec, current.shape[1])
-                scales[:, g : g + 1] = s
+            if grouped and not static_groups and col % window == 0:
+                # the window's columns as they stand now: in-block ones carry this block's updates
+                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :window]
+                s, z = find_params(current, spec, group_size)
+                scales[:, g : g + s.shape[1]] = s
                 if zeros is not None:
-                    zeros[:, g : g + 1] = z
+                    zeros[:, g : g + s.shape[1]] = z
             s = scales[:, g : g + 1]
             z = None if zeros is None else zeros[:, g : g + 1]
             w = W1[:, i : i + 1]

@@ -83,6 +83,8 @@ def format_support(module: QuantLinear) -> str | None:
     """None if ``module``'s format is one the kernels compute (4- or 8-bit integers, groups
     of consecutive columns or one per channel, plain scales), else why not."""
     spec = module.spec
+    if spec.ggml is not None:
+        return f"{spec.ggml.name}: GGUF blocks (the kernels read lowbit's own packing)"
     if not isinstance(spec.number_format, IntFormat) or spec.bits not in (4, 8):
         return f"{spec.describe()}: the kernels cover 4- and 8-bit integer formats"
     if spec.granularity not in ("group", "channel"):

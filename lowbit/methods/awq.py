@@ -62,16 +62,17 @@ class AWQConfig(CalibratedWeightConfig):
         in_features = next(iter(linears.values())).in_features
         alpha, s = None, torch.ones(in_features)
         if source_can_fold(block, group.source, group.source_kind, in_features):
-            s, alpha, _ = awq_scales(x, stats.absmean, [originals[n] for n in selected], self.spec, self.grid)
+            s, alpha, _ = awq_scales(x, stats.absmean, [originals[n] for n in selected], self.spec_for(selected[0], in_features), self.grid)
             fold_input_scale(block, group.source, group.source_kind, list(linears.values()), s, arch.norm_offset)
         x_scaled = x / s
         out = []
         for name in selected:
             weight = linears[name].weight.detach().float()
-            q = clip_quantize(weight, x_scaled, self.spec, name=name) if self.clip else quantize(weight, self.spec, name)
+            spec = self.spec_for(name, in_features)
+            q = clip_quantize(weight, x_scaled, spec, name=name) if self.clip else quantize(weight, spec, name)
             packed = QuantizedWeight.from_quantized(q)
             effective = packed.dequantize() / s  # what the layer now computes on the unscaled input
-            rtn = fake_quantize(originals[name], self.spec)
+            rtn = fake_quantize(originals[name], spec)
             info = {
                 "weight_sqnr_db": weight_sqnr_db(originals[name], effective),
                 "output_error": mean_sq_error(x, originals[name], effective),

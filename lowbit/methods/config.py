@@ -15,6 +15,7 @@ its algorithm when it runs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -101,6 +102,13 @@ def _head_spec(bits: int) -> QuantSpec:
     return HEAD_SPECS[bits]
 
 
+def _layer_format(text: str) -> tuple[str, str]:
+    pattern, sep, fmt = text.rpartition("=")
+    if not sep or not pattern:
+        raise SpecError(f"--layer-format takes REGEX=FORMAT (e.g. 'down_proj=q6_k'), got {text!r}")
+    return pattern, fmt
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig(MethodConfig):
     """A post-training method (`lowbit quantize`, `lowbit.quantize_model`): which linears it
@@ -111,13 +119,53 @@ class QuantizeConfig(MethodConfig):
     head: QuantSpec | None = setting(None, "also round the output head to nearest: 8 = int8 per output channel, 4 = int4 groups of 128 "
                                      "(without it the head stays float)", flag="--head-bits", parse=int, choices=tuple(HEAD_SPECS), convert=_head_spec)
 
+    layer_formats: tuple[tuple[str, str], ...] = setting(
+        (), "REGEX=FORMAT: linears whose name matches take that --format instead (repeatable, first match wins; "
+            "a llama.cpp-style mix, e.g. 'down_proj=q6_k')", flag="--layer-format", repeat=True, metavar="REGEX=FORMAT",
+        parse=_layer_format)
+
+    # whether the method quantises each layer with its own spec (`spec_for`): rtn, gptq, awq
+    per_layer_specs: ClassVar[bool] = False
+
     def __post_init__(self):
         if isinstance(self.skip, list):
             object.__setattr__(self, "skip", tuple(self.skip))
         check_patterns(QuantizeConfig, "skip", self.skip)
+        formats = tuple(tuple(pair) for pair in self.layer_formats)
+        object.__setattr__(self, "layer_formats", formats)
+        if formats and not self.per_layer_specs:
+            raise SpecError(f"{self.name} cannot take --layer-format: it quantises every layer with one format; drop it")
+        check_patterns(QuantizeConfig, "layer_formats", tuple(pattern for pattern, _ in formats))
+        for pattern, fmt in formats:
+            self.spec.with_changes(format=fmt)  # refuses an unknown or conflicting format now
         if self.head is not None and not isinstance(self.head, QuantSpec):
             raise SpecError(f"head must be a QuantSpec or None, got {type(self.head).__name__}")
         super().__post_init__()
+
+    def requested_spec(self, name: str) -> QuantSpec:
+        """The spec asked for the linear ``name``: ``spec`` with the format of the first
+        ``layer_formats`` entry whose regex matches the name."""
+        for pattern, fmt in self.layer_formats:
+            if re.search(pattern, name):
+                return self.spec.with_changes(format=fmt)
+        return self.spec
+
+    def spec_for(self, name: str, in_features: int) -> QuantSpec:
+        """The spec the linear ``name`` (rows of ``in_features`` weights) is quantised with:
+        the first ``layer_formats`` entry whose regex matches its name sets the format; a
+        GGML K-quant whose 256-block does not divide the rows takes llama.cpp's fallback
+        type (q4_k -> q5_0, q3_k -> q4_0, ...), as llama.cpp's own quantiser does."""
+        from lowbit.numerics.ggml_types import ggml_type_for
+
+        spec = self.requested_spec(name)
+        if spec.ggml is not None:
+            fitting = ggml_type_for(in_features, spec.ggml.name)
+            if fitting is None:
+                raise SpecError(f"{name} has rows of {in_features} weights: no GGML block type fits "
+                                f"(blocks of 32 at least); leave it in float with --skip")
+            if fitting is not spec.ggml:
+                spec = spec.with_changes(format=fitting.name)
+        return spec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,5 +177,6 @@ class CalibratedWeightConfig(QuantizeConfig):
     kind = "weight-only"
     calibrated = True
     spec_fields = ALL_SPEC_FIELDS - {"double_quant"}
+    per_layer_specs = True
 
     spec: QuantSpec = setting(WEIGHT_SPEC, "the weight format")

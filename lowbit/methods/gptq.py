@@ -45,6 +45,9 @@ class GPTQConfig(CalibratedWeightConfig):
             raise SpecError(f"{label(GPTQConfig, 'act_order')} {self.act_order!r} is unknown; use one of {', '.join(ACT_ORDERS)}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise SpecError(f"{label(GPTQConfig, 'block_size')} must be a positive integer (e.g. 128), got {self.block_size!r}")
+        if self.act_order == "dynamic" and any(self.spec.with_changes(format=f).ggml for f in [self.spec.format, *dict(self.layer_formats).values()]):
+            raise SpecError(f"GGML formats store groups as runs of consecutive columns; {label(GPTQConfig, 'act_order')} dynamic "
+                            "needs a group index (g_idx) they cannot hold: use static")
         if not isinstance(self.damp, (int, float)) or not 0.0 <= self.damp < 1.0:
             raise SpecError(f"{label(GPTQConfig, 'damp')} must lie in [0, 1) (e.g. 0.01), got {self.damp!r}")
 
@@ -63,9 +66,10 @@ class GPTQConfig(CalibratedWeightConfig):
         out = []
         for name in selected:
             weight = linears[name].weight
-            result = gptq(weight, stats.hessian, self.spec, block_size=self.block_size, damp=self.damp, act_order=act_order,
+            spec = self.spec_for(name, weight.shape[1])
+            result = gptq(weight, stats.hessian, spec, block_size=self.block_size, damp=self.damp, act_order=act_order,
                           static_groups=static_groups, name=name)
-            rtn = fake_quantize(weight.detach().float(), self.spec)
+            rtn = fake_quantize(weight.detach().float(), spec)
             info = {
                 "weight_sqnr_db": weight_sqnr_db(weight, result.dequantized),
                 "output_error": output_error(weight, result.dequantized, stats.hessian),

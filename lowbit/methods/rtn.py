@@ -26,6 +26,7 @@ class RTNConfig(QuantizeConfig):
     summary = "round each weight to its nearest level (Eq. 3.1); no data needed"
     reference = "report §3.1-§3.3"
     spec_fields = ALL_SPEC_FIELDS
+    per_layer_specs = True
 
     spec: QuantSpec = setting(WEIGHT_SPEC, "the weight format")
 
@@ -33,7 +34,7 @@ class RTNConfig(QuantizeConfig):
         """The packed weight of one float weight (out_features, in_features)."""
         from lowbit.algorithms.rtn import rtn_quantize
 
-        return rtn_quantize(weight, self.spec, name)
+        return rtn_quantize(weight, self.spec_for(name, weight.shape[1]), name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,7 @@ class CodebookConfig(RTNConfig):
     quantisation). Subclasses name the codebook in their default spec."""
 
     spec_fields = frozenset({"group_size", "double_quant", "scale_dtype"})
+    per_layer_specs = False
     refusals = {
         "bits": "its codes are 4-bit",
         "symmetric": "a codebook is absmax-scaled and has no zero-point",

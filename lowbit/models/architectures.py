@@ -46,6 +46,9 @@ class Architecture:
     norm_offset: the norm multiplies by (offset + weight): 0 for Llama-style RMSNorm and
         LayerNorm, 1 for Gemma's RMSNorm.
     gguf_names: values of a GGUF file's ``general.architecture`` that load as this family.
+    gguf_permuted_qk: GGUF files of this family store q_proj and k_proj with the rows of
+        each head interleaved for llama.cpp's RoPE (llama.cpp's converter permutes them,
+        transformers' GGUF loader undoes it); an export permutes them back.
     """
 
     name: str
@@ -54,6 +57,7 @@ class Architecture:
     groups: tuple[LinearGroup, ...]
     norm_offset: float = 0.0
     gguf_names: tuple[str, ...] = ()
+    gguf_permuted_qk: bool = False
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -70,7 +74,7 @@ def _llama_like(mlp_norm: str) -> tuple[LinearGroup, ...]:
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("llama",)),
+    Architecture("llama", ("llama",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("llama",), gguf_permuted_qk=True),
     Architecture("qwen2", ("qwen2",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("qwen2",)),
     Architecture("mistral", ("mistral",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("mistral",)),
     # Gemma 3 normalises attention and MLP outputs too; the MLP's input norm is pre_feedforward_layernorm.

@@ -59,6 +59,9 @@ class QuantLinear(nn.Module):
     def qweight(self) -> QuantizedWeight:
         """The packed weight as a `QuantizedWeight` view over this module's buffers
         (double-quantised scales are expanded here, so they stay 8-bit in memory)."""
+        shape = (self.out_features, self.in_features)
+        if self.spec.ggml is not None:
+            return QuantizedWeight.from_ggml(self.qdata, shape, self.spec)
         scale_dq = None
         if self.spec.double_quant:
             scale_dq = DoubleQuant(self.scales_q, self.scales_block, self.scales_offset, self.scale_shape)

@@ -85,14 +85,18 @@ class IntFormat:
 
 @dataclass(frozen=True)
 class CodebookFormat:
-    """A table of at most 256 levels, sorted ascending, with max |level| = 1.
+    """A table of at most 256 levels, sorted ascending, with max |level| = ``unit``.
 
-    Quantising a value ``x`` of a block with absmax ``a``: ``S = a``, the code is the index of
-    the level nearest to ``x / S``; dequantising: ``S * levels[code]``.
+    Quantising a value ``x`` of a block with absmax ``a``: ``S = a / unit``, the code is the
+    index of the level nearest to ``x / S``; dequantising: ``S * levels[code]``. Tables are
+    normalised (unit 1) except where a format stores integer levels: llama.cpp's iq4_nl
+    multiplies its float16 scale by integers -127..113 (unit 127), and lowbit must compute
+    the same products to decode its files bit for bit.
     """
 
     name: str
     levels: tuple[float, ...]
+    unit: float = 1.0
 
     def __post_init__(self):
         n = len(self.levels)
@@ -100,8 +104,8 @@ class CodebookFormat:
             raise SpecError(f"codebook {self.name!r} has {n} levels; a codebook needs 2 to 256")
         if list(self.levels) != sorted(self.levels) or len(set(self.levels)) != n:
             raise SpecError(f"codebook {self.name!r} levels must be distinct and sorted ascending")
-        if not math.isclose(max(abs(v) for v in self.levels), 1.0, rel_tol=1e-6):
-            raise SpecError(f"codebook {self.name!r} levels must be normalised to max |level| = 1")
+        if not math.isclose(max(abs(v) for v in self.levels), self.unit, rel_tol=1e-6):
+            raise SpecError(f"codebook {self.name!r} levels must be normalised to max |level| = {self.unit:g}")
 
     @property
     def bits(self) -> int:

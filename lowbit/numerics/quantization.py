@@ -117,10 +117,16 @@ def choose_range(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
         p = spec.percentile / 100.0
         if spec.symmetric:
             alpha = _nan_quantile(groups.abs(), p)
+            if spec.grid == "full":
+                lo, hi = _nan_amin(groups), _nan_amax(groups)
+                alpha = torch.where(hi >= -lo, alpha, -alpha)
             return -alpha, alpha
         return _nan_quantile(groups, 1.0 - p), _nan_quantile(groups, p)
     if spec.symmetric:
         alpha = _nan_amax(groups.abs())
+        if spec.grid == "full":  # keep the sign of the largest-magnitude value (see QuantSpec.grid)
+            lo, hi = _nan_amin(groups), _nan_amax(groups)
+            alpha = torch.where(hi >= -lo, hi, lo)
         return -alpha, alpha
     return _nan_amin(groups), _nan_amax(groups)
 
@@ -133,25 +139,54 @@ def _stored(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale S and zero Z (or offset m) per group from its range (Eq. 3.3).
 
-    Symmetric int:  S = alpha / (2**(n-1) - 1), no Z.
+    Symmetric int:  S = alpha / (2**(n-1) - 1), no Z; on the full grid S = -alpha / 2**(n-1)
+                    with alpha signed (so S may be negative).
     Asymmetric int: the range is first widened to contain 0 so that Z is an integer inside
                     [q_min, q_max] and real zero is exact; S = (hi - lo) / (q_max - q_min),
                     Z = Round(-lo / S + q_min).
     Asymmetric float: S = (hi - lo) / (q_max - q_min), offset m = lo.
-    Codebook:       S = alpha (levels are normalised to max |level| = 1).
+    Codebook:       S = alpha / unit (levels are normalised to max |level| = unit).
+    GGML K-quants:  as above (offsets m ≤ 0: the range is widened to hold 0), then the group
+                    scales are stored as the type stores them (`ggml_stored`).
     """
     fmt = spec.number_format
     if isinstance(fmt, CodebookFormat):
-        return _stored(torch.clamp(hi, min=MIN_SCALE), spec), None
+        return ggml_stored(_stored(torch.clamp(hi / fmt.unit, min=MIN_SCALE), spec), None, spec)
     if spec.symmetric:
-        return _stored(torch.clamp(hi / fmt.max_level, min=MIN_SCALE), spec), None
+        if spec.grid == "full":
+            step = -hi / 2 ** (fmt.bits - 1)
+            scale = torch.where(step < 0, -1.0, 1.0) * torch.clamp(step.abs(), min=MIN_SCALE)
+        else:
+            scale = torch.clamp(hi / fmt.max_level, min=MIN_SCALE)
+        return ggml_stored(_stored(scale, spec), None, spec)
     if spec.zero_point == "float":
+        if spec.ggml is not None and spec.ggml.k_quant:
+            lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
         scale = _stored(torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=MIN_SCALE), spec)
-        return scale, _stored(lo, spec)
+        return ggml_stored(scale, _stored(lo, spec), spec)
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     scale = _stored(torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=MIN_SCALE), spec)
     zero = torch.clamp(torch.round(-lo / scale + fmt.qmin), fmt.qmin, fmt.qmax)
     return scale, zero
+
+
+def ggml_stored(scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For a GGML K-quant spec: the group scales (and offsets) (rows, n_groups) as the type
+    stores them, integers under one float16 scale per super-block (`ggml_blocks.store_params`),
+    back as float32 effective values; n_groups must cover whole super-blocks. Other specs:
+    unchanged (their float16 rounding is ``scale_dtype``'s)."""
+    t = spec.ggml
+    if t is None or not t.k_quant:
+        return scale, zero
+    from lowbit.numerics.ggml_blocks import effective_params, store_params
+
+    rows, n_groups = scale.shape
+    if n_groups % t.groups_per_block:
+        raise SpecError(f"{t.name} stores scales per super-block of {t.block} weights; got {n_groups} groups of {t.group}")
+    per_block = (-1, t.groups_per_block)
+    stored = store_params(t, scale.reshape(per_block), None if zero is None else zero.reshape(per_block))
+    new_scale, new_zero = effective_params(stored)
+    return new_scale.reshape(rows, n_groups), None if new_zero is None else new_zero.reshape(rows, n_groups)
 
 
 def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
@@ -220,7 +255,7 @@ def find_params(x: torch.Tensor, spec: QuantSpec, group_size: int) -> tuple[torc
         scale = torch.where(better, cand_scale, scale)
         if zero is not None:
             zero = torch.where(better, cand_zero, zero)
-    return scale, zero
+    return ggml_stored(scale, zero, spec)  # groups mixed from several candidates: store again
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, name: str = "this tensor") -> Quantized:
@@ -251,6 +286,7 @@ def quantize_with_params(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     if spec.double_quant:
         scale_dq = double_quantize(scale)
         scale = scale_dq.dequantize()
+    scale, zero = ggml_stored(scale, zero, spec)
     rows = as_rows(x.to(torch.float32), spec)
     cols = rows.shape[1]
     s = expand_groups(scale, group_size, cols)

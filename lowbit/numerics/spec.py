@@ -9,6 +9,7 @@ from functools import cached_property
 from lowbit.errors import SpecError
 from lowbit.numerics import codebooks  # noqa: F401  (registers NF4, FP4 and FP8)
 from lowbit.numerics.formats import CODEBOOKS, CodebookFormat, IntFormat
+from lowbit.numerics.ggml_types import GGML_TYPES, GGMLType
 from lowbit.settings import from_dict, setting, to_dict
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
@@ -17,6 +18,7 @@ ACT_GRANULARITIES = ("token", "tensor")  # int8 activations: per-token dynamic, 
 RANGE_METHODS = ("minmax", "percentile", "mse")
 ZERO_POINTS = ("int", "float")
 SCALE_DTYPES = ("float16", "float32")
+GRIDS = ("balanced", "full")
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_PERCENTILE = 99.9
 
@@ -38,7 +40,15 @@ class QuantSpec:
     range: how [x_min, x_max] (or alpha) is chosen: ``minmax``, ``percentile`` (clip at the
         ``percentile``-th percentile of the group) or ``mse`` (grid search of a shrink factor
         that minimises the group's squared error, trading clipping for rounding error, §2.2).
-    format: ``int`` or the name of a registered codebook (absmax scaled, symmetric).
+    grid: symmetric integers only. ``balanced``: levels -(2**(n-1) - 1) .. 2**(n-1) - 1 are
+        used, S = alpha / (2**(n-1) - 1) (Eq. 3.3); ``full``: all 2**n levels, the scale
+        signed so that the weight of largest magnitude lands on -2**(n-1), S = -x_absmax /
+        2**(n-1) with x_absmax that weight's signed value (llama.cpp's Q4_0/Q5_0 rule and
+        the -8..7 grid of compressed-tensors' symmetric int4): a finer step for the same bits.
+    format: ``int``, the name of a registered codebook (absmax scaled, symmetric), or a
+        GGML block type of llama.cpp (``q4_0``, ``q4_k``, ... `lowbit.numerics.ggml_types`),
+        which fixes bits, symmetry, offset kind, group size and float16 scales to the
+        type's and stores the weight as the type's blocks, code for code.
     scale_dtype: how scales (and float offsets) are stored; ``float16`` like every common
         checkpoint format. Codes are computed against the stored (rounded) scale.
     double_quant: store the scales themselves in 8 bits (QLoRA's double quantisation,
@@ -53,7 +63,10 @@ class QuantSpec:
     zero_point: str = setting("int", "with --asym: an integer zero-point (Eq. 3.3) or a float offset (llama.cpp Q4_1, HQQ)", choices=ZERO_POINTS)
     range: str = setting("minmax", "how each group's range is chosen (percentile and mse clip)", choices=RANGE_METHODS)
     percentile: float = setting(DEFAULT_PERCENTILE, "with --range percentile: the percentile kept", accepts="a number in (50, 100]")
-    format: str = setting("int", "number format: integers, or a codebook with absmax scales", choices=("int", *CODEBOOKS))
+    grid: str = setting("balanced", "symmetric integers: balanced levels ±(2^(n-1)-1), or the full grid down to -2^(n-1) "
+                        "(llama.cpp Q4_0)", choices=GRIDS)
+    format: str = setting("int", "number format: integers, a codebook with absmax scales, or a llama.cpp GGML block type "
+                          "(fixes bits, groups and scales to the type's)", choices=("int", *CODEBOOKS, *GGML_TYPES))
     scale_dtype: str = setting("float16", "how scales and offsets are stored", choices=SCALE_DTYPES)
     double_quant: bool = setting(False, "store the absmax scales in 8 bits (QLoRA double quantisation)", switch=True)
 
@@ -79,9 +92,15 @@ class QuantSpec:
             raise SpecError(f"percentile={self.percentile} applies to range 'percentile'; add --range percentile or drop it")
         if self.scale_dtype not in SCALE_DTYPES:
             raise SpecError(f"scale_dtype {self.scale_dtype!r} is unknown; use float16 or float32")
-        if self.format != "int":
+        if self.grid not in GRIDS:
+            raise SpecError(f"grid {self.grid!r} is unknown; use balanced or full")
+        if self.grid == "full" and (not self.symmetric or isinstance(self.number_format, CodebookFormat)):
+            raise SpecError("grid 'full' applies to symmetric integer formats; drop --grid full or --asym")
+        if self.format in GGML_TYPES:
+            self._check_ggml(GGML_TYPES[self.format])
+        elif self.format != "int":
             if self.format not in CODEBOOKS:
-                known = ", ".join(["int", *CODEBOOKS]) or "int"
+                known = ", ".join(["int", *CODEBOOKS, *GGML_TYPES])
                 raise SpecError(f"format {self.format!r} is unknown; use one of {known}")
             if not self.symmetric:
                 raise SpecError(f"codebook format {self.format!r} is absmax-scaled; it has no asymmetric form")
@@ -91,16 +110,31 @@ class QuantSpec:
         if self.double_quant and not self.symmetric:
             raise SpecError("double quantisation applies to absmax scales; it needs a symmetric or codebook format (no zero-point)")
 
+    def _check_ggml(self, t: GGMLType) -> None:
+        """Every field a GGML type fixes must hold the type's value."""
+        for name, value in ggml_fields(t).items():
+            if getattr(self, name) != value:
+                raise SpecError(f"format {t.name} fixes {name} to {value!r} (got {getattr(self, name)!r}); drop the conflicting option")
+        if self.double_quant:
+            raise SpecError(f"format {t.name} stores its own scales; it cannot be double-quantised")
+
     @cached_property
     def number_format(self) -> IntFormat | CodebookFormat:
+        if self.format in GGML_TYPES:
+            return GGML_TYPES[self.format].number_format
         if self.format == "int":
             return IntFormat(self.bits, self.symmetric)
         return CODEBOOKS[self.format]
 
     @property
+    def ggml(self) -> GGMLType | None:
+        """The GGML block type this spec stores its weights as, or None."""
+        return GGML_TYPES.get(self.format)
+
+    @property
     def has_zero(self) -> bool:
         """Whether each group stores a zero-point / offset beside its scale."""
-        return self.format == "int" and not self.symmetric
+        return isinstance(self.number_format, IntFormat) and not self.symmetric
 
     def group_size_for(self, in_features: int, layer: str = "this layer") -> int:
         """Columns that share one (S, Z) in a row of ``in_features``; validates the fit.
@@ -110,6 +144,10 @@ class QuantSpec:
         """
         if self.granularity != "group":
             return in_features
+        t = self.ggml
+        if t is not None and in_features % t.block:
+            hint = f"use --format {t.fallback} for it (llama.cpp's fallback)" if t.fallback else "leave it in float (--skip)"
+            raise SpecError(f"{layer} has rows of {in_features} weights, not a multiple of {t.name}'s block of {t.block}; {hint}")
         if self.group_size > in_features:
             raise SpecError(
                 f"group_size {self.group_size} is larger than in_features {in_features} of {layer}; "
@@ -120,7 +158,11 @@ class QuantSpec:
     def describe(self) -> str:
         """Short label, e.g. ``W4 g128 sym`` or ``W8 channel asym``."""
         where = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        if self.ggml is not None:
+            rng = "" if self.range == "minmax" else f" {self.range}"
+            return f"{self.format}{' full' if self.grid == 'full' else ''}{rng}"
         kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-float0")
+        kind += "-full" if self.grid == "full" else ""
         fmt = "" if self.format == "int" else f" {self.format}"
         rng = "" if self.range == "minmax" else f" {self.range}"
         dq = " dq" if self.double_quant else ""
@@ -129,8 +171,9 @@ class QuantSpec:
     def with_changes(self, **changes) -> "QuantSpec":
         """`dataclasses.replace` that keeps related fields consistent: moving to a granularity
         other than ``group`` drops the group size (giving one as well then fails), moving to
-        ``group`` from one without a group size takes the default, and a codebook format
-        brings its code width unless ``bits`` is given too."""
+        ``group`` from one without a group size takes the default, a codebook format brings
+        its code width unless ``bits`` is given too, and a GGML type brings every field it
+        fixes (those given too must agree)."""
         granularity = changes.get("granularity")
         if granularity is not None and "group_size" not in changes:
             if granularity != "group":
@@ -140,6 +183,8 @@ class QuantSpec:
         fmt = changes.get("format")
         if fmt in CODEBOOKS and "bits" not in changes:
             changes["bits"] = CODEBOOKS[fmt].bits
+        if fmt in GGML_TYPES:
+            changes = {**ggml_fields(GGML_TYPES[fmt]), **changes}
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -148,3 +193,9 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
         return from_dict(cls, data, "quantisation spec")
+
+
+def ggml_fields(t: GGMLType) -> dict:
+    """The `QuantSpec` fields a GGML type fixes, with the type's values."""
+    return {"bits": t.bits, "symmetric": t.symmetric, "zero_point": "int" if t.symmetric else "float",
+            "granularity": "group", "group_size": t.group, "scale_dtype": "float16"}

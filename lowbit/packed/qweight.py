@@ -13,6 +13,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.double_quant import DoubleQuant
+from lowbit.numerics.ggml_blocks import pack_rows, unpack_rows
 from lowbit.numerics.packing import pack, packed_length, unpack
 from lowbit.numerics.quantization import Quantized, dequantize
 from lowbit.numerics.spec import QuantSpec
@@ -40,6 +41,8 @@ def stored_layout(shape: tuple[int, int], group_size: int, spec: QuantSpec) -> d
     ``spec`` with ``group_size`` columns per group (the layout of `QuantizedWeight`; an
     act-order ``g_idx``, int32 (in,), comes on top)."""
     out_features, in_features = shape
+    if spec.ggml is not None:  # the GGUF blocks of each row; scales live inside them
+        return {"qdata": ((out_features, in_features // spec.ggml.block * spec.ggml.type_size), "uint8")}
     rows, n_groups = scale_grid(shape, group_size, spec)
     layout = {"qdata": ((out_features, packed_length(in_features, spec.bits)), "uint8")}
     if spec.double_quant:
@@ -82,6 +85,11 @@ class QuantizedWeight:
     spec:   the quantisation setting.
     g_idx:  int32 (in_features,): the group of each input column, only when groups are not
             runs of consecutive columns (GPTQ act-order without static groups); else None.
+
+    With a GGML format (``spec.ggml``), qdata holds each row's GGUF blocks, uint8
+    (out_features, in_features / block · type_size), exactly the bytes a GGUF file stores
+    (`lowbit.numerics.ggml_blocks`); ``scales`` and ``zeros`` then hold the effective group
+    scales and offsets, float32 (out_features, in_features / group), in memory only.
     """
 
     qdata: torch.Tensor
@@ -97,6 +105,12 @@ class QuantizedWeight:
     def from_quantized(cls, q: Quantized) -> "QuantizedWeight":
         """Pack an unpacked `Quantized` weight; lossless (see `to_quantized`)."""
         out_features, in_features = q.codes.shape
+        if q.spec.ggml is not None:
+            if q.g_idx is not None:
+                raise LowbitError(f"{q.spec.ggml.name} stores groups as runs of consecutive columns; act-order groups (g_idx) cannot be stored")
+            qdata = pack_rows(q.spec.ggml, q.codes, q.scale, q.zero)
+            return cls(qdata=qdata, scales=q.scale.float(), zeros=None if q.zero is None else q.zero.float(),
+                       shape=(out_features, in_features), group_size=q.group_size, spec=q.spec)
         store = getattr(torch, q.spec.scale_dtype)
         zeros = None
         if q.zero is not None:
@@ -122,6 +136,9 @@ class QuantizedWeight:
     def to_quantized(self) -> Quantized:
         """Unpack codes and zero-points back to a `Quantized` (exactly what was packed)."""
         out_features, in_features = self.shape
+        if self.spec.ggml is not None:
+            codes, scale, zero = unpack_rows(self.spec.ggml, self.qdata, self.shape)
+            return Quantized(codes=codes, scale=scale, zero=zero, group_size=self.group_size, spec=self.spec)
         zero = None
         if self.zeros is not None:
             if self.spec.zero_point == "int":
@@ -146,6 +163,8 @@ class QuantizedWeight:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name, as a checkpoint holds them."""
         out = {"qdata": self.qdata}
+        if self.spec.ggml is not None:
+            return out
         if self.scale_dq is not None:
             out.update(self.scale_dq.tensors())
         else:
@@ -168,6 +187,8 @@ class QuantizedWeight:
             if tuple(got.shape) != want or got.dtype != getattr(torch, dtype):
                 raise LowbitError(f"{name}.{key} is {str(got.dtype).removeprefix('torch.')} {tuple(got.shape)}, the spec needs "
                                   f"{dtype} {want}; the checkpoint is corrupted")
+        if spec.ggml is not None:
+            return cls.from_ggml(tensors["qdata"], shape, spec)
         g_idx = tensors.get("g_idx")
         if g_idx is not None and (tuple(g_idx.shape) != (in_features,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
             raise LowbitError(f"{name}.g_idx must hold {in_features} group indices below {n_groups}; the checkpoint is corrupted")
@@ -182,6 +203,13 @@ class QuantizedWeight:
             g_idx=g_idx,
             scale_dq=scale_dq,
         )
+
+    @classmethod
+    def from_ggml(cls, qdata: torch.Tensor, shape: tuple[int, int], spec: QuantSpec) -> "QuantizedWeight":
+        """A weight over GGUF blocks uint8 (out, in / block · type_size) of ``spec.ggml``
+        (a tensor of a GGUF file, or a checkpoint's), its scales decoded from the blocks."""
+        _, scale, zero = unpack_rows(spec.ggml, qdata, shape)
+        return cls(qdata=qdata, scales=scale, zeros=zero, shape=tuple(shape), group_size=spec.ggml.group, spec=spec)
 
     @property
     def nbytes(self) -> int:

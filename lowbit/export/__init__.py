@@ -1,0 +1,1 @@
+"""Exports: lowbit checkpoints in the formats other engines serve (`lowbit export`)."""
