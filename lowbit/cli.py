@@ -303,6 +303,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     i = sub.add_parser("info", help="what a checkpoint holds: method, layers, specs, sizes")
     i.add_argument("path", help="a lowbit directory, a Hugging Face directory, a .gguf file or a packaged model's name")
 
+    from lowbit.export import EXPORTS
+
+    x = sub.add_parser("export", help="write a lowbit checkpoint in another engine's format (GGUF for llama.cpp)")
+    x.add_argument("checkpoint", help="a lowbit directory (lowbit quantize --out)")
+    x.add_argument("--to", required=True, choices=tuple(EXPORTS), help="; ".join(f"{e.name}: {e.writes} for {e.engines}" for e in EXPORTS.values()))
+    x.add_argument("--out", required=True, help="the file (gguf) or directory to write; must not exist")
+    x.add_argument("--requantize", action="store_true",
+                   help="round layers whose format the target cannot store code for code to its nearest type (prints the added error) "
+                        "instead of refusing")
+
     m = sub.add_parser("methods", help="every registered method: kind, calibration, formats, options and defaults")
     m.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/methods.md")
     return parser, derived
@@ -447,7 +457,7 @@ def cmd_quantize(args, derived) -> int:
     skeleton = _model_skeleton(args.model, float_only=True)
     from lowbit.pipeline import plan_layers, quantize_model, summarize_layers
 
-    plan_layers(skeleton.model, skeleton.arch, config)
+    plan_layers(skeleton.model, skeleton.arch, config, report=False)  # quantize_model reports fallbacks
     if calibration is not None:
         _check_ctx(skeleton, calibration.ctx, "--calib-ctx")
         if calibration.text_file:  # a named corpus is long enough; a file is checked now, not after loading
@@ -641,6 +651,31 @@ def cmd_outliers(args, derived) -> int:
     return 0
 
 
+def cmd_export(args, derived) -> int:
+    import importlib
+
+    from lowbit.checkpoint import read_header
+    from lowbit.export import EXPORTS
+    from lowbit.loader import load_model
+    from lowbit.models.refs import ref_kind
+    from lowbit.outputs import check_output_file
+
+    out = check_output_file(args.out, "--out")
+    if ref_kind(args.checkpoint) != "lowbit":
+        raise LowbitError(f"{args.checkpoint} is not a lowbit checkpoint; export takes the directory lowbit quantize --out wrote")
+    module = importlib.import_module(EXPORTS[args.to].module)
+    module.source_gguf(read_header(args.checkpoint))  # the source must be there before anything loads
+    loaded = load_model(args.checkpoint)
+    path, plan = module.export(loaded, out, requantize=args.requantize)
+    counts = plan.counts()
+    print(f"wrote {path}: {len(plan.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}), "
+          f"{path.stat().st_size / 2**20:.1f} MiB")
+    for t in plan.tensors:
+        if t.origin == "requantized":
+            print(f"  requantized {t.name} to {t.type.name}: {t.note}")
+    return 0
+
+
 def cmd_info(args, derived) -> int:
     from lowbit.info import describe_path
 
@@ -676,7 +711,8 @@ def _import_heavy_libraries() -> None:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "generate": cmd_generate,
-            "roofline": cmd_roofline, "bench-decode": cmd_bench_decode, "info": cmd_info, "methods": cmd_methods}
+            "roofline": cmd_roofline, "bench-decode": cmd_bench_decode, "info": cmd_info, "methods": cmd_methods,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,12 +48,13 @@ def head_name(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is head)
 
 
-def plan_layers(model: nn.Module, arch: Architecture, config: QuantizeConfig) -> list[tuple[str, nn.Linear]]:
+def plan_layers(model: nn.Module, arch: Architecture, config: QuantizeConfig, report: bool = True) -> list[tuple[str, nn.Linear]]:
     """The linears ``config`` quantises in ``model``, after every check that needs only the
     model's structure and shapes: something is left to quantise, the head spec does not
     collide with the main one, a calibrated method stays inside the architecture table's
     block linears, and every group size fits its layer. The CLI runs this on a model built
-    on the meta device, so a bad setting fails before any weight is loaded."""
+    on the meta device, so a bad setting fails before any weight is loaded. With ``report``,
+    layers that take a GGML type's fallback (rows not a multiple of its block) are logged."""
     layers = linear_layers(model, config.skip)
     if not layers:
         raise LowbitError(f"no linear layer is left to quantise: the skip patterns {list(config.skip)} match them all")
@@ -78,7 +79,7 @@ def plan_layers(model: nn.Module, arch: Architecture, config: QuantizeConfig) ->
             asked = config.requested_spec(name)
             if layer_spec.format != asked.format:
                 fallbacks.setdefault((linear.in_features, asked.ggml, layer_spec.format), []).append(name)
-        for (cols, asked, fmt), names in fallbacks.items():
+        for (cols, asked, fmt), names in fallbacks.items() if report else ():
             log.warning("%d of %d linears (e.g. %s) have rows of %d weights, not a multiple of %s's block of %d: they take %s "
                         "(llama.cpp's fallback)", len(names), len(layers), names[0], cols, asked.name, asked.block, fmt)
     return layers

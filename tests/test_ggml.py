@@ -165,3 +165,19 @@ def test_scales_from_another_format_are_not_packed_as_k_quant():
     bad = type(q)(codes=q.codes, scale=q.scale * 1.001, zero=q.zero, group_size=q.group_size, spec=spec)
     with pytest.raises(SpecError, match="not q4_k's stored scales"):
         QuantizedWeight.from_quantized(bad)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_k", "q6_k", "q2_k"])
+def test_dividing_rows_of_ggml_blocks_divides_the_decoded_rows(name):
+    """AWQ's fold into an already quantised linear: each row decodes divided by its divisor,
+    up to the float16 rounding of the block scales (as for lowbit's own float16 scales)."""
+    # unit-scale weights: q6_k's d of weights ~0.02 is a float16 subnormal, whose rounding is
+    # coarser (a limit of the format, in llama.cpp too)
+    w = torch.randn(8, 512, generator=torch.Generator().manual_seed(7))
+    qw = QuantizedWeight.from_quantized(quantize(w, QuantSpec().with_changes(format=name)))
+    divisor = torch.linspace(0.5, 2.0, 8)
+    raw = gb.divide_rows(GGML_TYPES[name], qw.qdata, divisor)
+    after = QuantizedWeight.from_ggml(raw, qw.shape, qw.spec).dequantize()
+    assert torch.equal(QuantizedWeight.from_ggml(raw, qw.shape, qw.spec).to_quantized().codes, qw.to_quantized().codes)
+    expected = qw.dequantize() / divisor[:, None]  # float16 rounding of d and m: relative to the row's range
+    assert ((after - expected).abs() <= 2e-3 * expected.abs().amax(1, keepdim=True)).all()

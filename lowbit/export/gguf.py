@@ -222,9 +222,11 @@ def plan_gguf(loaded: LoadedModel, requantize: bool = False) -> GGUFPlan:
         raise LowbitError(
             f"{len(inexact)} quantised layers (e.g. {name}, {spec.describe()}) are in a format no GGUF type stores code for code; "
             f"quantise with {_nearest_exact(spec)} for an exact export, or pass --requantize to round them again (the added error is printed)")
-    if formats:
-        main = max(formats, key=formats.get)
-        plan.file_type = FILE_TYPES.get(main)
+    asked = ((header.get("method") or {}).get("spec") or {}).get("format")
+    if asked in FILE_TYPES:  # the label llama.cpp's quantiser gives a file made for this type
+        plan.file_type = FILE_TYPES[asked]
+    elif formats:
+        plan.file_type = FILE_TYPES.get(max(formats, key=formats.get))
     return plan
 
 
@@ -313,7 +315,7 @@ def write_gguf(plan: GGUFPlan, out: str | Path, method: dict | None = None) -> P
     return out
 
 
-def export_gguf(loaded: LoadedModel, out: str | Path, requantize: bool = False) -> tuple[Path, GGUFPlan]:
+def export(loaded: LoadedModel, out: str | Path, requantize: bool = False) -> tuple[Path, GGUFPlan]:
     """`plan_gguf` then `write_gguf`: the checkpoint ``loaded`` as the GGUF file ``out``."""
     plan = plan_gguf(loaded, requantize=requantize)
     return write_gguf(plan, out, (loaded.header or {}).get("method")), plan

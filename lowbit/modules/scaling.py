@@ -44,11 +44,16 @@ def divide_linear_output(linear: nn.Module, s: torch.Tensor) -> None:
     if isinstance(linear, QuantLinear):
         if linear.spec.double_quant:
             raise LowbitError("cannot rescale the rows of a layer whose scales are double-quantised")
-        if linear.scales.shape[0] != linear.out_features:
+        if linear.spec.ggml is not None:
+            from lowbit.numerics.ggml_blocks import divide_rows
+
+            linear.qdata.copy_(divide_rows(linear.spec.ggml, linear.qdata, s))
+        elif linear.scales.shape[0] != linear.out_features:
             raise LowbitError("cannot rescale the rows of a per-tensor quantised layer exactly; quantise it per channel or per group")
-        linear.scales.copy_((linear.scales.float() / s[:, None]).to(linear.scales.dtype))
-        if linear.spec.has_zero and linear.spec.zero_point == "float":
-            linear.zeros.copy_((linear.zeros.float() / s[:, None]).to(linear.zeros.dtype))
+        else:
+            linear.scales.copy_((linear.scales.float() / s[:, None]).to(linear.scales.dtype))
+            if linear.spec.has_zero and linear.spec.zero_point == "float":
+                linear.zeros.copy_((linear.zeros.float() / s[:, None]).to(linear.zeros.dtype))
     elif isinstance(linear, W8A8Linear):
         linear.weight_scale.div_(s)
     elif isinstance(linear, nn.Linear):

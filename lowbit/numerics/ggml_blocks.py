@@ -372,3 +372,17 @@ def unpack_rows(t: GGMLType, raw: torch.Tensor, shape: tuple[int, int]) -> tuple
     n_groups = cols // t.group
     return (blocks.codes.reshape(rows, cols), scale.reshape(rows, n_groups),
             None if offset is None else offset.reshape(rows, n_groups))
+
+
+def divide_rows(t: GGMLType, raw: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """Blocks uint8 (rows, row bytes) whose row i decodes to the old row i divided by
+    ``divisor[i]`` (float32 (rows,), positive): every block's float16 d (and m / dmin) is
+    divided and rounded to float16 again; codes and integer group scales stay. (AWQ folds
+    its scales into an already quantised linear this way; int formats do the same to their
+    float16 scales.)"""
+    rows = raw.shape[0]
+    blocks = unpack(t, raw.reshape(-1, t.type_size))
+    per_block = divisor.float().repeat_interleave(blocks.n_blocks // rows)
+    d = (blocks.d.float() / per_block).to(torch.float16)
+    m = None if blocks.m is None else (blocks.m.float() / per_block).to(torch.float16)
+    return pack(replace(blocks, d=d, m=m)).reshape(rows, -1)

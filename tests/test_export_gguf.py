@@ -1,0 +1,248 @@
+"""GGUF export, checked by llama.cpp (llama-cpp-python) and by the gguf package.
+
+What counts: llama.cpp loads the exported file and computes what lowbit computes from the
+same checkpoint. Its CPU dot products round activations to 8 bits, so logits differ a
+little even for identical weights; the tolerance is measured, not guessed: llama.cpp's
+disagreement with lowbit on the *source* GGUF (whose weights lowbit reads bit for bit) is
+the engine's own margin, and an export may not disagree by more than 1.5 times it. Broken
+files (a flipped code byte, a wrong RoPE base, q/k rows in the wrong order) fail these
+checks: tested below.
+
+Needs llama-cpp-python (scripts/install-llama-cpp.sh); skipped without it, except under
+LOWBIT_REQUIRE_LLAMA_CPP=1 (CI), where its absence fails.
+"""
+
+import copy
+import importlib.util
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+
+from lowbit.calibration.config import CalibrationConfig
+from lowbit.cli import main
+from lowbit.errors import LowbitError
+from lowbit.export import gguf as export_gguf
+from lowbit.methods import AWQConfig, GPTQConfig, RTNConfig
+from lowbit.modules.quant_linear import QuantLinear
+from lowbit.numerics.ggml_types import GGML_TYPES
+from lowbit.numerics.spec import QuantSpec
+from lowbit.pipeline import quantize_model
+
+WINDOWS, CTX = 2, 128
+PROMPT = "The capital of France is"
+ENGINE_MARGIN = 1.5  # an export may disagree with lowbit at most this many times the source file does
+# ... except at 2 bits, where llama.cpp's 8-bit activations move the (much less certain)
+# logits of a far noisier model more: q2_k measured 1.99 times the margin, perplexity +3.1%
+LOW_BIT_MARGIN, LOW_BIT_TYPES = 2.5, ("q2_k",)
+TIE = 1.0  # logits: a greedy choice of llama.cpp that is not lowbit's must be this close to lowbit's best
+
+
+@pytest.fixture(scope="module")
+def llama():
+    if importlib.util.find_spec("llama_cpp") is None:
+        if os.environ.get("LOWBIT_REQUIRE_LLAMA_CPP") == "1":
+            pytest.fail("LOWBIT_REQUIRE_LLAMA_CPP=1 but llama-cpp-python is not installed (scripts/install-llama-cpp.sh)")
+        pytest.skip("llama-cpp-python is not installed (scripts/install-llama-cpp.sh)")
+    from lowbit.engines import llama_cpp
+
+    return llama_cpp
+
+
+_FLOAT = {}
+
+
+def float_model(name, packaged_gguf):
+    packaged_gguf(name)
+    if name not in _FLOAT:
+        from lowbit.loader import load_model
+
+        _FLOAT[name] = load_model(name)
+    return _FLOAT[name]
+
+
+def windows(loaded):
+    import pydoc_data.topics
+
+    text = "\n".join(pydoc_data.topics.topics.values())[:20000]
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [loaded.tokenizer.bos_token_id] if loaded.model.config.model_type.startswith("gemma") else []
+    size = CTX - len(bos)
+    return [bos + ids[i * size:(i + 1) * size] for i in range(WINDOWS)]
+
+
+def lowbit_logits(loaded, ids):
+    with torch.no_grad():
+        return loaded.model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def disagreement(llama, loaded, path) -> dict:
+    """llama.cpp on ``path`` against lowbit's ``loaded``: RMS logit difference over the
+    logits' spread, perplexity ratio, and the teacher-forced greedy check."""
+    engine = llama.open_model(path, ctx=CTX + 40)
+    sq, spread, nll_l, nll_o, count = 0.0, 0.0, 0.0, 0.0, 0
+    for ids in windows(loaded):
+        theirs, ours = llama.logits(engine, ids), lowbit_logits(loaded, ids)
+        sq += float(((theirs - ours) ** 2).mean())
+        spread += float(ours.var())
+        targets = np.array(ids[1:])
+        for lg, acc in ((theirs, "l"), (ours, "o")):
+            shifted = lg[:-1] - lg[:-1].max(-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            value = -logp[np.arange(len(targets)), targets].sum()
+            if acc == "l":
+                nll_l += value
+            else:
+                nll_o += value
+        count += len(targets)
+    bos = [loaded.tokenizer.bos_token_id] if loaded.model.config.model_type.startswith("gemma") else []
+    prompt = bos + loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    generated = llama.greedy(engine, prompt, 32)
+    ours = lowbit_logits(loaded, prompt + generated)[len(prompt) - 1:-1]  # lowbit's view of each of llama.cpp's choices
+    gaps = ours.max(-1) - ours[np.arange(len(generated)), generated]
+    exact = next((i for i, gap in enumerate(gaps) if gap > 0), len(gaps))
+    return {"rel_rms": (sq / spread) ** 0.5, "ppl_ratio": float(np.exp((nll_l - nll_o) / count)), "worst_gap": float(gaps.max()),
+            "exact_tokens": exact}
+
+
+@pytest.fixture(scope="module")
+def margins(llama, packaged_gguf):
+    """llama.cpp vs lowbit on each packaged file itself: the engine's own disagreement."""
+    out = {}
+    for name in ("smollm2", "gemma3-270m"):
+        out[name] = disagreement(llama, float_model(name, packaged_gguf), packaged_gguf(name))
+    return out
+
+
+def quantised(name, config, packaged_gguf, calibration=None):
+    loaded = copy.deepcopy(float_model(name, packaged_gguf))
+    quantize_model(loaded, config, calibration=calibration, progress=False)
+    return loaded
+
+
+def check_codes(loaded, path):
+    """Every tensor the export wrote from codes decodes, by the gguf package, to exactly
+    lowbit's dequantised weight (rows in llama.cpp's order)."""
+    reader = gguf.GGUFReader(path)
+    by_name = {t.name: t for t in reader.tensors}
+    config = loaded.model.config.get_text_config(decoder=True)
+    modules = export_gguf._modules_by_gguf_name(loaded.model, reader.fields["general.architecture"].contents(), config.num_hidden_layers)
+    checked = 0
+    for base, (module_name, module) in modules.items():
+        if not isinstance(module, QuantLinear):
+            continue
+        tensor = by_name[f"{base}.weight"]
+        decoded = np.asarray(gguf_dequantize(np.asarray(tensor.data), tensor.tensor_type), dtype=np.float32)
+        ours = module.qweight.dequantize()
+        rows = export_gguf._row_order(base, loaded.arch, config)
+        if rows is not None:
+            ours = ours[rows]
+        if not np.array_equal(decoded.view(np.uint32), ours.numpy().view(np.uint32)):
+            return False
+        checked += 1
+    return checked > 0
+
+
+def assert_matches(result, margin, fmt=None):
+    print("disagreement", result, "engine margin", margin)
+    low = fmt in LOW_BIT_TYPES
+    assert result["rel_rms"] <= (LOW_BIT_MARGIN if low else ENGINE_MARGIN) * margin["rel_rms"], (result, margin)
+    assert abs(result["ppl_ratio"] - 1) <= (0.05 if low else 0.03), result
+    assert result["worst_gap"] <= TIE, result
+
+
+def test_the_engine_margin_is_small(margins):
+    """The tolerance itself is tight: on the packaged files llama.cpp and lowbit agree to a
+    few percent of the logits' spread and within 1% perplexity."""
+    for margin in margins.values():
+        assert margin["rel_rms"] < 0.1 and abs(margin["ppl_ratio"] - 1) < 0.01, margins
+
+
+@pytest.mark.parametrize("fmt", list(GGML_TYPES))
+def test_rtn_export_of_every_type_runs_in_llama_cpp_as_in_lowbit(fmt, llama, margins, packaged_gguf, tmp_path):
+    loaded = quantised("smollm2", RTNConfig(spec=QuantSpec().with_changes(format=fmt)), packaged_gguf)
+    path, plan = export_gguf.export(loaded, tmp_path / "model.gguf")
+    assert plan.counts()["codes"] == 210
+    assert check_codes(loaded, path)
+    reader = gguf.GGUFReader(path)
+    assert {t.tensor_type.name.lower() for t in reader.tensors if t.name.startswith("blk.")} >= {export_gguf.ggml_type_for(576, fmt).name}
+    assert_matches(disagreement(llama, loaded, path), margins["smollm2"], fmt)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q3_k", "q6_k"])
+def test_gemma_export_runs_in_llama_cpp_as_in_lowbit(fmt, llama, margins, packaged_gguf, tmp_path):
+    loaded = quantised("gemma3-270m", RTNConfig(spec=QuantSpec().with_changes(format=fmt)), packaged_gguf)
+    path, plan = export_gguf.export(loaded, tmp_path / "model.gguf")
+    assert check_codes(loaded, path)
+    assert_matches(disagreement(llama, loaded, path), margins["gemma3-270m"], fmt)
+
+
+def test_gptq_k_quant_export_holds_the_codes_gptq_chose(llama, margins, packaged_gguf, tmp_path):
+    config = GPTQConfig(spec=QuantSpec().with_changes(format="q4_k"), layer_formats=(("down_proj", "q6_k"),))
+    loaded = quantised("smollm2", config, packaged_gguf, CalibrationConfig(samples=4, ctx=128))
+    path, plan = export_gguf.export(loaded, tmp_path / "model.gguf")
+    assert check_codes(loaded, path)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == "Q5_0"
+    assert_matches(disagreement(llama, loaded, path), margins["smollm2"])
+
+
+def test_awq_export_writes_its_folded_norms_with_gemmas_offset(llama, margins, packaged_gguf, tmp_path):
+    """AWQ folds its scales into the norms: those go out as float32 (+1 for Gemma), the rest
+    of the float tensors as the source's bytes."""
+    loaded = quantised("gemma3-270m", AWQConfig(spec=QuantSpec().with_changes(format="q4_0"), grid=4), packaged_gguf,
+                       CalibrationConfig(samples=4, ctx=128))
+    path, plan = export_gguf.export(loaded, tmp_path / "model.gguf")
+    floats = {t.name for t in plan.tensors if t.origin == "float"}
+    assert floats and all("norm" in name for name in floats)
+    assert "token_embd.weight" in {t.name for t in plan.tensors if t.origin == "source"}
+    assert_matches(disagreement(llama, loaded, path), margins["gemma3-270m"])
+
+
+def test_a_flipped_code_byte_is_caught(packaged_gguf, tmp_path):
+    loaded = quantised("smollm2", RTNConfig(spec=QuantSpec().with_changes(format="q4_0")), packaged_gguf)
+    path, plan = export_gguf.export(loaded, tmp_path / "model.gguf")
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.3.attn_v.weight")
+    data = bytearray(path.read_bytes())
+    data[tensor.data_offset + 5] ^= 0x10  # one code of one weight
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(bytes(data))
+    assert check_codes(loaded, path) and not check_codes(loaded, broken)
+
+
+def test_wrong_metadata_or_row_order_is_caught_by_llama_cpp(llama, margins, packaged_gguf, tmp_path, monkeypatch):
+    loaded = quantised("smollm2", RTNConfig(spec=QuantSpec().with_changes(format="q8_0")), packaged_gguf)
+    plan = export_gguf.plan_gguf(loaded)
+    plan.fields = [(k, 10000.0 if k == "llama.rope.freq_base" else v, t, s) for k, v, t, s in plan.fields]
+    wrong_rope = export_gguf.write_gguf(plan, tmp_path / "rope.gguf")
+    monkeypatch.setattr(export_gguf, "_row_order", lambda *args: None)
+    unpermuted, _ = export_gguf.export(loaded, tmp_path / "rows.gguf")
+    for path in (wrong_rope, unpermuted):
+        result = disagreement(llama, loaded, path)
+        assert result["rel_rms"] > 2 * ENGINE_MARGIN * margins["smollm2"]["rel_rms"], result
+
+
+def test_a_format_no_gguf_type_holds_is_refused_before_writing(packaged_gguf, tmp_path, capsys):
+    loaded = quantised("smollm2", RTNConfig(spec=QuantSpec(bits=4, group_size=64)), packaged_gguf)
+    with pytest.raises(LowbitError, match=r"--format q4_0 or q4_1 or iq4_nl or q4_k.*--requantize"):
+        export_gguf.export(loaded, tmp_path / "model.gguf")
+    assert not list(tmp_path.iterdir())
+    path, plan = export_gguf.export(loaded, tmp_path / "model.gguf", requantize=True)
+    assert plan.counts()["requantized"] == 210 and all("dB" in t.note for t in plan.tensors if t.origin == "requantized")
+
+
+def test_plain_int4_g32_exports_code_for_code_as_q4_0(packaged_gguf, tmp_path):
+    loaded = quantised("smollm2", RTNConfig(spec=QuantSpec(bits=4, group_size=32, grid="full")), packaged_gguf)
+    path, plan = export_gguf.export(loaded, tmp_path / "model.gguf")
+    assert plan.counts()["codes"] == 210 and plan.file_type == "MOSTLY_Q4_0"
+    assert check_codes(loaded, path)
+
+
+def test_cli_export_refuses_a_non_checkpoint_and_writes_nothing(packaged_gguf, tmp_path, capsys):
+    packaged_gguf("smollm2")
+    assert main(["export", "smollm2", "--to", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "not a lowbit checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
