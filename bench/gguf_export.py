@@ -42,7 +42,7 @@ from lowbit import AWQConfig, CalibrationConfig, GPTQConfig, QuantSpec, RTNConfi
 from lowbit.data.corpora import calibration_samples, eval_windows, tokenize_split  # noqa: E402
 from lowbit.engines.llama_cpp import tool  # noqa: E402
 from lowbit.evaluation.metrics import evaluate  # noqa: E402
-from lowbit.export.gguf import export  # noqa: E402
+from lowbit.interchange.gguf import export  # noqa: E402
 from lowbit.models.registry import NAMED_MODELS  # noqa: E402
 
 METHODS = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig}

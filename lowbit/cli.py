@@ -303,7 +303,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     i = sub.add_parser("info", help="what a checkpoint holds: method, layers, specs, sizes")
     i.add_argument("path", help="a lowbit directory, a Hugging Face directory, a .gguf file or a packaged model's name")
 
-    from lowbit.export import EXPORTS
+    from lowbit.interchange import EXPORTS
 
     x = sub.add_parser("export", help="write a lowbit checkpoint in another engine's format (GGUF for llama.cpp)")
     x.add_argument("checkpoint", help="a lowbit directory (lowbit quantize --out)")
@@ -655,22 +655,22 @@ def cmd_export(args, derived) -> int:
     import importlib
 
     from lowbit.checkpoint import read_header
-    from lowbit.export import EXPORTS
+    from lowbit.interchange import EXPORTS
     from lowbit.loader import load_model
     from lowbit.models.refs import ref_kind
-    from lowbit.outputs import check_output_file
+    from lowbit.outputs import check_new_directory, check_output_file
 
-    out = check_output_file(args.out, "--out")
+    out = check_output_file(args.out, "--out") if args.to == "gguf" else check_new_directory(args.out, "--out")
     if ref_kind(args.checkpoint) != "lowbit":
         raise LowbitError(f"{args.checkpoint} is not a lowbit checkpoint; export takes the directory lowbit quantize --out wrote")
     module = importlib.import_module(EXPORTS[args.to].module)
-    module.source_gguf(read_header(args.checkpoint))  # the source must be there before anything loads
+    if hasattr(module, "source_gguf"):
+        module.source_gguf(read_header(args.checkpoint))  # the source must be there before anything loads
     loaded = load_model(args.checkpoint)
     path, plan = module.export(loaded, out, requantize=args.requantize)
-    counts = plan.counts()
-    print(f"wrote {path}: {len(plan.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}), "
-          f"{path.stat().st_size / 2**20:.1f} MiB")
-    for t in plan.tensors:
+    size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.iterdir()))
+    print(f"wrote {path}: {len(plan.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in sorted(plan.counts().items()))}), {size / 2**20:.1f} MiB")
+    for t in plan.tensors if isinstance(plan.tensors, list) else ():
         if t.origin == "requantized":
             print(f"  requantized {t.name} to {t.type.name}: {t.note}")
     return 0

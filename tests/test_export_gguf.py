@@ -25,7 +25,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from lowbit.calibration.config import CalibrationConfig
 from lowbit.cli import main
 from lowbit.errors import LowbitError
-from lowbit.export import gguf as export_gguf
+from lowbit.interchange import gguf as export_gguf
 from lowbit.methods import AWQConfig, GPTQConfig, RTNConfig
 from lowbit.modules.quant_linear import QuantLinear
 from lowbit.numerics.ggml_types import GGML_TYPES
@@ -246,3 +246,22 @@ def test_cli_export_refuses_a_non_checkpoint_and_writes_nothing(packaged_gguf, t
     assert main(["export", "smollm2", "--to", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
     assert "not a lowbit checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+def test_round_trip_lowbit_gguf_lowbit_keeps_every_code(fmt, packaged_gguf, tmp_path):
+    """lowbit -> GGUF -> lowbit (the file opened as a quantised model): the same codes and
+    scales in every layer, and exporting that again writes the same tensors."""
+    loaded = quantised("smollm2", RTNConfig(spec=QuantSpec().with_changes(format=fmt)), packaged_gguf)
+    path, _ = export_gguf.export(loaded, tmp_path / "a.gguf")
+    reopened = export_gguf.open_quantized(path)
+    ours = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
+    theirs = {n: m for n, m in reopened.model.named_modules() if isinstance(m, QuantLinear)}
+    assert ours.keys() == theirs.keys() and len(ours) == 210
+    for name, module in ours.items():
+        a, b = module.qweight.to_quantized(), theirs[name].qweight.to_quantized()
+        assert a.spec == b.spec and torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), name
+    again, _ = export_gguf.export(reopened, tmp_path / "b.gguf")
+    first = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    second = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(again).tensors}
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)

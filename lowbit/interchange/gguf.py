@@ -319,3 +319,55 @@ def export(loaded: LoadedModel, out: str | Path, requantize: bool = False) -> tu
     """`plan_gguf` then `write_gguf`: the checkpoint ``loaded`` as the GGUF file ``out``."""
     plan = plan_gguf(loaded, requantize=requantize)
     return write_gguf(plan, out, (loaded.header or {}).get("method")), plan
+
+
+# ---- import -----------------------------------------------------------------------------
+
+def open_quantized(path: str | Path, source: str | None = None) -> LoadedModel:
+    """A GGUF file as a quantised model: every linear whose tensor is one of lowbit's GGML
+    types (`lowbit.numerics.ggml_types`) becomes a `QuantLinear` over the file's blocks,
+    code for code (rows of q/k put in Hugging Face order); float tensors and the embeddings
+    load as they do for quantisation. The header records the file as the model's own source
+    (``method`` {"name": "gguf", ...}); exporting it again writes the same codes.
+
+    The float skeleton comes from the cached conversion (`lowbit.models.loading.load_gguf`),
+    so the linears' float weights are built once, then replaced; each replacement is checked
+    to decode to exactly the float weight transformers' loader made from the same bytes."""
+    from lowbit.models.loading import load_gguf
+    from lowbit.modules.swap import set_module
+    from lowbit.packed.qweight import QuantizedWeight
+
+    path = Path(path)
+    loaded = load_gguf(path, source=source or str(path.resolve()))
+    reader = gguf.GGUFReader(path)
+    arch_name = reader.fields["general.architecture"].contents()
+    config = loaded.model.config.get_text_config(decoder=True)
+    tensors = {t.name: t for t in reader.tensors}
+    head = loaded.model.get_output_embeddings()
+    tied = head is not None and head.weight is loaded.model.get_input_embeddings().weight
+    layers, types = {}, {}
+    for base, (module_name, module) in _modules_by_gguf_name(loaded.model, arch_name, config.num_hidden_layers).items():
+        tensor = tensors.get(f"{base}.weight")
+        t = None if tensor is None else GGML_BY_ID.get(int(tensor.tensor_type))
+        if not isinstance(module, nn.Linear) or t is None or (module is head and tied):
+            continue
+        raw = torch.from_numpy(np.array(tensor.data))
+        rows = _row_order(base, loaded.arch, config)
+        if rows is not None:
+            raw = raw[torch.argsort(rows)]
+        qweight = QuantizedWeight.from_ggml(raw, (module.out_features, module.in_features), QuantSpec().with_changes(format=t.name))
+        if not torch.equal(qweight.dequantize(), module.weight.detach().float()):
+            raise LowbitError(f"{path}: {tensor.name} decodes differently from transformers' reading of it; the file is not "
+                              "one lowbit can open as quantised (open it as a float model)")
+        quantized = QuantLinear(qweight, module.bias)
+        set_module(loaded.model, module_name, quantized)
+        layers[module_name] = {"module": "QuantLinear", **quantized.config()}
+        types[t.name] = types.get(t.name, 0) + 1
+    if not layers:
+        raise LowbitError(f"{path} holds no linear in a GGML type lowbit reads ({', '.join(GGML_TYPES)}); open it as a float model")
+    file_type = reader.fields.get("general.file_type")
+    loaded.header = {"format": "gguf", "format_version": int(reader.fields["GGUF.version"].contents()), "source": loaded.source,
+                     "model_type": loaded.model.config.model_type,
+                     "method": {"name": "gguf", "file_type": None if file_type is None else int(file_type.contents()), "types": types},
+                     "calibration": None, "layers": layers, "tied": {}}
+    return loaded

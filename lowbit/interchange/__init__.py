@@ -1,4 +1,4 @@
-"""Exports: lowbit checkpoints in the formats other engines serve (`lowbit export --to NAME`).
+"""Interchange: lowbit checkpoints in the formats other engines serve (`lowbit export --to NAME`), and theirs opened as quantised models.
 
 Each export is registered here by name with what it writes; its module (imported when it
 runs) gives ``export(loaded, out, requantize) -> (path, plan)``, which checks everything
@@ -19,5 +19,7 @@ class Export:
 
 
 EXPORTS = {e.name: e for e in (
-    Export("gguf", "lowbit.export.gguf", "a .gguf file", "llama.cpp (llama-cli, llama-server, llama-cpp-python), ollama, LM Studio"),
+    Export("gguf", "lowbit.interchange.gguf", "a .gguf file", "llama.cpp (llama-cli, llama-server, llama-cpp-python), ollama, LM Studio"),
+    Export("compressed-tensors", "lowbit.interchange.compressed_tensors", "a Hugging Face directory",
+           "transformers (with the compressed-tensors package) and vLLM, as llm-compressor's output"),
 )}

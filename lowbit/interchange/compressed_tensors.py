@@ -1,0 +1,217 @@
+"""Export a lowbit checkpoint as a compressed-tensors directory (what llm-compressor writes),
+which transformers loads with the ``compressed-tensors`` package and vLLM serves.
+
+    DIR/config.json          the model's config with ``quantization_config`` (built with
+                             compressed-tensors' own QuantizationConfig, format
+                             pack-quantized or int-quantized)
+    DIR/model.safetensors    per quantised linear ``<name>.weight_packed`` int32 (out,
+                             ceil(in·bits/32)), ``weight_scale`` (out, n_groups) in the
+                             checkpoint's scale dtype, ``weight_shape`` int64 (2,), for an
+                             asymmetric one ``weight_zero_point`` int32 (ceil(out·bits/32),
+                             n_groups);
+                             W8A8 linears ``weight`` int8 (out, in) and ``weight_scale``
+                             (out, 1); every other tensor in float as the model holds it
+    DIR/tokenizer files
+
+The packing (`pack_int32`): every code as the signed integer q in [-2^(b-1), 2^(b-1)) that
+compressed-tensors quantises to, offset by +2^(b-1), then bit b·i of a row's bit stream
+holds element i (dense, no padding inside a row; rows padded to a whole int32). lowbit's
+codes are exactly those unsigned values: symmetric codes c stand for q = c - 2^(b-1), and an
+asymmetric code c with integer zero-point Z decodes to S(c - Z) = S(q - z) with
+z = Z - 2^(b-1), the zero-point compressed-tensors stores (signed, packed along the rows).
+A float offset (``--zero-point float``), codebooks, double-quantised scales and GGML block
+types have no compressed-tensors form and are refused; so is a last group shorter than the
+others (compressed-tensors needs the group size to divide the row).
+
+Tested code for code against the compressed-tensors package's own pack/unpack and loaded by
+transformers (tests/test_export_compressed_tensors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+from lowbit.models.loading import LoadedModel
+from lowbit.modules import QUANTIZED_MODULES
+from lowbit.modules.quant_linear import QuantLinear
+from lowbit.numerics.spec import QuantSpec
+from lowbit.outputs import check_new_directory, new_directory
+
+EXPORT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes uint8 (rows, cols) in [0, 2**bits) -> int32 (rows, ceil(cols·bits/32)):
+    element i of a row occupies bits [b·i, b·i + b) of the row's little-endian bit stream."""
+    rows, cols = codes.shape
+    words = math.ceil(cols * bits / 32)
+    value = codes.to(torch.int64)
+    start = torch.arange(cols, dtype=torch.int64) * bits
+    out = torch.zeros(rows, words + 1, dtype=torch.int64)
+    word, offset = start // 32, start % 32
+    out.scatter_add_(1, word.expand(rows, -1), (value << offset) & 0xFFFFFFFF)
+    spill = offset + bits > 32  # the high bits of an element that crosses into the next word
+    if spill.any():
+        out.scatter_add_(1, (word[spill] + 1).expand(rows, -1), value[:, spill] >> (32 - offset[spill]))
+    out = out[:, :words]
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The inverse of `pack_int32`: uint8 (rows, cols)."""
+    rows = packed.shape[0]
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    words = torch.cat([words, torch.zeros(rows, 1, dtype=torch.int64)], dim=1)
+    start = torch.arange(cols, dtype=torch.int64) * bits
+    word, offset = start // 32, start % 32
+    both = words[:, word] | (words[:, word + 1] << 32)
+    return ((both >> offset) & ((1 << bits) - 1)).to(torch.uint8)
+
+
+def weight_args(spec: QuantSpec) -> dict:
+    """compressed-tensors' QuantizationArgs fields for a lowbit weight spec."""
+    strategy = {"group": "group", "channel": "channel", "tensor": "tensor"}[spec.granularity]
+    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": strategy,
+            "group_size": spec.group_size if spec.granularity == "group" else None, "dynamic": False,
+            "actorder": None, "observer": "minmax"}
+
+
+def refusal(spec: QuantSpec, in_features: int) -> str | None:
+    """Why ``spec`` has no compressed-tensors form, or None."""
+    if spec.ggml is not None:
+        return f"{spec.format} is a GGML block type; export it with --to gguf"
+    if spec.format != "int":
+        return f"the {spec.format} codebook has no compressed-tensors integer form"
+    if spec.double_quant:
+        return "double-quantised scales have no compressed-tensors form"
+    if not spec.symmetric and spec.zero_point == "float":
+        return "a float offset (--zero-point float) is not an integer zero-point; quantise with --zero-point int"
+    if spec.granularity == "group" and in_features % spec.group_size:
+        return f"group size {spec.group_size} does not divide the rows of {in_features}; compressed-tensors needs it to"
+    return None
+
+
+@dataclass
+class CTPlan:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    groups: dict[str, dict] = field(default_factory=dict)  # scheme key -> {"weights": args, "input_activations": args|None, "targets": [...]}
+    formats: set[str] = field(default_factory=set)
+    ignore: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        layers = sum(len(g["targets"]) for g in self.groups.values())
+        return {"quantised linears": layers, "float": len(self.tensors) - sum(1 for k in self.tensors if k.rsplit(".", 1)[0]
+                                                                               in {t for g in self.groups.values() for t in g["targets"]})}
+
+
+def plan_compressed_tensors(loaded: LoadedModel) -> CTPlan:
+    """Every tensor and the quantisation config, checked; nothing written."""
+    if not loaded.is_quantized:
+        raise LowbitError("the compressed-tensors export takes a lowbit checkpoint (a directory lowbit quantize wrote)")
+    plan = CTPlan()
+    model = loaded.model
+    done = set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, QuantLinear):
+            why = refusal(module.spec, module.in_features)
+            if why is not None:
+                raise LowbitError(f"{name} ({module.spec.describe()}): {why}; nothing was written")
+            q = module.qweight.to_quantized()
+            prefix = f"{name}."
+            plan.tensors[prefix + "weight_packed"] = pack_int32(q.codes, module.spec.bits)
+            scale = q.scale.to(getattr(torch, module.spec.scale_dtype))
+            rows = module.out_features if module.spec.granularity != "tensor" else 1
+            plan.tensors[prefix + "weight_scale"] = scale.expand(rows, -1).contiguous()
+            plan.tensors[prefix + "weight_shape"] = torch.tensor([module.out_features, module.in_features], dtype=torch.int64)
+            if q.zero is not None:  # Z as its packed (offset) value, packed along the rows
+                zero = q.zero.to(torch.uint8).expand(rows, -1)
+                plan.tensors[prefix + "weight_zero_point"] = pack_int32(zero.T.contiguous(), module.spec.bits).T.contiguous()
+            if q.g_idx is not None:
+                raise LowbitError(f"{name}: act-order groups (g_idx) are not exported: compressed-tensors' own decompressor ignores "
+                                  "weight_g_idx, so no consumer here could check them; quantise with --act-order static; nothing was written")
+            if module.bias is not None:
+                plan.tensors[prefix + "bias"] = module.bias.detach()
+            key = json.dumps({"w": weight_args(module.spec)}, sort_keys=True)
+            plan.groups.setdefault(key, {"weights": weight_args(module.spec), "input_activations": None,
+                                         "targets": []})["targets"].append(name)
+            plan.formats.add("pack-quantized")
+            done.add(name)
+        elif kind == "W8A8Linear":
+            if module.act_granularity != "token":
+                raise LowbitError(f"{name}: static per-tensor activation scales are not exported yet; quantise with per-token activations")
+            prefix = f"{name}."
+            plan.tensors[prefix + "weight"] = module.weight_int8.to(torch.int8)
+            plan.tensors[prefix + "weight_scale"] = module.weight_scale.reshape(-1, 1).float()
+            if module.bias is not None:
+                plan.tensors[prefix + "bias"] = module.bias.detach()
+            weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None, "dynamic": False,
+                       "actorder": None, "observer": "minmax"}
+            acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "group_size": None, "dynamic": True,
+                    "actorder": None, "observer": None}
+            key = json.dumps({"w": weights, "a": acts}, sort_keys=True)
+            plan.groups.setdefault(key, {"weights": weights, "input_activations": acts, "targets": []})["targets"].append(name)
+            plan.formats.add("int-quantized")
+            done.add(name)
+        elif kind in QUANTIZED_MODULES:
+            raise LowbitError(f"{name} is a {kind}, which compressed-tensors has no layout for; nothing was written")
+    for name, tensor in model.state_dict().items():
+        module_name = name.rpartition(".")[0]
+        if module_name in done:
+            continue
+        plan.tensors.setdefault(name, tensor.detach())
+    plan.ignore = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if len(plan.formats) > 1:
+        raise LowbitError("this checkpoint mixes weight-only and W8A8 layers; compressed-tensors takes one format per file")
+    return plan
+
+
+def _quantization_config(plan: CTPlan) -> dict:
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    fmt = next(iter(plan.formats))
+    groups = {}
+    single = len(plan.groups) == 1  # one scheme for every quantised linear: target "Linear", the float ones ignored
+    for i, group in enumerate(plan.groups.values()):
+        targets = ["Linear"] if single else [f"re:^{name.replace('.', '[.]')}$" for name in group["targets"]]
+        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=group["weights"], input_activations=group["input_activations"],
+                                                  format=fmt)
+    config = QuantizationConfig(config_groups=groups, format=fmt, quantization_status="compressed", ignore=plan.ignore)
+    data = config.model_dump(mode="json", exclude_none=False)
+    data["lowbit_export_version"] = EXPORT_VERSION
+    return data
+
+
+def export(loaded: LoadedModel, out: str | Path, requantize: bool = False) -> tuple[Path, CTPlan]:
+    """The checkpoint ``loaded`` as a compressed-tensors directory ``out`` (whole or
+    nothing). ``requantize`` is refused: every exportable format is exact here."""
+    if requantize:
+        raise LowbitError("--requantize does not apply to compressed-tensors: a format it cannot hold is refused; re-quantise instead")
+    out = check_new_directory(out, "--out")
+    plan = plan_compressed_tensors(loaded)
+    qconfig = _quantization_config(plan)
+    with new_directory(out, "--out") as tmp:
+        shared = {}
+        tensors = {}
+        for name, tensor in plan.tensors.items():  # tied weights once (safetensors refuses shared storage)
+            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+            if key in shared:
+                continue
+            shared[key] = name
+            tensors[name] = tensor.contiguous()
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "quantized_by": f"lowbit {__version__}"})
+        config = loaded.model.config.to_dict()
+        config["quantization_config"] = qconfig
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        loaded.tokenizer.save_pretrained(tmp)
+    return out, plan
