@@ -19,7 +19,7 @@ and --output-tensor-type of the source's (q8_0) so both sides spend the same byt
 
 Needs llama.cpp's tools (scripts/install-llama-cpp.sh). Run it on a quiet machine: llama.cpp's
 spin-waiting threads slow down badly when the two cores are shared.
-Writes bench/results/gguf_export_<model>.json.
+Writes bench/results/gguf_export_<model>.json (rows of earlier runs with other types kept).
 """
 
 from __future__ import annotations
@@ -137,6 +137,11 @@ def main() -> None:
             print(row, flush=True)
             del theirs
     out = Path(__file__).parent / "results" / f"gguf_export_{args.model}.json"
+    if out.exists():  # keep the rows of earlier runs (other types) that this run did not repeat
+        done = {(r["file"], r["type"]) for r in rows}
+        earlier = json.loads(out.read_text())
+        if (earlier["windows"], earlier["ctx"], earlier["calib_samples"]) == (args.windows, args.ctx, args.calib_samples):
+            rows = [r for r in earlier["rows"] if (r["file"], r["type"]) not in done] + rows
     out.write_text(json.dumps({"model": args.model, "windows": args.windows, "ctx": args.ctx, "calib_samples": args.calib_samples,
                                "torch": torch.__version__, "rows": rows}, indent=2))
     print("\n| file | type | MiB | llama.cpp ppl | lowbit ppl | lowbit KLD |\n|---|---|---:|---:|---:|---:|")

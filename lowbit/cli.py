@@ -306,12 +306,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     from lowbit.interchange import EXPORTS
 
     x = sub.add_parser("export", help="write a lowbit checkpoint in another engine's format (GGUF for llama.cpp)")
-    x.add_argument("checkpoint", help="a lowbit directory (lowbit quantize --out)")
+    x.add_argument("checkpoint", help="a lowbit directory (lowbit quantize --out), a compressed-tensors directory (llm-compressor's) "
+                                      "or a GGUF file, opened as quantised (its codes as they are)")
     x.add_argument("--to", required=True, choices=tuple(EXPORTS), help="; ".join(f"{e.name}: {e.writes} for {e.engines}" for e in EXPORTS.values()))
     x.add_argument("--out", required=True, help="the file (gguf) or directory to write; must not exist")
     x.add_argument("--requantize", action="store_true",
                    help="round layers whose format the target cannot store code for code to its nearest type (prints the added error) "
                         "instead of refusing")
+    x.add_argument("--gguf-metadata", metavar="GGUF", help="--to gguf: copy architecture metadata and tokenizer from this GGUF of the same "
+                                                          "model (default: the checkpoint's source GGUF; needed for another tool's checkpoint)")
 
     m = sub.add_parser("methods", help="every registered method: kind, calibration, formats, options and defaults")
     m.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/methods.md")
@@ -661,13 +664,23 @@ def cmd_export(args, derived) -> int:
     from lowbit.outputs import check_new_directory, check_output_file
 
     out = check_output_file(args.out, "--out") if args.to == "gguf" else check_new_directory(args.out, "--out")
-    if ref_kind(args.checkpoint) != "lowbit":
-        raise LowbitError(f"{args.checkpoint} is not a lowbit checkpoint; export takes the directory lowbit quantize --out wrote")
+    kind = ref_kind(args.checkpoint)
     module = importlib.import_module(EXPORTS[args.to].module)
-    if hasattr(module, "source_gguf"):
-        module.source_gguf(read_header(args.checkpoint))  # the source must be there before anything loads
-    loaded = load_model(args.checkpoint)
-    path, plan = module.export(loaded, out, requantize=args.requantize)
+    if kind == "lowbit":
+        if args.to == "gguf":  # the metadata source must be there before anything loads
+            module.source_gguf(read_header(args.checkpoint), args.gguf_metadata)
+        loaded = load_model(args.checkpoint)
+    elif kind == "gguf":
+        from lowbit.interchange.gguf import open_quantized
+
+        loaded = open_quantized(args.checkpoint)
+    elif kind == "hf":
+        from lowbit.interchange.compressed_tensors import open_compressed_tensors
+
+        loaded = open_compressed_tensors(args.checkpoint)
+    else:
+        raise LowbitError(f"{args.checkpoint} is a packaged model's name; export takes a quantised checkpoint (lowbit quantize --out DIR first)")
+    path, plan = module.export(loaded, out, requantize=args.requantize, metadata_from=args.gguf_metadata)
     size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.iterdir()))
     print(f"wrote {path}: {len(plan.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in sorted(plan.counts().items()))}), {size / 2**20:.1f} MiB")
     for t in plan.tensors if isinstance(plan.tensors, list) else ():

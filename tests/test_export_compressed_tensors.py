@@ -169,3 +169,40 @@ def test_dynamic_act_order_is_refused(tmp_path):
     loaded = tiny(GPTQConfig(spec=QuantSpec(bits=4, group_size=32), act_order="dynamic"), calibration)
     with pytest.raises(LowbitError, match="static"):
         ct_export.export(copy.deepcopy(loaded), tmp_path / "ct")
+
+
+def test_a_compressed_tensors_checkpoint_converts_to_gguf_code_for_code(packaged_gguf, tmp_path):
+    """Another tool's W4 g32 symmetric checkpoint (compressed-tensors layout) opens as a
+    quantised model with the same codes and becomes a q4_0 GGUF whose tensors are byte for
+    byte those of lowbit's own export of the same weights."""
+    import gguf
+    import numpy as np
+
+    from lowbit.interchange import gguf as gguf_export
+    from lowbit.loader import load_model
+
+    packaged_gguf("smollm2")
+    loaded = load_model("smollm2")
+    quantize_model(loaded, RTNConfig(spec=QuantSpec(bits=4, group_size=32, grid="full")), progress=False)
+    ct_dir, _ = ct_export.export(loaded, tmp_path / "ct")
+    opened = ct_export.open_compressed_tensors(ct_dir)
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(lowbit_logits(opened, ids), lowbit_logits(loaded, ids))
+    with pytest.raises(LowbitError, match="--gguf-metadata"):
+        gguf_export.export(opened, tmp_path / "no.gguf")
+    converted, _ = gguf_export.export(opened, tmp_path / "from-ct.gguf", metadata_from="smollm2")
+    direct, _ = gguf_export.export(loaded, tmp_path / "direct.gguf")
+    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(converted).tensors}
+    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(direct).tensors}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_round_trip_lowbit_compressed_tensors_lowbit_keeps_every_code(tmp_path):
+    loaded = tiny(RTNConfig(spec=QuantSpec(bits=4, group_size=32, symmetric=False)))
+    out, _ = ct_export.export(loaded, tmp_path / "ct")
+    opened = ct_export.open_compressed_tensors(out)
+    for name, module in loaded.model.named_modules():
+        if isinstance(module, QuantLinear):
+            a, b = module.qweight.to_quantized(), opened.model.get_submodule(name).qweight.to_quantized()
+            assert a.spec == b.spec and torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+    assert torch.equal(lowbit_logits(opened, IDS), lowbit_logits(loaded, IDS))

@@ -244,7 +244,7 @@ def test_plain_int4_g32_exports_code_for_code_as_q4_0(packaged_gguf, tmp_path):
 def test_cli_export_refuses_a_non_checkpoint_and_writes_nothing(packaged_gguf, tmp_path, capsys):
     packaged_gguf("smollm2")
     assert main(["export", "smollm2", "--to", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
-    assert "not a lowbit checkpoint" in capsys.readouterr().err
+    assert "packaged model's name" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
 
 

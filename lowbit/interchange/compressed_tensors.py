@@ -192,11 +192,13 @@ def _quantization_config(plan: CTPlan) -> dict:
     return data
 
 
-def export(loaded: LoadedModel, out: str | Path, requantize: bool = False) -> tuple[Path, CTPlan]:
+def export(loaded: LoadedModel, out: str | Path, requantize: bool = False, metadata_from=None) -> tuple[Path, CTPlan]:
     """The checkpoint ``loaded`` as a compressed-tensors directory ``out`` (whole or
     nothing). ``requantize`` is refused: every exportable format is exact here."""
     if requantize:
         raise LowbitError("--requantize does not apply to compressed-tensors: a format it cannot hold is refused; re-quantise instead")
+    if metadata_from is not None:
+        raise LowbitError("--gguf-metadata applies to --to gguf; drop it")
     out = check_new_directory(out, "--out")
     plan = plan_compressed_tensors(loaded)
     qconfig = _quantization_config(plan)
@@ -215,3 +217,114 @@ def export(loaded: LoadedModel, out: str | Path, requantize: bool = False) -> tu
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         loaded.tokenizer.save_pretrained(tmp)
     return out, plan
+
+
+# ---- import -----------------------------------------------------------------------------
+
+def _module_scheme(name: str, groups: dict, ignore: list[str]) -> dict | None:
+    """The config group whose targets cover linear ``name`` (targets "Linear" or
+    "re:<regex>"), None when ``ignore`` names it or nothing targets it."""
+    import re
+
+    def matches(pattern: str) -> bool:
+        return bool(re.match(pattern[3:], name)) if pattern.startswith("re:") else pattern in ("Linear", name)
+
+    if any(matches(p) for p in ignore):
+        return None
+    for group in groups.values():
+        if any(matches(t) for t in group.get("targets", [])):
+            return group
+    return None
+
+
+def open_compressed_tensors(path: str | Path) -> LoadedModel:
+    """A compressed-tensors pack-quantized directory (llm-compressor's, or lowbit's export)
+    as a quantised model: every targeted linear becomes a `QuantLinear` over its codes,
+    scales and zero-points as stored (integer weights, group or channel, symmetric or with
+    an integer zero-point; act-order ``weight_g_idx`` kept); nothing is dequantised. The
+    header records the directory as its own source. Anything else is refused, one line."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.models.architectures import architecture_for
+    from lowbit.models.loading import read_config, read_tokenizer
+    from lowbit.modules.swap import set_module
+    from lowbit.numerics.quantization import Quantized
+    from lowbit.packed.qweight import QuantizedWeight
+
+    path = Path(path)
+    config = read_config(path)
+    qconfig = getattr(config, "quantization_config", None)
+    qconfig = qconfig if isinstance(qconfig, dict) else getattr(qconfig, "to_dict", lambda: None)()
+    if not qconfig or qconfig.get("quant_method") != "compressed-tensors":
+        raise LowbitError(f"{path}/config.json has no compressed-tensors quantization_config; open it as a float model")
+    fmt = qconfig.get("format")
+    if fmt != "pack-quantized":
+        raise LowbitError(f"{path} is compressed-tensors format {fmt!r}; lowbit opens pack-quantized (integer weights) as quantised")
+    written = qconfig.get("lowbit_export_version")
+    if written is not None and int(written) > EXPORT_VERSION:
+        raise LowbitError(f"{path} was exported by a newer lowbit (export version {written} > {EXPORT_VERSION}); upgrade lowbit")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LowbitError(f"{path} holds no *.safetensors weights; the checkpoint is incomplete")
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(file))
+    del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    groups, ignore = qconfig.get("config_groups", {}), qconfig.get("ignore") or []
+    layers = {}
+    for name, module in list(model.named_modules()):
+        group = _module_scheme(name, groups, ignore) if isinstance(module, nn.Linear) else None
+        if group is None or f"{name}.weight_packed" not in tensors:
+            continue
+        args = group["weights"]
+        if args.get("type", "int") != "int" or group.get("input_activations"):
+            raise LowbitError(f"{name}: only integer weight-only schemes open as quantised; this one is {args}")
+        spec = _spec_of(args, tensors[f"{name}.weight_scale"].dtype, name)
+        prefix = f"{name}."
+        out_features, in_features = (int(v) for v in tensors.pop(prefix + "weight_shape"))
+        codes = unpack_int32(tensors.pop(prefix + "weight_packed"), spec.bits, in_features)
+        scale = tensors.pop(prefix + "weight_scale").float()
+        zero = None
+        if not spec.symmetric:
+            packed_zero = tensors.pop(prefix + "weight_zero_point")
+            zero = unpack_int32(packed_zero.T.contiguous(), spec.bits, out_features).T.float()
+        g_idx = tensors.pop(prefix + "weight_g_idx", None)
+        group_size = in_features if spec.granularity != "group" else spec.group_size
+        if g_idx is not None and torch.equal(g_idx.long(), torch.arange(in_features) // group_size):
+            g_idx = None  # groups in column order: no index needed
+        q = Quantized(codes=codes, scale=scale, zero=zero, group_size=group_size, spec=spec,
+                      g_idx=None if g_idx is None else g_idx.long())
+        bias = tensors.pop(prefix + "bias", None)
+        quantized = QuantLinear(QuantizedWeight.from_quantized(q), bias)
+        set_module(model, name, quantized)
+        layers[name] = {"module": "QuantLinear", **quantized.config()}
+    if not layers:
+        raise LowbitError(f"{path}: no linear has pack-quantized weights; nothing to open as quantised")
+    result = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise LowbitError(f"{path}: tensors {result.unexpected_keys[:4]} match no module; the checkpoint does not match its config")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise LowbitError(f"{path}: no stored values for {meta[:4]}; the checkpoint is incomplete")
+    model.eval()
+    header = {"format": "compressed-tensors", "format_version": qconfig.get("version"), "source": str(path.resolve()),
+              "model_type": config.model_type, "method": {"name": "compressed-tensors", "format": fmt}, "calibration": None,
+              "layers": layers, "tied": {}}
+    return LoadedModel(model=model, tokenizer=read_tokenizer(path), source=str(path.resolve()), arch=architecture_for(config.model_type),
+                       header=header)
+
+
+def _spec_of(args: dict, scale_dtype: torch.dtype, name: str) -> QuantSpec:
+    strategy = args.get("strategy")
+    if strategy not in ("group", "channel", "tensor"):
+        raise LowbitError(f"{name}: weight strategy {strategy!r} has no lowbit form (group, channel or tensor)")
+    # bfloat16 scales widen to float32 exactly; float16 stay float16
+    stored = "float16" if scale_dtype == torch.float16 else "float32"
+    return QuantSpec(bits=int(args["num_bits"]), symmetric=bool(args.get("symmetric", True)), granularity=strategy,
+                     group_size=int(args["group_size"]) if strategy == "group" else None, scale_dtype=stored)

@@ -96,9 +96,17 @@ class GGUFPlan:
         return sum(t.data.nbytes for t in self.tensors)
 
 
-def source_gguf(header: dict) -> Path:
-    """The GGUF file a checkpoint was quantised from, or a one-line error saying why an
-    export needs one."""
+def source_gguf(header: dict, metadata_from: str | Path | None = None) -> Path:
+    """The GGUF file whose metadata and tokenizer the export copies: ``metadata_from`` if
+    given (a GGUF of the same model, e.g. for another tool's checkpoint), else the file the
+    checkpoint was quantised from; or a one-line error saying why an export needs one."""
+    if metadata_from is not None:
+        path = Path(metadata_from)
+        if str(metadata_from) in NAMED_MODELS:
+            return NAMED_MODELS[str(metadata_from)].locate()
+        if not path.is_file() or ref_kind(str(path)) != "gguf":
+            raise LowbitError(f"--gguf-metadata {metadata_from} is not a GGUF file; give the GGUF of the same model")
+        return path
     source = header.get("source", "")
     if source in NAMED_MODELS:
         return NAMED_MODELS[source].locate()
@@ -107,8 +115,8 @@ def source_gguf(header: dict) -> Path:
         raise LowbitError(f"the checkpoint's source {source!r} is gone; the GGUF export copies its metadata and tokenizer, "
                           "restore the file or quantise again from where it now is")
     if ref_kind(source) != "gguf":
-        raise LowbitError(f"the checkpoint was quantised from {source}, not a GGUF file: the export copies the tokenizer and "
-                          "metadata from the source GGUF; convert the model with llama.cpp's convert_hf_to_gguf.py and quantise that")
+        raise LowbitError(f"the checkpoint comes from {source}, not a GGUF file: the export copies the tokenizer and metadata "
+                          "from a GGUF of the same model; pass one with --gguf-metadata FILE (llama.cpp's convert_hf_to_gguf.py makes it)")
     return path
 
 
@@ -172,14 +180,14 @@ def _modules_by_gguf_name(model: nn.Module, arch_name: str, n_blocks: int) -> di
     return out
 
 
-def plan_gguf(loaded: LoadedModel, requantize: bool = False) -> GGUFPlan:
+def plan_gguf(loaded: LoadedModel, requantize: bool = False, metadata_from: str | Path | None = None) -> GGUFPlan:
     """Everything the file will hold, checked; nothing is written. Refuses (one line) a
     quantised layer no GGML type stores exactly unless ``requantize``, naming the format
     to quantise with instead."""
     header = loaded.header or {}
     if not header:
         raise LowbitError("the GGUF export takes a lowbit checkpoint (a directory lowbit quantize wrote)")
-    path = source_gguf(header)
+    path = source_gguf(header, metadata_from)
     reader = gguf.GGUFReader(path)
     arch_name = reader.fields["general.architecture"].contents()
     config = loaded.model.config.get_text_config(decoder=True)
@@ -316,9 +324,9 @@ def write_gguf(plan: GGUFPlan, out: str | Path, method: dict | None = None) -> P
     return out
 
 
-def export(loaded: LoadedModel, out: str | Path, requantize: bool = False) -> tuple[Path, GGUFPlan]:
+def export(loaded: LoadedModel, out: str | Path, requantize: bool = False, metadata_from: str | Path | None = None) -> tuple[Path, GGUFPlan]:
     """`plan_gguf` then `write_gguf`: the checkpoint ``loaded`` as the GGUF file ``out``."""
-    plan = plan_gguf(loaded, requantize=requantize)
+    plan = plan_gguf(loaded, requantize=requantize, metadata_from=metadata_from)
     return write_gguf(plan, out, (loaded.header or {}).get("method")), plan
 
 
