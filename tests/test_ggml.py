@@ -105,8 +105,9 @@ def test_full_grid_beats_the_balanced_grid(name):
     """The full grid (-2^(n-1) .. 2^(n-1)-1, llama.cpp's Q4_0 rule) uses one level more:
     lower error on Gaussian weights at equal storage."""
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(5))
-    balanced = QuantSpec().with_changes(format=name)
-    full = balanced.with_changes(grid="full")
+    full = QuantSpec().with_changes(format=name)
+    assert full.grid == "full"  # the types' own default
+    balanced = full.with_changes(grid="balanced")
     assert weight_sqnr_db(w, fake_quantize(w, full)) > weight_sqnr_db(w, fake_quantize(w, balanced)) + 0.1
 
 

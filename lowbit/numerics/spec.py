@@ -48,7 +48,8 @@ class QuantSpec:
     format: ``int``, the name of a registered codebook (absmax scaled, symmetric), or a
         GGML block type of llama.cpp (``q4_0``, ``q4_k``, ... `lowbit.numerics.ggml_types`),
         which fixes bits, symmetry, offset kind, group size and float16 scales to the
-        type's and stores the weight as the type's blocks, code for code.
+        type's and stores the weight as the type's blocks, code for code (`with_changes`
+        also sets the full grid for the symmetric integer types, llama.cpp's rule for them).
     scale_dtype: how scales (and float offsets) are stored; ``float16`` like every common
         checkpoint format. Codes are computed against the stored (rounded) scale.
     double_quant: store the scales themselves in 8 bits (QLoRA's double quantisation,
@@ -184,7 +185,10 @@ class QuantSpec:
         if fmt in CODEBOOKS and "bits" not in changes:
             changes["bits"] = CODEBOOKS[fmt].bits
         if fmt in GGML_TYPES:
-            changes = {**ggml_fields(GGML_TYPES[fmt]), **changes}
+            t = GGML_TYPES[fmt]
+            # the symmetric integer types use llama.cpp's full grid unless told otherwise: it is their own rule
+            own = {**ggml_fields(t), **({"grid": "full"} if t.kind == "sym" else {"grid": "balanced"})}
+            changes = {**own, **changes}
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
