@@ -12,7 +12,7 @@ from lowbit.errors import SpecError
 from lowbit.methods import GPTQConfig, RTNConfig
 from lowbit.numerics import ggml_blocks as gb
 from lowbit.numerics.ggml_types import GGML_TYPES, ggml_type_for
-from lowbit.numerics.quantization import fake_quantize, quantize, weight_sqnr_db
+from lowbit.numerics.quantization import dequantize, fake_quantize, quantize, weight_sqnr_db
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import QuantizedWeight
 
@@ -182,3 +182,18 @@ def test_dividing_rows_of_ggml_blocks_divides_the_decoded_rows(name):
     assert torch.equal(QuantizedWeight.from_ggml(raw, qw.shape, qw.spec).to_quantized().codes, qw.to_quantized().codes)
     expected = qw.dequantize() / divisor[:, None]  # float16 rounding of d and m: relative to the row's range
     assert ((after - expected).abs() <= 2e-3 * expected.abs().amax(1, keepdim=True)).all()
+
+
+def test_k_quant_scales_in_float16_subnormals_pack_exactly(packaged_gguf):
+    """Gemma 3's layer-4 o_proj under q6_k puts super-block scales d among float16
+    subnormals (~5e-6), where rounding is coarse and store_params does not map its output to
+    itself; the packed blocks must still decode to exactly the scales the codes were chosen
+    against (the integer factors are recovered exactly, `factor_scales`)."""
+    reader = gguf.GGUFReader(packaged_gguf("gemma3-270m"))
+    tensor = next(t for t in reader.tensors if t.name == "blk.4.attn_output.weight")
+    t = GGML_TYPES[tensor.tensor_type.name.lower()]
+    w = gb.dequantize_blocks(t, torch.from_numpy(np.array(tensor.data)).reshape(-1, t.type_size)).reshape(tensor.data.shape[0], -1)
+    for name in ("q6_k", "q3_k"):
+        q = quantize(w, QuantSpec().with_changes(format=name))
+        qw = QuantizedWeight.from_quantized(q)
+        assert torch.equal(qw.to_quantized().scale, q.scale) and torch.equal(qw.dequantize(), dequantize(q))

@@ -355,12 +355,62 @@ def pack_rows(t: GGMLType, codes: torch.Tensor, scale: torch.Tensor, offset: tor
         raise SpecError(f"{t.name} needs rows of a multiple of {t.block} weights, got {cols}")
     n = rows * cols // t.block
     per_block = (n, t.groups_per_block)
-    stored = store_params(t, scale.reshape(per_block).float(), None if offset is None else offset.reshape(per_block).float())
-    got_scale, got_offset = effective_params(stored)
-    if not torch.equal(got_scale, scale.reshape(per_block).float()) or (
-            offset is not None and not torch.equal(got_offset, offset.reshape(per_block).float())):
+    scale = scale.reshape(per_block).float()
+    offset = None if offset is None else offset.reshape(per_block).float()
+    stored = store_params(t, scale, offset)
+    if t.k_quant and not _same(stored, scale, offset):
+        # store_params maps its own output to itself except where a float16 subnormal d
+        # rounds coarsely; there the integer factors are recovered from the scales exactly
+        stored = _factorised(t, stored, scale, offset)
+    if not _same(stored, scale, offset):
         raise SpecError(f"these scales are not {t.name}'s stored scales; quantise with format {t.name} to store them")
     return pack(with_codes(stored, codes.reshape(n, t.block))).reshape(rows, -1)
+
+
+def _same(stored: GGMLBlocks, scale: torch.Tensor, offset: torch.Tensor | None) -> bool:
+    got_scale, got_offset = effective_params(stored)
+    return torch.equal(got_scale, scale) and (offset is None or torch.equal(got_offset, offset))
+
+
+def _factorised(t: GGMLType, stored: GGMLBlocks, scale: torch.Tensor, offset: torch.Tensor | None) -> GGMLBlocks:
+    """``stored`` with the blocks whose effective values differ from ``scale``/``offset``
+    re-expressed as float16 d times integers, found exactly (see `factor_scales`)."""
+    got_scale, got_offset = effective_params(stored)
+    bad = (got_scale != scale).any(1)
+    if offset is not None:
+        bad |= (got_offset != offset).any(1)
+    rows = bad.nonzero().squeeze(1)
+    d, ints = stored.d.clone(), stored.scales.clone()
+    new_d, new_ints, found = factor_scales(scale[rows], t.max_scale_level, t.signed_scales)
+    d[rows[found]], ints[rows[found]] = new_d[found], new_ints[found]
+    m, mins = stored.m, stored.mins
+    if offset is not None:
+        m, mins = m.clone(), mins.clone()
+        new_m, new_mins, found = factor_scales(-offset[rows], t.max_scale_level, False, allow_zero=True)
+        m[rows[found]], mins[rows[found]] = new_m[found], new_mins[found]
+    return replace(stored, d=d, m=m, scales=ints, mins=mins)  # blocks left unfound fail the caller's check
+
+
+def factor_scales(values: torch.Tensor, max_level: int, signed: bool, allow_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float16 d (b,) and integers (b, G) with float32(d) · k == values exactly, for values
+    float32 (b, G) that are such products (effective K-quant scales or mins): the largest
+    magnitude is d times some integer up to max_level (+1 for signed, -2^(n-1) allowed), so
+    each candidate integer is tried from the top until d is a float16 and every value an
+    exact multiple. Returns d, the integers and which blocks have such a factorisation."""
+    top = values.abs().amax(1)
+    d = torch.zeros(values.shape[0], dtype=torch.float16)
+    ints = torch.zeros(values.shape, dtype=torch.int16)
+    found = top == 0 if allow_zero else torch.zeros_like(top, dtype=torch.bool)
+    low, high = (-max_level - 1, max_level) if signed else ((0 if allow_zero else 1), max_level)
+    for k in range(max_level + (1 if signed else 0), 0, -1):
+        cand = (top / k).to(torch.float16)
+        q = torch.round(values / cand.float()[:, None])
+        ok = ~found & (cand.float() > 0) & (cand.float()[:, None] * q == values).all(1) & (q >= low).all(1) & (q <= high).all(1)
+        d[ok], ints[ok] = cand[ok], q[ok].to(torch.int16)
+        found |= ok
+        if bool(found.all()):
+            break
+    return d, ints, found
 
 
 def unpack_rows(t: GGMLType, raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
