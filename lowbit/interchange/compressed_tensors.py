@@ -108,10 +108,11 @@ class CTPlan:
     formats: set[str] = field(default_factory=set)
     ignore: list[str] = field(default_factory=list)
 
+    quantized: set[str] = field(default_factory=set)  # names of the linears written quantised
+
     def counts(self) -> dict[str, int]:
-        layers = sum(len(g["targets"]) for g in self.groups.values())
-        return {"quantised linears": layers, "float": len(self.tensors) - sum(1 for k in self.tensors if k.rsplit(".", 1)[0]
-                                                                               in {t for g in self.groups.values() for t in g["targets"]})}
+        floats = sum(1 for k in self.tensors if k.rpartition(".")[0] not in self.quantized)
+        return {"quantised linears": len(self.quantized), "float": floats}
 
 
 def plan_compressed_tensors(loaded: LoadedModel) -> CTPlan:
@@ -120,7 +121,7 @@ def plan_compressed_tensors(loaded: LoadedModel) -> CTPlan:
         raise LowbitError("the compressed-tensors export takes a lowbit checkpoint (a directory lowbit quantize wrote)")
     plan = CTPlan()
     model = loaded.model
-    done = set()
+    done = plan.quantized
     for name, module in model.named_modules():
         kind = type(module).__name__
         if isinstance(module, QuantLinear):

@@ -91,10 +91,6 @@ class GGUFPlan:
             out[t.origin] = out.get(t.origin, 0) + 1
         return out
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.data.nbytes for t in self.tensors)
-
 
 def source_gguf(header: dict, metadata_from: str | Path | None = None) -> Path:
     """The GGUF file whose metadata and tokenizer the export copies: ``metadata_from`` if
