@@ -11,9 +11,11 @@ from lowbit.errors import LowbitError
 from lowbit.evaluation.kv import kv_cache_quality
 from lowbit.inference.generate import generate
 from lowbit.inference.kv_cache import KVSpec, QuantizedKVCache, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from lowbit.kernels.common import format_support
 from lowbit.kernels.cpu import KernelLinear, kernel_support, quantize_activations_q8, reference_gemm, use_cpu_kernels
 from lowbit.modules import QuantLinear
 from lowbit.numerics import QuantSpec
+from lowbit.numerics.packing import unpack
 from lowbit.methods import RTNConfig
 from lowbit.pipeline import quantize_model
 
@@ -94,6 +96,33 @@ def test_w4a8_kernel_equals_its_reference(spec, shape, tokens):
         torch.testing.assert_close(portable, expected, rtol=1e-4, atol=1e-4)
     exact = reference_gemm(x, module)
     assert (kernel(x) - exact).norm() < 0.02 * exact.norm()
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q4_k"])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_cpu_kernel_runs_ggml_blocks(fmt, tokens):
+    """GGUF blocks on a 4- or 8-bit integer grid run on the kernel from their codes and
+    effective scales (the blocks stay in the module for saving): W4 and W4A8 equal their
+    references, and the kernel's codes are the blocks' codes."""
+    g = torch.Generator().manual_seed(tokens)
+    spec = QuantSpec().with_changes(format=fmt)
+    module = QuantLinear(rtn_quantize(torch.randn(48, 512, generator=g) * 0.05, spec), torch.randn(48, generator=g))
+    assert kernel_support(module) is None
+    kernel = KernelLinear(module)
+    assert torch.equal(unpack(kernel.q, spec.bits, 512), module.qweight.to_quantized().codes)
+    x = torch.randn(tokens, 512, generator=g)
+    torch.testing.assert_close(kernel(x), reference_gemm(x, module), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernel.dequantized_weight(), module.qweight.dequantize(), rtol=1e-6, atol=1e-7)
+    if spec.bits == 4 and tokens <= 16:
+        w4a8 = KernelLinear(module, int8_activations=True)
+        torch.testing.assert_close(w4a8(x), reference_gemm(quantize_activations_q8(x), module), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["q5_0", "q6_k", "q3_k", "iq4_nl"])
+def test_cpu_kernel_declines_other_ggml_grids(fmt):
+    module = QuantLinear(rtn_quantize(torch.randn(8, 256) * 0.05, QuantSpec().with_changes(format=fmt)))
+    assert kernel_support(module) is not None
+    assert "GGUF blocks" in format_support(module)  # the GPU kernels read lowbit's own packing only
 
 
 def test_kernel_declines_what_it_cannot_run():

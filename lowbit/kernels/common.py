@@ -13,6 +13,7 @@ from torch import nn
 from lowbit.modules.quant_linear import QuantLinear
 from lowbit.modules.swap import set_module
 from lowbit.numerics.formats import IntFormat
+from lowbit.numerics.packing import pack
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,16 @@ class KernelLinearBase(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+def kernel_codes(module: QuantLinear) -> torch.Tensor:
+    """The module's codes in lowbit's packing (`lowbit.numerics.packing`), uint8 (out_features,
+    packed in_features): its own ``qdata``, or for GGUF blocks (codes interleaved with their
+    block scales) the codes unpacked once and repacked, a second copy of them beside the
+    blocks the module keeps for saving."""
+    if module.spec.ggml is None:
+        return module.qdata.contiguous()
+    return pack(module.qweight.to_quantized().codes, module.spec.bits)
+
+
 def scales_and_zeros(module: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's scales S and zero-points Z in code units, float32 (out_features, n_groups),
     so that W = S (q - Z) for every integer format (Eq. 3.2): symmetric codes c stand for
@@ -79,12 +90,14 @@ def reference_gemm(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
     return F.linear(x.float(), module.qweight.dequantize(torch.float32), None if module.bias is None else module.bias.float())
 
 
-def format_support(module: QuantLinear) -> str | None:
+def format_support(module: QuantLinear, reads_ggml: bool = False) -> str | None:
     """None if ``module``'s format is one the kernels compute (4- or 8-bit integers, groups
-    of consecutive columns or one per channel, plain scales), else why not."""
+    of consecutive columns or one per channel, plain scales), else why not. ``reads_ggml``:
+    the kernel also takes the GGML types on such a grid (q4_0, q4_1, q8_0, q4_k), from their
+    codes and effective scales repacked in lowbit's layout (`kernel_codes`)."""
     spec = module.spec
-    if spec.ggml is not None:
-        return f"{spec.ggml.name}: GGUF blocks (the kernels read lowbit's own packing)"
+    if spec.ggml is not None and not reads_ggml:
+        return f"{spec.ggml.name}: GGUF blocks (this kernel reads lowbit's own packing)"
     if not isinstance(spec.number_format, IntFormat) or spec.bits not in (4, 8):
         return f"{spec.describe()}: the kernels cover 4- and 8-bit integer formats"
     if spec.granularity not in ("group", "channel"):

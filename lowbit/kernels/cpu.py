@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.common import KernelLinearBase, format_support, reference_gemm, scales_and_zeros, swap_kernels
+from lowbit.kernels.common import KernelLinearBase, format_support, kernel_codes, reference_gemm, scales_and_zeros, swap_kernels
 from lowbit.models.registry import cache_dir
 from lowbit.modules.quant_linear import QuantLinear
 
@@ -48,7 +48,7 @@ def load_kernels():
 
 def kernel_support(module: QuantLinear, int8_activations: bool = False) -> str | None:
     """None if the kernel (the W4A8 one with ``int8_activations``) computes ``module``, else why not."""
-    reason = format_support(module)
+    reason = format_support(module, reads_ggml=True)
     if reason is not None:
         return reason
     if module.in_features % 32 or module.group_size % 32:
@@ -74,7 +74,7 @@ class KernelLinear(KernelLinearBase):
         self.kernels = load_kernels()
         self.int8_activations = int8_activations
         self.int4 = module.spec.bits == 4
-        self.q = module.qdata.contiguous()  # the kernel reads lowbit's packing as it is: no second copy of the codes
+        self.q = kernel_codes(module)  # lowbit's own packing is read as it is: no second copy of the codes
         scale, zero = scales_and_zeros(module)
         self.register_buffer("scales", scale)
         self.register_buffer("zeros", zero)
