@@ -245,9 +245,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     calibrated = [n for n, c in methods.items() if c.calibrated]
     derived["calibration"] = add_setting_flags(q.add_argument_group(f"calibration ({', '.join(calibrated)})"), [CalibrationConfig], titled=False)
 
-    e = sub.add_parser("eval", help="perplexity, KLD and top-1 agreement of a model against its source")
+    e = sub.add_parser("eval", help="perplexity, KLD and top-1 agreement of a model against its source",
+                       description="Score a model. A lowbit checkpoint, a GGUF file in GGML types lowbit reads and a compressed-tensors "
+                                   "directory run as quantised models, code for code (nothing dequantised to float first); a "
+                                   "packaged model is the float reference.")
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
-    e.add_argument("--reference", help="model to compare with (default: a quantised directory's source; none for a float model)")
+    e.add_argument("--reference", help="model to compare with (default: the float source a quantised checkpoint records; none for a float "
+                   "model or another tool's file)")
     _add_eval_args(e)
 
     trainers = training_methods()
@@ -378,6 +382,29 @@ def _print_samples(models: dict, tokenizer, prompt: str) -> None:
         print(f"  {label:<{width}}  {prompt}{'' if text.startswith((' ', ',', '.')) else ' '}{text}")
 
 
+def _layer_summary(header: dict) -> str:
+    """"210 quantised linears: 180 4-bit g32 ..., 30 ..." from a checkpoint header."""
+    from collections import Counter
+
+    from lowbit.info import layer_label
+
+    labels = Counter(layer_label(info) for info in header["layers"].values())
+    return f"{len(header['layers'])} quantised linears ({', '.join(f'{n}x {label}' for label, n in labels.most_common())})"
+
+
+def _announce(skeleton, loaded) -> None:
+    """Say on stderr how a GGUF or compressed-tensors reference was opened (as quantised, or
+    decompressed to float by transformers), so no form is chosen silently."""
+    if skeleton.stored in ("gguf", "compressed-tensors"):
+        print(f"opened {skeleton.ref} as quantised ({skeleton.stored}): {_layer_summary(loaded.header)}", file=sys.stderr)
+        return
+    qconfig = getattr(skeleton.config, "quantization_config", None)
+    fmt = qconfig.get("format") if isinstance(qconfig, dict) else getattr(qconfig, "format", None)
+    if skeleton.kind == "hf" and fmt is not None:
+        print(f"{skeleton.ref} is compressed-tensors {fmt}: transformers decompressed it to float weights (lowbit opens "
+              "pack-quantized directories as quantised)", file=sys.stderr)
+
+
 def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | None, split=None) -> int:
     """Check everything, then score ``model_ref`` (against ``reference_ref``, or a quantised
     model's source) and print the table (and the generated text with ``prompt``). ``split``:
@@ -385,15 +412,18 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
     Shakespeare takes 5 s)."""
     from lowbit.data.corpora import eval_windows
     from lowbit.evaluation import evaluate, results_table, write_json
-    from lowbit.loader import load_model
+    from lowbit.loader import load_model, open_checkpoint
     from lowbit.outputs import check_output_file
 
     if args.json:
         check_output_file(args.json, "--json")
     _check_text(args.corpus, args.text)
     skeleton = _model_skeleton(model_ref)
-    if reference_ref is None and skeleton.is_quantized:
-        reference_ref = skeleton.header["source"]
+    if reference_ref is None and skeleton.stored:
+        reference_ref = skeleton.recorded_source
+        if reference_ref is None:
+            print(f"{model_ref} names no float source (another tool's file): perplexity only; give --reference MODEL for KLD and "
+                  "top-1 agreement", file=sys.stderr)
     reference_skeleton = _model_skeleton(reference_ref, what="--reference") if reference_ref else None
     if split is None:
         split, windows = _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)
@@ -404,12 +434,13 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
         if reference_skeleton.model.get_output_embeddings().out_features != skeleton.model.get_output_embeddings().out_features:
             raise LowbitError(f"{model_ref} and the reference {reference_ref} have different vocabularies; compare models of one family")
 
-    loaded = load_model(model_ref)
+    loaded = open_checkpoint(model_ref)
     reference = load_model(reference_ref) if reference_ref else None
     models = {}
     if reference is not None:
         models[f"{Path(reference_ref).name} (reference)"] = reference.model
     label = Path(model_ref).name if loaded.is_quantized else model_ref
+    _announce(skeleton, loaded)
     models[label] = loaded.model
     print(f"evaluating on {split.label}: {len(windows)} windows of {args.ctx} tokens{' (BOS first)' if split.bos_id is not None else ''}", file=sys.stderr)
     results = evaluate(models, windows, reference=None if reference is None else reference.model)
@@ -537,10 +568,11 @@ def cmd_generate(args, derived) -> int:
 
     from lowbit.inference.generate import generate
     from lowbit.inference.kv_cache import KVSpec
-    from lowbit.loader import load_model
+    from lowbit.loader import open_checkpoint
 
     kv = None if args.kv_bits is None else KVSpec(bits=args.kv_bits, group_size=args.kv_group, residual=args.kv_residual)
-    loaded = load_model(args.model)
+    loaded = open_checkpoint(args.model)
+    _announce(skeleton, loaded)
     if args.device == "cuda":
         loaded.model.to(device="cuda", dtype=torch.float16)  # packed codes stay uint8; scales become fp16
         if loaded.is_quantized and not args.no_kernels:

@@ -133,6 +133,8 @@ def describe_gguf(path: Path) -> str:
         lines.append(f"quantised by: {reader.fields['general.quantized_by'].contents()}")
     if "lowbit.method" in reader.fields:
         lines.append(f"lowbit method: {reader.fields['lowbit.method'].contents()}")
+    if "lowbit.source" in reader.fields:
+        lines.append(f"quantised by lowbit from: {reader.fields['lowbit.source'].contents()}")
     lines.append("")
     for t in reader.tensors:
         lines.append(f"{t.name:<40} {t.tensor_type.name:>6} {'x'.join(str(int(d)) for d in t.shape):>14} {t.n_bytes:>10}")
@@ -144,7 +146,24 @@ def describe_hf(path: Path) -> str:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as err:
         raise LowbitError(f"could not read {path / 'config.json'}: {one_line(err)}") from None
-    lines = [f"{path}: Hugging Face checkpoint, model_type {config.get('model_type')}", ""]
+    lines = [f"{path}: Hugging Face checkpoint, model_type {config.get('model_type')}"]
+    qconfig = config.get("quantization_config") or {}
+    if qconfig.get("quant_method") == "compressed-tensors":
+        lines.append(f"compressed-tensors {qconfig.get('format')} (config version {qconfig.get('version')}); "
+                     f"lowbit opens it as quantised (eval, generate, export)")
+        for name, group in (qconfig.get("config_groups") or {}).items():
+            w = group.get("weights") or {}
+            act = group.get("input_activations")
+            lines.append(f"  {name}: {w.get('type')} {w.get('num_bits')}-bit {w.get('strategy')}"
+                         f"{' ' + str(w.get('group_size')) if w.get('strategy') == 'group' else ''}"
+                         f" {'symmetric' if w.get('symmetric', True) else 'zero-point'}"
+                         f"{'' if not act else ' + ' + str(act.get('num_bits')) + '-bit ' + str(act.get('strategy')) + ' activations'}"
+                         f", targets {' '.join(group.get('targets') or [])}")
+        if qconfig.get("ignore"):
+            lines.append(f"  not quantised: {len(qconfig['ignore'])} modules ({', '.join(qconfig['ignore'][:3])}...)")
+        if qconfig.get("lowbit_source"):
+            lines.append(f"  quantised by lowbit from {qconfig['lowbit_source']} (export version {qconfig.get('lowbit_export_version')})")
+    lines.append("")
     total = 0
     for file in sorted(path.glob("*.safetensors")):
         try:

@@ -38,6 +38,9 @@ class Skeleton:
     kind: `lowbit.models.refs.REF_KINDS`.
     model: the model built from its config on the meta device (names and shapes, no memory).
     header: a lowbit checkpoint's header, else None.
+    stored: how `open_checkpoint` opens it ("lowbit", "gguf", "compressed-tensors": quantised;
+        None: float), and recorded_source: the float model it was quantised from where its
+        record names one (`stored_form`).
     """
 
     ref: str
@@ -47,6 +50,8 @@ class Skeleton:
     model: nn.Module
     arch: Architecture
     header: dict | None
+    stored: str | None = None
+    recorded_source: str | None = None
 
     @property
     def is_quantized(self) -> bool:
@@ -73,8 +78,54 @@ def open_skeleton(ref: str) -> Skeleton:
         directory = Path(ref)
     header = read_header(directory) if kind == "lowbit" else None
     config = read_config(directory)
+    stored, source = stored_form(ref, kind, header, config)
     arch = architecture_for(config.model_type)
     tokenizer = read_tokenizer(directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    return Skeleton(ref=ref, kind=kind, config=config, tokenizer=tokenizer, model=model, arch=arch, header=header)
+    return Skeleton(ref=ref, kind=kind, config=config, tokenizer=tokenizer, model=model, arch=arch, header=header, stored=stored,
+                    recorded_source=source)
+
+
+def stored_form(ref: str, kind: str, header: dict | None, config) -> tuple[str | None, str | None]:
+    """How ``ref`` holds its linears: "lowbit", "gguf" or "compressed-tensors" where it is
+    quantised and `open_checkpoint` opens it so, else None (a packaged model is its float
+    source); and the float model it was quantised from, where its record names one."""
+    if kind == "lowbit":
+        return "lowbit", header["source"]
+    if kind == "gguf":
+        from lowbit.interchange.gguf import stored_quantized
+
+        quantized, source = stored_quantized(ref)
+        return ("gguf" if quantized else None), source
+    if kind != "hf":
+        return None, None
+    from lowbit.interchange.compressed_tensors import compressed_tensors_config
+
+    qconfig = compressed_tensors_config(config)
+    if qconfig is not None and qconfig.get("format") == "pack-quantized":
+        return "compressed-tensors", qconfig.get("lowbit_source")
+    return None, None
+
+
+def open_checkpoint(ref: str) -> LoadedModel:
+    """``ref`` as the model it holds, quantised where it is stored quantised (what `lowbit
+    eval` and `generate` run): a lowbit directory; a GGUF file whose linears are in GGML
+    types lowbit reads, code for code (`lowbit.interchange.gguf.open_quantized`, nothing
+    dequantised); a pack-quantized compressed-tensors directory (`open_compressed_tensors`;
+    its other formats, e.g. W8A8 int-quantized, load through transformers, which
+    decompresses them to float). A packaged
+    model, a float GGUF and a float Hugging Face directory load as float (`load_model`); as
+    a quantisation source every model loads as float (`load_model`)."""
+    kind = ref_kind(ref)
+    config = read_config(Path(ref)) if kind == "hf" else None
+    stored, _ = stored_form(ref, kind, read_header(Path(ref)) if kind == "lowbit" else None, config)
+    if stored == "gguf":
+        from lowbit.interchange.gguf import open_quantized
+
+        return open_quantized(ref)
+    if stored == "compressed-tensors":
+        from lowbit.interchange.compressed_tensors import open_compressed_tensors
+
+        return open_compressed_tensors(ref)
+    return load_model(ref)

@@ -206,3 +206,45 @@ def test_round_trip_lowbit_compressed_tensors_lowbit_keeps_every_code(tmp_path):
             a, b = module.qweight.to_quantized(), opened.model.get_submodule(name).qweight.to_quantized()
             assert a.spec == b.spec and torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
     assert torch.equal(lowbit_logits(opened, IDS), lowbit_logits(loaded, IDS))
+
+
+def test_cli_eval_and_generate_run_a_compressed_tensors_directory_as_quantised(tiny_llama_dir, text_file, tmp_path, capsys):
+    """`lowbit eval DIR` on a compressed-tensors export scores its codes as QuantLinear: the
+    numbers of the lowbit checkpoint it came from, against the recorded float source; another
+    tool's directory (no lowbit_source) is scored without a reference, and says so."""
+    from lowbit.cli import main
+
+    args = ["--text", str(text_file), "--windows", "2", "--ctx", "32"]
+    assert main(["quantize", "--model", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--asym", "--out", str(tmp_path / "q")]) == 0
+    assert main(["export", str(tmp_path / "q"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
+    scores = {}
+    for name in ("q", "ct"):
+        assert main(["eval", str(tmp_path / name), *args, "--json", str(tmp_path / f"{name}.json")]) == 0
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    err = capsys.readouterr().err
+    assert "opened" in err and "as quantised (compressed-tensors)" in err
+    assert scores["ct"]["reference"] == scores["q"]["reference"] == str(tiny_llama_dir.resolve())
+    assert all(scores["ct"][k] == scores["q"][k] for k in ("perplexity", "kld", "top1_percent"))
+    texts = []
+    for name in ("q", "ct"):
+        assert main(["generate", str(tmp_path / name), "--prompt", "Quantised", "--max-new-tokens", "6"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+    assert main(["info", str(tmp_path / "ct")]) == 0
+    info = capsys.readouterr().out
+    assert "compressed-tensors pack-quantized" in info and "int 4-bit group 32 zero-point" in info and str(tiny_llama_dir.resolve()) in info
+    config_file = tmp_path / "ct" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["quantization_config"]["lowbit_source"]
+    config_file.write_text(json.dumps(config))
+    assert main(["eval", str(tmp_path / "ct"), *args, "--json", str(tmp_path / "foreign.json")]) == 0
+    assert "names no float source" in capsys.readouterr().err
+    foreign = json.loads((tmp_path / "foreign.json").read_text())
+    assert foreign["reference"] is None and foreign["perplexity"] == scores["q"]["perplexity"]
+    # W8A8 (int-quantized) is not opened as quantised: transformers decompresses it, and eval says so
+    assert main(["quantize", "--model", str(tiny_llama_dir), "--method", "w8a8", "--calib-samples", "2", "--calib-ctx", "32",
+                 "--calib-text", str(text_file), "--out", str(tmp_path / "w8")]) == 0
+    assert main(["export", str(tmp_path / "w8"), "--to", "compressed-tensors", "--out", str(tmp_path / "w8-ct")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "w8-ct"), *args]) == 0
+    assert "int-quantized: transformers decompressed it to float" in capsys.readouterr().err

@@ -274,3 +274,31 @@ def test_a_file_from_a_newer_exporter_is_refused_with_one_line(packaged_gguf, tm
     monkeypatch.setattr(export_gguf, "EXPORT_VERSION", 1)
     with pytest.raises(LowbitError, match="newer lowbit"):
         export_gguf.open_quantized(path)
+
+
+def test_cli_eval_and_generate_run_an_exported_gguf_as_the_quantised_model(packaged_gguf, tmp_path, capsys):
+    """`lowbit eval FILE.gguf` opens the file's codes as QuantLinear (no float copy first):
+    the same perplexity, KLD and agreement as the lowbit checkpoint it came from, against
+    the float source its lowbit.source record names; `generate` writes the same text."""
+    import json
+
+    from lowbit.checkpoint import save_quantized
+
+    loaded = quantised("smollm2", RTNConfig(spec=QuantSpec().with_changes(format="q4_0")), packaged_gguf)
+    directory = save_quantized(loaded, tmp_path / "q")
+    path, _ = export_gguf.export(loaded, tmp_path / "q.gguf")
+    scores = {}
+    for ref in (directory, path):
+        assert main(["eval", str(ref), "--windows", "1", "--ctx", "64", "--json", str(tmp_path / f"{ref.name}.json")]) == 0
+        scores[ref.name] = json.loads((tmp_path / f"{ref.name}.json").read_text())
+    assert "opened" in capsys.readouterr().err
+    a, b = scores["q"], scores["q.gguf"]
+    assert a["reference"] == b["reference"] == "smollm2"
+    assert (a["perplexity"], a["kld"], a["top1_percent"]) == (b["perplexity"], b["kld"], b["top1_percent"]) and b["kld"] > 0
+    texts = []
+    for ref in (directory, path):
+        assert main(["generate", str(ref), "--prompt", "The capital of France is", "--max-new-tokens", "8"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) > len("The capital of France is")
+    assert main(["info", str(path)]) == 0
+    assert "quantised by lowbit from: smollm2" in capsys.readouterr().out

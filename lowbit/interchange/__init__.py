@@ -23,3 +23,9 @@ EXPORTS = {e.name: e for e in (
     Export("compressed-tensors", "lowbit.interchange.compressed_tensors", "a Hugging Face directory",
            "transformers (with the compressed-tensors package) and vLLM, as llm-compressor's output"),
 )}
+
+
+def recorded_source(header: dict) -> str | None:
+    """The float model a checkpoint was quantised from, as its header names it, or None for
+    a checkpoint opened from another tool's file (its header's source is that file itself)."""
+    return header.get("recorded_source", None if header.get("format") in ("gguf", "compressed-tensors") else header.get("source"))

@@ -40,6 +40,7 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.interchange import recorded_source
 from lowbit.models.loading import LoadedModel
 from lowbit.modules import QUANTIZED_MODULES
 from lowbit.modules.quant_linear import QuantLinear
@@ -203,6 +204,9 @@ def export(loaded: LoadedModel, out: str | Path, requantize: bool = False, metad
     out = check_new_directory(out, "--out")
     plan = plan_compressed_tensors(loaded)
     qconfig = _quantization_config(plan)
+    source = recorded_source(loaded.header or {})
+    if source is not None:
+        qconfig["lowbit_source"] = source  # the float model it was quantised from: `lowbit eval`'s default reference
     with new_directory(out, "--out") as tmp:
         shared = {}
         tensors = {}
@@ -238,6 +242,13 @@ def _module_scheme(name: str, groups: dict, ignore: list[str]) -> dict | None:
     return None
 
 
+def compressed_tensors_config(config) -> dict | None:
+    """A Hugging Face config's compressed-tensors ``quantization_config`` (a dict), else None."""
+    qconfig = getattr(config, "quantization_config", None)
+    qconfig = qconfig if isinstance(qconfig, dict) else getattr(qconfig, "to_dict", lambda: None)()
+    return qconfig if qconfig and qconfig.get("quant_method") == "compressed-tensors" else None
+
+
 def open_compressed_tensors(path: str | Path) -> LoadedModel:
     """A compressed-tensors pack-quantized directory (llm-compressor's, or lowbit's export)
     as a quantised model: every targeted linear becomes a `QuantLinear` over its codes,
@@ -256,9 +267,8 @@ def open_compressed_tensors(path: str | Path) -> LoadedModel:
 
     path = Path(path)
     config = read_config(path)
-    qconfig = getattr(config, "quantization_config", None)
-    qconfig = qconfig if isinstance(qconfig, dict) else getattr(qconfig, "to_dict", lambda: None)()
-    if not qconfig or qconfig.get("quant_method") != "compressed-tensors":
+    qconfig = compressed_tensors_config(config)
+    if qconfig is None:
         raise LowbitError(f"{path}/config.json has no compressed-tensors quantization_config; open it as a float model")
     fmt = qconfig.get("format")
     if fmt != "pack-quantized":
@@ -315,6 +325,7 @@ def open_compressed_tensors(path: str | Path) -> LoadedModel:
         raise LowbitError(f"{path}: no stored values for {meta[:4]}; the checkpoint is incomplete")
     model.eval()
     header = {"format": "compressed-tensors", "format_version": qconfig.get("version"), "source": str(path.resolve()),
+              "recorded_source": qconfig.get("lowbit_source"),
               "model_type": config.model_type, "method": {"name": "compressed-tensors", "format": fmt}, "calibration": None,
               "layers": layers, "tied": {}}
     return LoadedModel(model=model, tokenizer=read_tokenizer(path), source=str(path.resolve()), arch=architecture_for(config.model_type),

@@ -38,6 +38,7 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.interchange import recorded_source
 from lowbit.models.loading import LoadedModel
 from lowbit.models.refs import ref_kind
 from lowbit.models.registry import NAMED_MODELS
@@ -298,8 +299,10 @@ def _float_tensor(tensor, value: torch.Tensor, rows: torch.Tensor | None, offset
     return ExportTensor(tensor.name, out.contiguous().numpy(), gguf.GGMLQuantizationType.F32, "float")
 
 
-def write_gguf(plan: GGUFPlan, out: str | Path, method: dict | None = None) -> Path:
-    """Write ``plan`` to ``out`` (temporary name, then renamed)."""
+def write_gguf(plan: GGUFPlan, out: str | Path, method: dict | None = None, source: str | None = None) -> Path:
+    """Write ``plan`` to ``out`` (temporary name, then renamed); ``method`` and ``source`` (the
+    float model the checkpoint was quantised from, `lowbit eval`'s default reference) are
+    recorded as ``lowbit.method`` and ``lowbit.source``."""
     out = check_output_file(out, "GGUF file")
     with new_file(out, "GGUF file") as tmp:
         writer = gguf.GGUFWriter(tmp, plan.arch_name)
@@ -311,6 +314,8 @@ def write_gguf(plan: GGUFPlan, out: str | Path, method: dict | None = None) -> P
         writer.add_uint32("lowbit.export_version", EXPORT_VERSION)
         if method is not None:
             writer.add_string("lowbit.method", json.dumps(method, sort_keys=True))
+        if source is not None:
+            writer.add_string("lowbit.source", source)
         for t in plan.tensors:
             writer.add_tensor(t.name, t.data, raw_dtype=t.type)
         writer.write_header_to_file()
@@ -323,7 +328,18 @@ def write_gguf(plan: GGUFPlan, out: str | Path, method: dict | None = None) -> P
 def export(loaded: LoadedModel, out: str | Path, requantize: bool = False, metadata_from: str | Path | None = None) -> tuple[Path, GGUFPlan]:
     """`plan_gguf` then `write_gguf`: the checkpoint ``loaded`` as the GGUF file ``out``."""
     plan = plan_gguf(loaded, requantize=requantize, metadata_from=metadata_from)
-    return write_gguf(plan, out, (loaded.header or {}).get("method")), plan
+    header = loaded.header or {}
+    return write_gguf(plan, out, header.get("method"), recorded_source(header)), plan
+
+
+def stored_quantized(path: str | Path) -> tuple[bool, str | None]:
+    """Whether the GGUF file ``path`` has a block tensor (``blk.*``) in a GGML type lowbit
+    opens code for code (`open_quantized`; a float F16/F32 file has none), and the float
+    source its ``lowbit.source`` record names (None in another tool's file)."""
+    reader = gguf.GGUFReader(Path(path))
+    recorded = reader.fields.get("lowbit.source")
+    quantized = any(t.name.startswith("blk.") and int(t.tensor_type) in GGML_BY_ID for t in reader.tensors)
+    return quantized, None if recorded is None else recorded.contents()
 
 
 # ---- import -----------------------------------------------------------------------------
@@ -377,7 +393,9 @@ def open_quantized(path: str | Path, source: str | None = None) -> LoadedModel:
     if not layers:
         raise LowbitError(f"{path} holds no linear in a GGML type lowbit reads ({', '.join(GGML_TYPES)}); open it as a float model")
     file_type = reader.fields.get("general.file_type")
+    recorded = reader.fields.get("lowbit.source")
     loaded.header = {"format": "gguf", "format_version": int(reader.fields["GGUF.version"].contents()), "source": loaded.source,
+                     "recorded_source": None if recorded is None else recorded.contents(),
                      "model_type": loaded.model.config.model_type,
                      "method": {"name": "gguf", "file_type": None if file_type is None else int(file_type.contents()), "types": types},
                      "calibration": None, "layers": layers, "tied": {}}
