@@ -97,11 +97,26 @@ def main() -> None:
         result = evaluate({"m": model}, windows, reference=base.model, progress=False)[0]
         return {"lowbit_ppl": result.perplexity, "lowbit_kld": result.kld}
 
-    rows = []
+    out = Path(__file__).parent / "results" / f"gguf_export_{args.model}.json"
+    earlier = []
+    if out.exists():  # keep the rows of earlier runs (other types) that this run does not repeat
+        kept = json.loads(out.read_text())
+        if (kept["windows"], kept["ctx"], kept["calib_samples"]) == (args.windows, args.ctx, args.calib_samples):
+            earlier = kept["rows"]
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        """Add a row and rewrite the results file at once, so a run stopped midway keeps what it measured."""
+        rows.append(row)
+        print(row, flush=True)
+        done = {(r["file"], r["type"]) for r in rows}
+        merged = [r for r in earlier if (r["file"], r["type"]) not in done] + rows
+        out.write_text(json.dumps({"model": args.model, "windows": args.windows, "ctx": args.ctx, "calib_samples": args.calib_samples,
+                                   "torch": torch.__version__, "rows": merged}, indent=2))
+
     float_llama = llama_perplexity(source, eval_text, args.ctx, args.windows, args.threads)
-    rows.append({"file": "source (float reference)", "type": "source", "bytes": source.stat().st_size, "llama_ppl": float_llama,
-                 "lowbit_ppl": evaluate({"m": base.model}, windows, progress=False)[0].perplexity, "lowbit_kld": 0.0})
-    print(rows[-1], flush=True)
+    record({"file": "source (float reference)", "type": "source", "bytes": source.stat().st_size, "llama_ppl": float_llama,
+            "lowbit_ppl": evaluate({"m": base.model}, windows, progress=False)[0].perplexity, "lowbit_kld": 0.0})
     imatrix = None
     if not args.no_llama_quantize:
         imatrix = work / "imatrix.gguf"
@@ -119,8 +134,7 @@ def main() -> None:
             path, plan = export(loaded, work / f"lowbit-{method}-{fmt}.gguf")
             row = {"file": f"lowbit {method}", "type": fmt, "bytes": path.stat().st_size, "seconds": seconds,
                    "llama_ppl": llama_perplexity(path, eval_text, args.ctx, args.windows, args.threads), **lowbit_scores(loaded.model)}
-            rows.append(row)
-            print(row, flush=True)
+            record(row)
             del loaded
         if args.no_llama_quantize:
             continue
@@ -133,19 +147,10 @@ def main() -> None:
             theirs = load_model(str(path))
             row = {"file": f"llama-quantize{' + imatrix' if use_imatrix else ''}", "type": fmt, "bytes": path.stat().st_size,
                    "llama_ppl": llama_perplexity(path, eval_text, args.ctx, args.windows, args.threads), **lowbit_scores(theirs.model)}
-            rows.append(row)
-            print(row, flush=True)
+            record(row)
             del theirs
-    out = Path(__file__).parent / "results" / f"gguf_export_{args.model}.json"
-    if out.exists():  # keep the rows of earlier runs (other types) that this run did not repeat
-        done = {(r["file"], r["type"]) for r in rows}
-        earlier = json.loads(out.read_text())
-        if (earlier["windows"], earlier["ctx"], earlier["calib_samples"]) == (args.windows, args.ctx, args.calib_samples):
-            rows = [r for r in earlier["rows"] if (r["file"], r["type"]) not in done] + rows
-    out.write_text(json.dumps({"model": args.model, "windows": args.windows, "ctx": args.ctx, "calib_samples": args.calib_samples,
-                               "torch": torch.__version__, "rows": rows}, indent=2))
     print("\n| file | type | MiB | llama.cpp ppl | lowbit ppl | lowbit KLD |\n|---|---|---:|---:|---:|---:|")
-    for r in rows:
+    for r in json.loads(out.read_text())["rows"]:
         print(f"| {r['file']} | {r['type']} | {r['bytes'] / 2**20:.1f} | {r['llama_ppl']:.3f} | {r['lowbit_ppl']:.3f} | {r['lowbit_kld']:.4f} |")
     print(f"wrote {out}")
 

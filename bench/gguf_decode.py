@@ -1,0 +1,133 @@
+"""Decode speed of the same GGUF files in llama.cpp and in lowbit, in interleaved rounds.
+
+    python bench/gguf_decode.py [--model smollm2] [--types q4_0 q4_1 q8_0 q4_k] [--tokens 64] [--rounds 5]
+
+For each type, lowbit quantises the packaged model into it (RTN; speed does not depend on
+how the codes were chosen) and exports the GGUF file. Each round then times, one after the
+other, for every file:
+
+- llama.cpp: ``llama-bench -m FILE -p 0 -n TOKENS -r 1 -t THREADS`` (text generation from an
+  empty context, its own tokens/s);
+- lowbit, the file opened as a quantised model (`open_quantized`: the file's codes) with
+  lowbit's CPU kernels (`use_cpu_kernels`), greedy decode of TOKENS tokens after a 1-token
+  prompt (`lowbit.inference.generate`, decode steps only), in two forms: as opened (a tied
+  head stays the float32 embedding, as lowbit's loader keeps it) and with the head on the
+  file's own q8_0 codes of that embedding (what llama.cpp reads for the output matmul).
+
+Rows are medians over rounds; ratios are lowbit / llama.cpp within each round's medians.
+Bytes per token are the linears' and head's stored bytes (lowbit's roofline `decode_cost`),
+so "GB/s" is the weight traffic each engine sustains. Run on a quiet machine: llama.cpp's
+spin-waiting threads collapse when the two cores are shared (the script sleeps a second
+between the engines so torch's threads are idle when llama.cpp starts).
+Writes bench/results/gguf_decode_<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lowbit import QuantSpec, RTNConfig, load_model, quantize_model  # noqa: E402
+from lowbit.analysis.roofline import decode_cost  # noqa: E402
+from lowbit.engines.llama_cpp import tool  # noqa: E402
+from lowbit.inference.generate import generate  # noqa: E402
+from lowbit.interchange.gguf import export, open_quantized  # noqa: E402
+from lowbit.kernels.cpu import use_cpu_kernels  # noqa: E402
+from lowbit.models.registry import NAMED_MODELS  # noqa: E402
+from lowbit.modules.quant_linear import QuantLinear  # noqa: E402
+from lowbit.packed.qweight import QuantizedWeight  # noqa: E402
+
+
+def llama_bench(path: Path, tokens: int, threads: int) -> float:
+    out = subprocess.run([str(tool("llama-bench")), "-m", str(path), "-p", "0", "-n", str(tokens), "-r", "1", "-t", str(threads), "-o", "json"],
+                         capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
+def head_from_file(model: torch.nn.Module, path: Path) -> None:
+    """Put the file's own codes of the output matmul into the head: ``output.weight``, or
+    for a tied model ``token_embd.weight`` (the embedding lookup keeps its float copy)."""
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    tensor = tensors.get("output.weight", tensors["token_embd.weight"])
+    name = tensor.tensor_type.name.lower()
+    head = model.get_output_embeddings()
+    qweight = QuantizedWeight.from_ggml(torch.from_numpy(np.array(tensor.data)), (head.out_features, head.in_features),
+                                        QuantSpec().with_changes(format=name))
+    if not torch.equal(qweight.dequantize(), head.weight.detach().float()):
+        raise RuntimeError(f"{tensor.name} does not decode to the model's head")
+    model.lm_head = QuantLinear(qweight, head.bias)
+
+
+def lowbit_decode(model: torch.nn.Module, tokens: int) -> float:
+    return generate(model, torch.tensor([[1]]), tokens + 1).decode_tokens_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", choices=tuple(NAMED_MODELS))
+    parser.add_argument("--types", nargs="+", default=["q4_0", "q4_1", "q8_0", "q4_k"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base = load_model(args.model)
+    work = Path(tempfile.mkdtemp(prefix="lowbit-gguf-decode-"))
+    files, models = {}, {}
+    for fmt in args.types:
+        loaded = copy.deepcopy(base)
+        quantize_model(loaded, RTNConfig(spec=QuantSpec().with_changes(format=fmt)), progress=False)
+        files[fmt], _ = export(loaded, work / f"{fmt}.gguf")
+        del loaded
+        opened = open_quantized(files[fmt]).model
+        with_head = copy.deepcopy(opened)
+        head_from_file(with_head, files[fmt])
+        for label, model in (("as opened", opened), ("file's head codes", with_head)):
+            skipped = use_cpu_kernels(model)
+            models[(fmt, label)] = (model, len(skipped))
+            lowbit_decode(model, 8)  # warm up: kernel build, allocator, caches
+    runs: dict[tuple[str, str], list[float]] = {key: [] for fmt in args.types for key in ((fmt, "llama.cpp"), *((fmt, lab) for lab in ("as opened", "file's head codes")))}
+    for round_ in range(args.rounds):
+        for fmt in args.types:
+            time.sleep(1.0)
+            runs[(fmt, "llama.cpp")].append(llama_bench(files[fmt], args.tokens, args.threads))
+            for label in ("as opened", "file's head codes"):
+                runs[(fmt, label)].append(lowbit_decode(models[(fmt, label)][0], args.tokens))
+        print(f"round {round_ + 1}: " + ", ".join(f"{f} {lab} {v[-1]:.1f}" for (f, lab), v in runs.items()), flush=True)
+    rows = []
+    for fmt in args.types:
+        llama = statistics.median(runs[(fmt, "llama.cpp")])
+        lowbit_bytes = {label: decode_cost(models[(fmt, label)][0], args.tokens // 2).weight_bytes for label in ("as opened", "file's head codes")}
+        for label in ("llama.cpp", "as opened", "file's head codes"):
+            speed = statistics.median(runs[(fmt, label)])
+            nbytes = lowbit_bytes["file's head codes" if label == "llama.cpp" else label]
+            rows.append({"type": fmt, "engine": "llama.cpp" if label == "llama.cpp" else f"lowbit ({label})", "file_bytes": files[fmt].stat().st_size,
+                         "tokens_per_s": speed, "vs_llama_cpp": speed / llama, "weight_bytes_per_token": nbytes,
+                         "weight_gb_per_s": nbytes * speed / 1e9, "rounds": runs[(fmt, label)],
+                         "reference_path_layers": 0 if label == "llama.cpp" else models[(fmt, label)][1]})
+    out = Path(__file__).parent / "results" / f"gguf_decode_{args.model}.json"
+    out.write_text(json.dumps({"model": args.model, "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads,
+                               "torch": torch.__version__, "rows": rows}, indent=2))
+    print("\n| type | engine | tokens/s | vs llama.cpp | weight MB/token | GB/s |\n|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['type']} | {r['engine']} | {r['tokens_per_s']:.1f} | {r['vs_llama_cpp']:.2f} | {r['weight_bytes_per_token'] / 1e6:.1f} | "
+              f"{r['weight_gb_per_s']:.2f} |")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
