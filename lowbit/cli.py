@@ -398,10 +398,11 @@ def _announce(skeleton, loaded) -> None:
     if skeleton.stored in ("gguf", "compressed-tensors"):
         print(f"opened {skeleton.ref} as quantised ({skeleton.stored}): {_layer_summary(loaded.header)}", file=sys.stderr)
         return
-    qconfig = getattr(skeleton.config, "quantization_config", None)
-    fmt = qconfig.get("format") if isinstance(qconfig, dict) else getattr(qconfig, "format", None)
-    if skeleton.kind == "hf" and fmt is not None:
-        print(f"{skeleton.ref} is compressed-tensors {fmt}: transformers decompressed it to float weights (lowbit opens "
+    from lowbit.interchange.compressed_tensors import compressed_tensors_config
+
+    qconfig = compressed_tensors_config(skeleton.config) if skeleton.kind == "hf" else None
+    if qconfig is not None:
+        print(f"{skeleton.ref} is compressed-tensors {qconfig.get('format')}: transformers decompressed it to float weights (lowbit opens "
               "pack-quantized directories as quantised)", file=sys.stderr)
 
 

@@ -28,4 +28,4 @@ EXPORTS = {e.name: e for e in (
 def recorded_source(header: dict) -> str | None:
     """The float model a checkpoint was quantised from, as its header names it, or None for
     a checkpoint opened from another tool's file (its header's source is that file itself)."""
-    return header.get("recorded_source", None if header.get("format") in ("gguf", "compressed-tensors") else header.get("source"))
+    return header.get("recorded_source", header.get("source"))  # the importers always set recorded_source

@@ -337,9 +337,13 @@ def stored_quantized(path: str | Path) -> tuple[bool, str | None]:
     opens code for code (`open_quantized`; a float F16/F32 file has none), and the float
     source its ``lowbit.source`` record names (None in another tool's file)."""
     reader = gguf.GGUFReader(Path(path))
-    recorded = reader.fields.get("lowbit.source")
     quantized = any(t.name.startswith("blk.") and int(t.tensor_type) in GGML_BY_ID for t in reader.tensors)
-    return quantized, None if recorded is None else recorded.contents()
+    return quantized, _lowbit_source(reader)
+
+
+def _lowbit_source(reader: gguf.GGUFReader) -> str | None:
+    recorded = reader.fields.get("lowbit.source")
+    return None if recorded is None else recorded.contents()
 
 
 # ---- import -----------------------------------------------------------------------------
@@ -393,9 +397,8 @@ def open_quantized(path: str | Path, source: str | None = None) -> LoadedModel:
     if not layers:
         raise LowbitError(f"{path} holds no linear in a GGML type lowbit reads ({', '.join(GGML_TYPES)}); open it as a float model")
     file_type = reader.fields.get("general.file_type")
-    recorded = reader.fields.get("lowbit.source")
     loaded.header = {"format": "gguf", "format_version": int(reader.fields["GGUF.version"].contents()), "source": loaded.source,
-                     "recorded_source": None if recorded is None else recorded.contents(),
+                     "recorded_source": _lowbit_source(reader),
                      "model_type": loaded.model.config.model_type,
                      "method": {"name": "gguf", "file_type": None if file_type is None else int(file_type.contents()), "types": types},
                      "calibration": None, "layers": layers, "tied": {}}

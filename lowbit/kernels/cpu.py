@@ -74,7 +74,7 @@ class KernelLinear(KernelLinearBase):
         self.kernels = load_kernels()
         self.int8_activations = int8_activations
         self.int4 = module.spec.bits == 4
-        self.q = kernel_codes(module)  # lowbit's own packing is read as it is: no second copy of the codes
+        self.q = kernel_codes(module)  # lowbit's own packing in place; GGUF blocks' codes repacked once
         scale, zero = scales_and_zeros(module)
         self.register_buffer("scales", scale)
         self.register_buffer("zeros", zero)
