@@ -23,7 +23,7 @@ _EXPORTS = {
     "CalibrationConfig": "lowbit.calibration.config",
     "quantize_model": "lowbit.pipeline",
     **dict.fromkeys(
-        ["METHODS", "AWQConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "NF4Config", "QATConfig", "QLoRAConfig", "RTNConfig",
+        ["METHODS", "AWQConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "NF4Config", "QATConfig", "QLoRAConfig", "RTNConfig", "SignRoundConfig",
          "SmoothQuantConfig", "W8A8Config", "method_config"],
         "lowbit.methods",
     ),

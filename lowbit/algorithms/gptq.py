@@ -35,11 +35,15 @@ class GPTQResult:
     """quantized: codes and parameters in the layer's column order (`Quantized`).
     dequantized: the matrix the algorithm produced, float32 (out, in).
     damp: the dampening fraction that made H positive definite (may exceed the one asked).
+    rounded: float32 (out, in), each weight as it stood when its column was rounded (the
+        float weight plus the error feedback it had received): rounding it to nearest with
+        the result's scales gives the result's codes. Learned rounding starts from it.
     """
 
     quantized: Quantized
     dequantized: torch.Tensor
     damp: float
+    rounded: torch.Tensor
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -121,6 +125,7 @@ def gptq(
 
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
     Q = torch.zeros_like(W)
+    rounded = torch.zeros_like(W)
     # group of each processed position: its original column's group if static, else its own run
     if grouped and static_groups:
         group_of = perm // group_size
@@ -151,6 +156,7 @@ def gptq(
             q = decode(c, s, z, spec)
             codes[:, col : col + 1] = c
             Q[:, col : col + 1] = q
+            rounded[:, col : col + 1] = w
             err = (w - q) / U1[i, i]
             W1[:, i:] -= err @ U1[i : i + 1, i:]
             Err1[:, i : i + 1] = err
@@ -161,7 +167,7 @@ def gptq(
     if grouped and act_order and not static_groups:
         g_idx = group_of[inverse]
     quantized = Quantized(codes=codes[:, inverse], scale=scales, zero=zeros, group_size=group_size, spec=spec, g_idx=g_idx)
-    return GPTQResult(quantized=quantized, dequantized=Q[:, inverse], damp=damp_used)
+    return GPTQResult(quantized=quantized, dequantized=Q[:, inverse], damp=damp_used, rounded=rounded[:, inverse])
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -53,7 +53,10 @@ class CalibratedMethod(Protocol):
     rescales the group's input must rescale every linear that reads it); each report
     carries ``weight_sqnr_db`` and, on the calibration inputs, ``output_error`` (mean squared
     output error per token) beside ``baseline_output_error`` of the simplest method of the
-    same format (named by ``baseline``)."""
+    same format (named by ``baseline``). A report may also carry ``start_weight``, float32
+    (out, in): the float weight whose rounding to nearest gives the method's codes (GPTQ's
+    error-compensated weights); the engine takes it out of the report and hands it to a
+    `BlockRefiner` (default: the linear's float weight)."""
 
     name: str
 
@@ -63,6 +66,18 @@ class CalibratedMethod(Protocol):
     def quantize_group(self, block: nn.Module, group: LinearGroup, linears: dict[str, nn.Linear], selected: list[str],
                        stats: Statistics, arch: Architecture) -> list[tuple[str, nn.Module, dict]]:
         """(name in block, replacement module, report) for each selected linear."""
+
+
+class BlockRefiner(CalibratedMethod, Protocol):
+    """A calibrated method that, after its groups, refines the whole block at once against
+    the float block's outputs (learned rounding): the engine computes the float block on
+    the block's (quantised) inputs before quantising it, keeps a `StartPoint` per linear,
+    and calls ``refine_block`` once the block's groups are done."""
+
+    def refine_block(self, block: nn.Module, run, targets: list[torch.Tensor], starts: dict[str, StartPoint]) -> dict[str, tuple[nn.Module, dict]]:
+        """run: i -> the block's output on calibration batch i (through its current modules);
+        targets: the float block's outputs, float (batch, seq, hidden) per batch. Returns name
+        in block -> (module now in the block, report entries to merge) for each linear."""
 
 
 @dataclass
@@ -75,6 +90,39 @@ class CapturedBatch:
 
     hidden: torch.Tensor
     block_kwargs: list[dict]
+
+
+@dataclass
+class StartPoint:
+    """One linear as a calibrated method first quantised it, for a method that then refines
+    the whole block (`BlockRefiner`, e.g. learned rounding).
+
+    module: the quantised module in the block (later groups may still rescale its rows,
+        AWQ folding into it as their source).
+    float_weight: float32 (out, in), the float weight it was quantised from, in the
+        coordinates the method quantised it in (AWQ: input scales folded in).
+    start_weight: float32 (out, in), the weight whose rounding to nearest gives its codes:
+        the method's ``start_weight`` (GPTQ's error-compensated weights) or ``float_weight``.
+    row_norms: float32 (out,), the norm of each row of ``module``'s weight when it was swapped in.
+    """
+
+    module: nn.Module
+    float_weight: torch.Tensor
+    start_weight: torch.Tensor
+    row_norms: torch.Tensor
+
+    @staticmethod
+    def of(module: nn.Module, float_weight: torch.Tensor, start_weight: torch.Tensor | None = None) -> "StartPoint":
+        float_weight = float_weight.detach().float().clone()
+        start = float_weight if start_weight is None else start_weight.detach().float()
+        return StartPoint(module, float_weight, start, module.qweight.dequantize().norm(dim=1))
+
+    def now(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (one of this start's) in the module's coordinates now: rows rescaled,
+        exactly, as the module's have been since it was swapped in."""
+        current = self.module.qweight.dequantize().norm(dim=1)
+        before = torch.where(self.row_norms > 0, self.row_norms, 1.0)
+        return weight * torch.where(self.row_norms > 0, current / before, 1.0)[:, None]
 
 
 class _StopForward(Exception):
@@ -244,6 +292,9 @@ def calibrate_and_quantize(
             if names:
                 groups.append((group, names))
         summary = []
+        refines = hasattr(method, "refine_block")
+        targets = [_block_output(block(b.hidden, **b.block_kwargs[index])) for b in batches] if refines else []
+        starts: dict[str, StartPoint] = {}
         # true sequential: one pass per group, stopped at its input, after the earlier groups
         # are quantised; otherwise one pass of the float block feeds every group's statistics
         rounds = [[g] for g in groups] if true_sequential else [groups]
@@ -255,8 +306,26 @@ def calibrate_and_quantize(
                 for n, module, info in method.quantize_group(block, group, everyone, names, stats[group.role], arch):
                     full = f"{prefix}.{n}"
                     set_module(block, n, module)
+                    start_weight = info.pop("start_weight", None)
+                    if refines:
+                        starts[n] = StartPoint.of(module, everyone[n].weight, start_weight)
                     result.layers.append(LayerResult(full, (module.out_features, module.in_features), storage_bytes(module), info))
                     summary.append(f"{n.rsplit('.', 1)[-1]} {_short(info)}")
+        if starts:
+            def run(i):
+                return _block_output(block(batches[i].hidden, **batches[i].block_kwargs[index]))
+
+            refined = method.refine_block(block, run, targets, starts)
+            layers = {r.name: r for r in result.layers[-len(starts):]}
+            for n, (module, entries) in refined.items():
+                layer = layers[f"{prefix}.{n}"]
+                layer.nbytes = storage_bytes(module)
+                layer.info = {**{k: v for k, v in layer.info.items() if k not in ("output_error", "baseline_output_error")},
+                              **{f"start_{k}": v for k, v in layer.info.items() if k == "output_error"}, **entries}
+            entries = next(iter(refined.values()))[1]
+            summary = [f"block output error {entries['block_error_start']:.4g} -> {entries['block_error']:.4g}"
+                       + ("" if entries["learned_kept"] else " (start kept)")]
+            del targets
         for batch in batches:
             batch.hidden = _block_output(block(batch.hidden, **batch.block_kwargs[index]))
         bar.update(1)

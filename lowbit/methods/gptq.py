@@ -76,6 +76,7 @@ class GPTQConfig(CalibratedWeightConfig):
                 "baseline_output_error": output_error(weight, rtn, stats.hessian),
                 "baseline": "rtn",
                 "damp": result.damp,
+                "start_weight": result.rounded,
             }
             out.append((name, QuantLinear(result.weight, linears[name].bias), info))
         return out
