@@ -41,7 +41,6 @@ class SignRoundConfig(CalibratedWeightConfig):
     refusals = {"double_quant": "learned rounding recomputes the scales from learned ranges, which double-quantised scales cannot follow",
                 "format": "learned rounding moves weights between the levels of an integer grid; a codebook has none (use --format int "
                           "or a GGML type)"}
-    spec_fields = CalibratedWeightConfig.spec_fields
 
     init: str = setting("gptq", "the method whose codes learning starts from (with its default options)", choices=INITS)
     iters: int = setting(50, "learning steps per block, each on one calibration batch (--calib-batch samples)")
