@@ -320,8 +320,12 @@ def calibrate_and_quantize(
             for n, (module, entries) in refined.items():
                 layer = layers[f"{prefix}.{n}"]
                 layer.nbytes = storage_bytes(module)
-                layer.info = {**{k: v for k, v in layer.info.items() if k not in ("output_error", "baseline_output_error")},
-                              **{f"start_{k}": v for k, v in layer.info.items() if k == "output_error"}, **entries}
+                # the start's layer output errors no longer describe the layer: keep its own as start_output_error
+                info = dict(layer.info)
+                info.pop("baseline_output_error", None)
+                if "output_error" in info:
+                    info["start_output_error"] = info.pop("output_error")
+                layer.info = {**info, **entries}
             entries = next(iter(refined.values()))[1]
             summary = [f"block output error {entries['block_error_start']:.4g} -> {entries['block_error']:.4g}"
                        + ("" if entries["learned_kept"] else " (start kept)")]
