@@ -209,7 +209,7 @@ def block_error(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tens
 def signround(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor], layers: Sequence[LearnedRounding],
               iters: int, lr: float | None = None, seed: int = 0, optimizer: str = "sign") -> SignRoundResult:
     """Learn the offsets and range factors of ``layers`` (the learned linears of one block)
-    by signed gradient descent on the block's output error.
+    on the block's output error, by signed gradient descent or Adam.
 
     run: i -> the block's output on calibration batch i (float (batch, seq, hidden)),
         computed through ``layers``; targets: the float block's outputs on the same inputs.
@@ -223,6 +223,8 @@ def signround(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor
     """
     if iters < 0:
         raise LowbitError(f"iters must be 0 or more, got {iters}")
+    if optimizer not in ("sign", "adam"):
+        raise LowbitError(f"optimizer {optimizer!r} is unknown; use sign or adam")
     lr = 1.0 / max(iters, 1) if lr is None else lr
     start_error = block_error(run, targets)
     if iters == 0:

@@ -117,12 +117,13 @@ class StartPoint:
         start = float_weight if start_weight is None else start_weight.detach().float()
         return StartPoint(module, float_weight, start, module.qweight.dequantize().norm(dim=1))
 
-    def now(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` (one of this start's) in the module's coordinates now: rows rescaled,
+    def now(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float_weight, start_weight) in the module's coordinates now: rows rescaled,
         exactly, as the module's have been since it was swapped in."""
         current = self.module.qweight.dequantize().norm(dim=1)
         before = torch.where(self.row_norms > 0, self.row_norms, 1.0)
-        return weight * torch.where(self.row_norms > 0, current / before, 1.0)[:, None]
+        ratio = torch.where(self.row_norms > 0, current / before, 1.0)[:, None]
+        return self.float_weight * ratio, self.start_weight * ratio
 
 
 class _StopForward(Exception):

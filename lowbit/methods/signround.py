@@ -121,11 +121,10 @@ class SignRoundConfig(CalibratedWeightConfig):
         from lowbit.modules.swap import set_module
         from lowbit.numerics.quantization import weight_sqnr_db
 
-        learners = {}
+        learners, float_weights = {}, {}
         for name, start in starts.items():
-            module = start.module
-            learners[name] = LearnedRounding(module.qweight.to_quantized(), start.now(start.start_weight), module.bias,
-                                             learn_clip=self.clips())
+            float_weights[name], start_weight = start.now()
+            learners[name] = LearnedRounding(start.module.qweight.to_quantized(), start_weight, start.module.bias, learn_clip=self.clips())
         frozen = [p for p in block.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
@@ -148,6 +147,5 @@ class SignRoundConfig(CalibratedWeightConfig):
             qweight = learner.quantized()
             module = QuantLinear(qweight, learner.bias)
             set_module(block, name, module)
-            reference = starts[name].now(starts[name].float_weight)
-            out[name] = (module, {**entries, "weight_sqnr_db": weight_sqnr_db(reference, qweight.dequantize())})
+            out[name] = (module, {**entries, "weight_sqnr_db": weight_sqnr_db(float_weights[name], qweight.dequantize())})
         return out
