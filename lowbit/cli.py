@@ -406,7 +406,7 @@ def _announce(skeleton, loaded) -> None:
               "pack-quantized directories as quantised)", file=sys.stderr)
 
 
-def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | None, split=None) -> int:
+def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | None, split=None, quantize_info: dict | None = None) -> int:
     """Check everything, then score ``model_ref`` (against ``reference_ref``, or a quantised
     model's source) and print the table (and the generated text with ``prompt``). ``split``:
     the evaluation text already tokenised with this model's tokenizer (tokenising
@@ -458,6 +458,7 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
             "windows": len(windows),
             "method": loaded.header["method"] if loaded.is_quantized else None,
             "results": [r.to_dict() for r in results],
+            **(quantize_info or {}),
         }
         write_json(args.json, payload)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -490,7 +491,7 @@ def cmd_quantize(args, derived) -> int:
     if calibration is not None:
         _check_text(calibration.corpus, calibration.text_file)
     skeleton = _model_skeleton(args.model, float_only=True)
-    from lowbit.pipeline import plan_layers, quantize_model, summarize_layers
+    from lowbit.pipeline import describe_phases, plan_layers, quantize_model, summarize_layers
 
     plan_layers(skeleton.model, skeleton.arch, config, report=False)  # quantize_model reports fallbacks
     if calibration is not None:
@@ -507,8 +508,11 @@ def cmd_quantize(args, derived) -> int:
     save_quantized(loaded, out)
     print(f"quantised {len(result.layers)} linears of {args.model} with {config.describe()} in {result.seconds:.1f} s -> {out}")
     print(summarize_layers(result.layers))
+    if result.phases:
+        print(describe_phases(result.phases))
     if args.eval:  # the checkpoint keeps the source's tokenizer, so the text tokenised above serves
-        return _run_eval(str(out), None, args, args.prompt, split=split)
+        return _run_eval(str(out), None, args, args.prompt, split=split,
+                         quantize_info={"quantize_seconds": result.seconds, "quantize_phases": result.phases})
     return 0
 
 

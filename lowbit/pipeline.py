@@ -30,12 +30,14 @@ from lowbit.packed.qweight import bits_per_weight
 class QuantizeResult:
     """What `quantize_model` did: the config, wall seconds (not stored in the checkpoint, so
     that the same command gives the same bytes), one `LayerResult` per quantised linear
-    (the head's last) and, for calibrated methods, the engine's up-front estimate."""
+    (the head's last) and, for calibrated methods, the engine's up-front estimate and its
+    seconds by phase (`CalibrationResult.phases`)."""
 
     config: QuantizeConfig
     seconds: float
     layers: list[LayerResult] = field(default_factory=list)
     estimate: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
 
 
 log = logging.getLogger(__name__)
@@ -118,13 +120,13 @@ def quantize_model(loaded: LoadedModel, config: QuantizeConfig, calibration: Cal
     _check_arguments(loaded, config, calibration)
     layers = plan_layers(loaded.model, loaded.arch, config)
     start = time.perf_counter()
-    estimate = {}
+    estimate, phases = {}, {}
     if config.calibrated:
         calibration = calibration or CalibrationConfig()
         samples = calibration.tokens(loaded.tokenizer)
         engine = calibrate_and_quantize(loaded, config, samples, skip=config.skip, batch_size=calibration.batch_size,
                                         true_sequential=calibration.true_sequential, progress=progress)
-        results, estimate = engine.layers, engine.estimate
+        results, estimate, phases = engine.layers, engine.estimate, engine.phases
     else:
         results = []
         for name, linear in tqdm(layers, desc=config.describe(), disable=not progress, unit="layer"):
@@ -136,7 +138,7 @@ def quantize_model(loaded: LoadedModel, config: QuantizeConfig, calibration: Cal
     if config.head is not None:
         results.append(quantize_head(loaded.model, config.head))
     loaded.header = {"method": config.to_dict(), "calibration": calibration.to_dict() if config.calibrated else None, "source": loaded.source}
-    return QuantizeResult(config=config, seconds=time.perf_counter() - start, layers=results, estimate=estimate)
+    return QuantizeResult(config=config, seconds=time.perf_counter() - start, layers=results, estimate=estimate, phases=phases)
 
 
 def quantize_head(model: nn.Module, spec: QuantSpec) -> LayerResult:
@@ -158,6 +160,15 @@ def quantize_head(model: nn.Module, spec: QuantSpec) -> LayerResult:
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
     return LayerResult(name, qweight.shape, qweight.nbytes, {"weight_sqnr_db": sqnr})
+
+
+def describe_phases(phases: dict) -> str:
+    """One line: where a calibration run's time went (`CalibrationResult.phases`)."""
+    text = (f"time: capturing inputs {phases['capture']:.1f} s, statistics passes {phases['statistics']:.1f} s "
+            f"(accumulating {phases['accumulate']:.1f} s of it), quantising {phases['quantize']:.1f} s")
+    if phases.get("refine"):
+        text += f", refining blocks {phases['refine']:.1f} s"
+    return text + f", quantised blocks' outputs {phases['outputs']:.1f} s"
 
 
 def summarize_layers(layers: Sequence[LayerResult]) -> str:

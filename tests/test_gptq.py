@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import TEXT, byte_tokenizer, tiny_model
 from lowbit import GPTQConfig, QuantSpec, RTNConfig, load_model, load_quantized, quantize_model, save_quantized
-from lowbit.algorithms.gptq import gptq, output_error
+from lowbit.algorithms.gptq import column_rounder, gptq, gptq_reference, output_error
 from lowbit.calibration import CalibrationConfig, HessianAccumulator, calibrate_and_quantize, capture_block_inputs
 from lowbit.calibration.engine import _block_output
 from lowbit.errors import LowbitError
@@ -16,6 +16,7 @@ from lowbit.models import architecture_for
 from lowbit.models.loading import LoadedModel
 from lowbit.modules import QuantLinear
 from lowbit.numerics import dequantize, quantize
+from lowbit.numerics.quantization import _group_sq_error, decode, encode, find_params
 
 
 def layer_problem(out=96, inp=256, tokens=2048, seed=0):
@@ -36,6 +37,16 @@ def test_hessian_accumulator_streams_2xxt_over_n():
     torch.testing.assert_close(h, 2 * x.T @ x / 1000, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("width", [600, 1100])  # two and three column blocks, mirrored
+def test_wide_hessians_multiply_only_their_upper_blocks_and_stay_exact(width):
+    x = torch.randn(700, width, generator=torch.Generator().manual_seed(width))
+    acc = HessianAccumulator(width)
+    for chunk in x.split(300):
+        acc.add(chunk)
+    torch.testing.assert_close(acc.hessian, acc.hessian.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(acc.hessian, 2 * x.T @ x / 700, rtol=1e-4, atol=1e-4)
+
+
 def test_output_error_is_the_mean_squared_output_difference():
     w, x, h = layer_problem(inp=64, tokens=500)
     w2 = w + 0.01 * torch.randn_like(w)
@@ -53,6 +64,71 @@ def test_gptq_output_error_is_below_rtn(spec):
     rtn = output_error(w, dequantize(quantize(w, spec)), h)
     ours = output_error(w, gptq(w, h, spec).dequantized, h)
     assert ours < 0.8 * rtn
+
+
+GRIDS = [QuantSpec(bits=4, symmetric=False, group_size=64), QuantSpec(bits=3, group_size=64), QuantSpec(bits=4, grid="full", group_size=64),
+         QuantSpec(bits=4, symmetric=False, zero_point="float", group_size=32), QuantSpec(bits=8, granularity="channel", group_size=None),
+         QuantSpec(bits=4, format="nf4", group_size=64)]
+
+
+@pytest.mark.parametrize("spec", GRIDS, ids=lambda s: s.describe().replace(" ", "_"))
+def test_column_rounder_is_encode_then_decode_bit_for_bit(spec):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 1, generator=g)
+    scale = torch.rand(64, 1, generator=g) * 0.3 + 0.05
+    scale = -scale if spec.grid == "full" else scale  # the full grid's scale carries the sign of the group's extreme
+    zero = None if spec.symmetric else (torch.randint(0, 16, (64, 1), generator=g).float() if spec.zero_point == "int" else -torch.rand(64, 1, generator=g))
+    codes = encode(w, scale, zero, spec)
+    levels = torch.empty(64)
+    q = column_rounder(spec)(w[:, 0], scale[:, 0], None if zero is None else zero[:, 0], levels)
+    assert torch.equal(q, decode(codes, scale, zero, spec)[:, 0])
+    offset = 0 if spec.format == "nf4" else spec.number_format.qmin
+    assert torch.equal((levels - offset).to(torch.uint8), codes[:, 0])
+
+
+@pytest.mark.parametrize("spec", GRIDS, ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("order", [(False, False), (True, True), (True, False)], ids=["plain", "static", "dynamic"])
+def test_lazy_block_gptq_equals_the_column_by_column_update_rule(spec, order):
+    w, _, h = layer_problem(out=48, inp=192)
+    fast = gptq(w, h, spec, block_size=32, act_order=order[0], static_groups=order[1])
+    plain = gptq_reference(w, h, spec, act_order=order[0], static_groups=order[1])
+    # the same arithmetic in another order: float rounding may flip a weight lying on a
+    # rounding boundary, nothing more
+    assert (fast.quantized.codes != plain.quantized.codes).float().mean() < 2e-3
+    assert ((fast.quantized.scale - plain.quantized.scale).abs() > 1e-3 * plain.quantized.scale.abs()).float().mean() < 0.02
+    assert output_error(w, fast.dequantized, h) == pytest.approx(output_error(w, plain.dequantized, h), rel=1e-3)
+    assert torch.equal(fast.weight.dequantize(), fast.dequantized)
+
+
+def test_importance_weighted_range_search_minimises_the_weighted_error():
+    w, _, h = layer_problem(out=64, inp=256)
+    spec = QuantSpec(bits=3, symmetric=False, group_size=64, range="mse")
+    importance = torch.diagonal(h)
+    weighted = find_params(w, spec, 64, importance)
+    plain = find_params(w, spec, 64)
+    err_weighted = _group_sq_error(w, *weighted, spec, 64, importance)
+    err_plain = _group_sq_error(w, *plain, spec, 64, importance)
+    assert (err_weighted <= err_plain + 1e-12).all() and err_weighted.sum() < 0.97 * err_plain.sum()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_with_the_hessian_weighted_range_search_beats_min_max(bits):
+    w, _, h = layer_problem(seed=bits)
+    spec = QuantSpec(bits=bits, symmetric=False, group_size=64)
+    minmax = output_error(w, gptq(w, h, spec, act_order=True, static_groups=True).dequantized, h)
+    searched = output_error(w, gptq(w, h, spec.with_changes(range="mse"), act_order=True, static_groups=True).dequantized, h)
+    assert searched < 0.95 * minmax
+
+
+def test_stacked_linears_sharing_a_hessian_get_each_ones_own_codes():
+    w, _, h = layer_problem(out=96, inp=256)
+    spec = QuantSpec(bits=4, symmetric=False, group_size=64)
+    parts = gptq(w, h, spec, act_order=True, static_groups=True).split_rows([32, 64])
+    for part, rows in zip(parts, (w[:32], w[32:])):
+        alone = gptq(rows, h, spec, act_order=True, static_groups=True)
+        assert torch.equal(part.quantized.codes, alone.quantized.codes)
+        assert torch.equal(part.quantized.zero, alone.quantized.zero)
+        assert torch.equal(part.weight.dequantize(), alone.weight.dequantize())
 
 
 @pytest.mark.parametrize("static_groups", [True, False])

@@ -53,18 +53,24 @@ def awq_scales(x: torch.Tensor, act_absmean: torch.Tensor, weights: list[torch.T
     Errors are mean squared output errors per token.
     """
     w = torch.cat([w.detach().float() for w in weights])
-    reference = x @ w.T
+    gram = x.T @ x
     errors, best = {}, None
     base = act_absmean.float().clamp(min=1e-4)
     for i in range(grid):
         alpha = i / grid
         s = base**alpha
         s = s / (s.max() * s.min()).sqrt()
-        approx = x @ (fake_quantize(w * s, spec) / s).T
-        errors[alpha] = (approx - reference).square().sum(1).mean().item()
+        errors[alpha] = gram_sq_error(gram, x.shape[0], fake_quantize(w * s, spec) / s - w)
         if best is None or errors[alpha] < errors[best[0]]:
             best = (alpha, s)
     return best[1], best[0], errors
+
+
+def gram_sq_error(gram: torch.Tensor, tokens: int, delta: torch.Tensor) -> float:
+    """Mean over tokens of ||Δ x_t||² = tr(Δ G Δᵀ) / n, from the inputs' Gram matrix
+    G = Σ_t x_t x_tᵀ (in, in) over n = ``tokens`` rows and a weight difference Δ (out, in):
+    out·in² multiply-adds instead of n·in·out, and no (n, out) output is formed."""
+    return ((delta @ gram) * delta).sum().item() / tokens
 
 
 def clip_quantize(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = CLIP_GRID, max_shrink: float = CLIP_MAX_SHRINK, name: str = "weight") -> Quantized:
@@ -79,6 +85,7 @@ def clip_quantize(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: 
     cols = w.shape[1]
     x = x[:CLIP_TOKENS].float()
     xg = grouped(x, group_size, fill=0.0)  # (tokens, n_groups, G)
+    gram = torch.einsum("tgk,tgl->gkl", xg, xg)  # each group's Σ_t x_t,g x_t,gᵀ, (n_groups, G, G)
     lo, hi = choose_range(grouped(w, group_size), spec)  # (out, n_groups)
     best_err = torch.full_like(lo, float("inf"))
     best_lo, best_hi = lo.clone(), hi.clone()
@@ -87,7 +94,7 @@ def clip_quantize(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: 
         scale, zero = params_from_range(lo * ratio, hi * ratio, spec)
         s, z = expand_groups(scale, group_size, cols), None if zero is None else expand_groups(zero, group_size, cols)
         diff = grouped(w - decode(encode(w, s, z, spec), s, z, spec), group_size, fill=0.0)  # (out, n_groups, G)
-        err = torch.einsum("tgk,ogk->tog", xg, diff).square().sum(0)  # (out, n_groups)
+        err = torch.einsum("ogk,gkl,ogl->og", diff, gram, diff)  # Σ_t (x_t,g · (w_g - ŵ_g))², (out, n_groups)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo * ratio, best_lo)

@@ -36,6 +36,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.architectures import Architecture, LinearGroup, decoder_blocks
 from lowbit.models.loading import LoadedModel
 from lowbit.modules import QUANTIZED_MODULES, storage_bytes
+from lowbit.modules.quant_linear import dequantized_once
 from lowbit.modules.swap import set_module
 from lowbit.packed.qweight import bits_per_weight
 
@@ -203,9 +204,15 @@ class LayerResult:
 
 @dataclass
 class CalibrationResult:
+    """layers: one report per quantised linear; seconds: the run's wall time; estimate: the
+    up-front estimate (`estimate`); phases: wall seconds by phase (capture of block 0's
+    inputs, statistics passes and, within them, the statistics' own accumulation, the
+    method's quantisation, a refining method's block step, the quantised blocks' outputs)."""
+
     layers: list[LayerResult] = field(default_factory=list)
     seconds: float = 0.0
     estimate: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
 
 
 def _matmul_gflops() -> float:
@@ -279,7 +286,9 @@ def calibrate_and_quantize(
         est["activations_mb"], est["block_workspace_mb"], est["seconds"], est["gflops"],
     )
     start = time.perf_counter()
+    phases = dict.fromkeys(("capture", "statistics", "accumulate", "quantize", "refine", "outputs"), 0.0)
     batches = capture_block_inputs(model, arch, samples, batch_size)
+    phases["capture"] = time.perf_counter() - start
     bar = tqdm(total=len(blocks), desc=method.name, unit="block", disable=not progress)
     for index, block in enumerate(blocks):
         prefix = f"{arch.blocks}.{index}"
@@ -294,14 +303,19 @@ def calibrate_and_quantize(
                 groups.append((group, names))
         summary = []
         refines = hasattr(method, "refine_block")
+        tick = time.perf_counter()
         targets = [_block_output(block(b.hidden, **b.block_kwargs[index])) for b in batches] if refines else []
+        phases["refine"] += time.perf_counter() - tick
         starts: dict[str, StartPoint] = {}
         # true sequential: one pass per group, stopped at its input, after the earlier groups
         # are quantised; otherwise one pass of the float block feeds every group's statistics
         rounds = [[g] for g in groups] if true_sequential else [groups]
         for round_groups in rounds:
             stats = {g.role: method.statistics(block.get_submodule(names[0]).in_features) for g, names in round_groups}
-            _collect(block, index, batches, [(block.get_submodule(g.linears[0]), stats[g.role]) for g, _ in round_groups])
+            tick = time.perf_counter()
+            phases["accumulate"] += _collect(block, index, batches, [(block.get_submodule(g.linears[0]), stats[g.role]) for g, _ in round_groups])
+            phases["statistics"] += time.perf_counter() - tick
+            tick = time.perf_counter()
             for group, names in round_groups:
                 everyone = {n: block.get_submodule(n) for n in group.linears}
                 for n, module, info in method.quantize_group(block, group, everyone, names, stats[group.role], arch):
@@ -312,7 +326,9 @@ def calibrate_and_quantize(
                         starts[n] = StartPoint.of(module, everyone[n].weight, start_weight)
                     result.layers.append(LayerResult(full, (module.out_features, module.in_features), storage_bytes(module), info))
                     summary.append(f"{n.rsplit('.', 1)[-1]} {_short(info)}")
+            phases["quantize"] += time.perf_counter() - tick
         if starts:
+            tick = time.perf_counter()
             def run(i):
                 return _block_output(block(batches[i].hidden, **batches[i].block_kwargs[index]))
 
@@ -331,24 +347,33 @@ def calibrate_and_quantize(
             summary = [f"block output error {entries['block_error_start']:.4g} -> {entries['block_error']:.4g}"
                        + ("" if entries["learned_kept"] else " (start kept)")]
             del targets
-        for batch in batches:
-            batch.hidden = _block_output(block(batch.hidden, **batch.block_kwargs[index]))
+            phases["refine"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        with dequantized_once(block):  # the block's quantised weights in float32 once, not once per batch
+            for batch in batches:
+                batch.hidden = _block_output(block(batch.hidden, **batch.block_kwargs[index]))
+        phases["outputs"] += time.perf_counter() - tick
         bar.update(1)
         if progress and summary:
             tqdm.write(f"block {index}: " + ", ".join(summary))
     bar.close()
     result.seconds = time.perf_counter() - start
+    result.phases = phases
     return result
 
 
-def _collect(block: nn.Module, index: int, batches: list[CapturedBatch], taps: list[tuple[nn.Module, Statistics]]) -> None:
+def _collect(block: nn.Module, index: int, batches: list[CapturedBatch], taps: list[tuple[nn.Module, Statistics]]) -> float:
     """Run the batches through ``block``, feeding each tapped linear's input to its statistics;
-    the forward stops once the last tap has fired (nothing after it is needed)."""
+    the forward stops once the last tap has fired (nothing after it is needed). Returns the
+    seconds spent in the statistics' ``add``."""
     fired: set[int] = set()
+    spent = [0.0]
 
     def tap(stats, position):
         def hook(module, args):
+            tick = time.perf_counter()
             stats.add(args[0])
+            spent[0] += time.perf_counter() - tick
             fired.add(position)
             if len(fired) == len(taps):
                 raise _StopForward
@@ -365,6 +390,7 @@ def _collect(block: nn.Module, index: int, batches: list[CapturedBatch], taps: l
     finally:
         for hook in hooks:
             hook.remove()
+    return spent[0]
 
 
 def _short(info: dict) -> str:

@@ -11,14 +11,7 @@ from lowbit.methods.registry import register
 from lowbit.settings import label, setting
 
 if TYPE_CHECKING:
-    import torch
-
     from lowbit.calibration.statistics import InputStatistics
-
-
-def mean_sq_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """Mean over the rows of x (tokens, in) of ||(W - Ŵ) x||²."""
-    return (x @ (weight.float() - approx.float()).T).square().sum(1).mean().item()
 
 
 @register
@@ -51,13 +44,14 @@ class AWQConfig(CalibratedWeightConfig):
         """The engine's step for one group of linears (`lowbit.calibration.engine`)."""
         import torch
 
-        from lowbit.algorithms.awq import awq_scales, clip_quantize
+        from lowbit.algorithms.awq import awq_scales, clip_quantize, gram_sq_error
         from lowbit.modules.quant_linear import QuantLinear
         from lowbit.modules.scaling import fold_input_scale, source_can_fold
         from lowbit.numerics.quantization import fake_quantize, quantize, weight_sqnr_db
         from lowbit.packed.qweight import QuantizedWeight
 
         x = stats.rows()
+        gram = x.T @ x
         originals = {n: linears[n].weight.detach().float().clone() for n in selected}
         in_features = next(iter(linears.values())).in_features
         alpha, s = None, torch.ones(in_features)
@@ -75,8 +69,8 @@ class AWQConfig(CalibratedWeightConfig):
             rtn = fake_quantize(originals[name], spec)
             info = {
                 "weight_sqnr_db": weight_sqnr_db(originals[name], effective),
-                "output_error": mean_sq_error(x, originals[name], effective),
-                "baseline_output_error": mean_sq_error(x, originals[name], rtn),
+                "output_error": gram_sq_error(gram, x.shape[0], originals[name] - effective),
+                "baseline_output_error": gram_sq_error(gram, x.shape[0], originals[name] - rtn),
                 "baseline": "rtn",
                 "alpha": alpha,
             }

@@ -58,17 +58,33 @@ class GPTQConfig(CalibratedWeightConfig):
 
     def quantize_group(self, block, group, linears, selected, stats: HessianAccumulator, arch) -> list:
         """The engine's step for one group of linears (`lowbit.calibration.engine`)."""
+        import torch
+
         from lowbit.algorithms.gptq import gptq, output_error
         from lowbit.modules.quant_linear import QuantLinear
         from lowbit.numerics.quantization import fake_quantize, weight_sqnr_db
 
         act_order, static_groups = ACT_ORDERS[self.act_order]
+        # linears that read the same input share its Hessian; GPTQ treats each row on its own,
+        # so those with the same spec (not per tensor) run as one stacked weight: one inverse
+        # Hessian and one column sweep instead of one per linear, with the same codes
+        batches: dict = {}
+        for name in selected:
+            spec = self.spec_for(name, linears[name].weight.shape[1])
+            key = spec if spec.granularity != "tensor" else (spec, name)
+            batches.setdefault(key, []).append(name)
+        results = {}
+        for names in batches.values():
+            spec = self.spec_for(names[0], linears[names[0]].weight.shape[1])
+            stacked = torch.cat([linears[n].weight.detach().float() for n in names])
+            result = gptq(stacked, stats.hessian, spec, block_size=self.block_size, damp=self.damp, act_order=act_order,
+                          static_groups=static_groups, name=" + ".join(names))
+            results.update(zip(names, result.split_rows([linears[n].out_features for n in names])))
         out = []
         for name in selected:
             weight = linears[name].weight
             spec = self.spec_for(name, weight.shape[1])
-            result = gptq(weight, stats.hessian, spec, block_size=self.block_size, damp=self.damp, act_order=act_order,
-                          static_groups=static_groups, name=name)
+            result = results[name]
             rtn = fake_quantize(weight.detach().float(), spec)
             info = {
                 "weight_sqnr_db": weight_sqnr_db(weight, result.dequantized),

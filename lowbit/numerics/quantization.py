@@ -226,30 +226,38 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     return dequantize_affine(levels, scale, zero)
 
 
-def _group_sq_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, group_size: int) -> torch.Tensor:
-    """Sum of squared quantisation error per group, (rows, n_groups)."""
+def _group_sq_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, group_size: int,
+                    importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of squared quantisation error per group, (rows, n_groups), each column's error
+    weighted by ``importance`` (cols,) when given."""
     cols = x.shape[1]
     s, z = expand_groups(scale, group_size, cols), None if zero is None else expand_groups(zero, group_size, cols)
-    err = x - decode(encode(x, s, z, spec), s, z, spec)
-    return grouped(err.square(), group_size, fill=0.0).sum(-1)
+    err = (x - decode(encode(x, s, z, spec), s, z, spec)).square()
+    if importance is not None:
+        err = err * importance
+    return grouped(err, group_size, fill=0.0).sum(-1)
 
 
-def find_params(x: torch.Tensor, spec: QuantSpec, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def find_params(x: torch.Tensor, spec: QuantSpec, group_size: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero per group of a (rows, cols) float32 tensor, by ``spec.range``.
 
     ``mse`` shrinks the min-max range by factors 1 ... 1 - MSE_MAX_SHRINK and keeps, for each
     group, the factor with the least squared error: the trade between clipping error (values
-    beyond the range) and rounding error (step size) of report §2.2.
+    beyond the range) and rounding error (step size) of report §2.2. ``importance`` (cols,),
+    float32 ≥ 0, weights each column's squared error: a calibrated method passes its
+    inputs' mean square per channel (GPTQ: diag H), so the search minimises the layer's
+    output error with cross terms dropped, Σ_j H_jj (w_j - ŵ_j)², as llama.cpp's importance
+    matrix does, rather than the weight's own error.
     """
     lo, hi = choose_range(grouped(x, group_size), spec)
     scale, zero = params_from_range(lo, hi, spec)
     if spec.range != "mse":
         return scale, zero
-    best_err = _group_sq_error(x, scale, zero, spec, group_size)
+    best_err = _group_sq_error(x, scale, zero, spec, group_size, importance)
     for i in range(1, int(MSE_MAX_SHRINK * MSE_GRID) + 1):
         shrink = 1.0 - i / MSE_GRID
         cand_scale, cand_zero = params_from_range(lo * shrink, hi * shrink, spec)
-        err = _group_sq_error(x, cand_scale, cand_zero, spec, group_size)
+        err = _group_sq_error(x, cand_scale, cand_zero, spec, group_size, importance)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, cand_scale, scale)
