@@ -298,3 +298,13 @@ def test_true_sequential_sees_the_quantised_earlier_groups(tmp_path):
     q, o = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
     torch.testing.assert_close(hessians[True][q], hessians[False][q])  # the first group's input is the same
     assert not torch.allclose(hessians[True][o], hessians[False][o])  # o_proj's input now carries q/k/v's error
+
+
+def test_the_engine_accounts_for_its_time_by_phase():
+    samples = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(4))
+    result = calibrate_and_quantize(loaded_tiny("llama"), GPTQConfig(spec=QuantSpec(bits=4, group_size=32)), samples, batch_size=2, progress=False)
+    phases = result.phases
+    assert set(phases) == {"capture", "statistics", "accumulate", "quantize", "refine", "outputs"}
+    assert phases["statistics"] > 0 and phases["quantize"] > 0 and phases["outputs"] > 0 and phases["refine"] == 0
+    assert phases["accumulate"] <= phases["statistics"]  # accumulation happens inside the statistics passes
+    assert sum(v for k, v in phases.items() if k != "accumulate") <= result.seconds

@@ -303,9 +303,11 @@ def calibrate_and_quantize(
                 groups.append((group, names))
         summary = []
         refines = hasattr(method, "refine_block")
-        tick = time.perf_counter()
-        targets = [_block_output(block(b.hidden, **b.block_kwargs[index])) for b in batches] if refines else []
-        phases["refine"] += time.perf_counter() - tick
+        targets = []
+        if refines:
+            tick = time.perf_counter()
+            targets = [_block_output(block(b.hidden, **b.block_kwargs[index])) for b in batches]
+            phases["refine"] += time.perf_counter() - tick
         starts: dict[str, StartPoint] = {}
         # true sequential: one pass per group, stopped at its input, after the earlier groups
         # are quantised; otherwise one pass of the float block feeds every group's statistics
