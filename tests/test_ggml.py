@@ -10,6 +10,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from lowbit.algorithms.gptq import gptq, output_error
 from lowbit.errors import SpecError
 from lowbit.methods import GPTQConfig, RTNConfig
+from lowbit.models.loading import gguf_reader
 from lowbit.numerics import ggml_blocks as gb
 from lowbit.numerics.ggml_types import GGML_TYPES, ggml_type_for
 from lowbit.numerics.quantization import dequantize, fake_quantize, quantize, weight_sqnr_db
@@ -67,7 +68,7 @@ def test_a_wrong_bit_in_a_scale_field_changes_the_decoded_weights():
 def test_decoder_equals_gguf_on_the_packaged_models_tensors(model, packaged_gguf):
     """Every block type in the packaged files (Q4_1, Q8_0; Q5_0, Q4_K, Q6_K), 64 rows of
     each tensor: lowbit decodes what the gguf package decodes and re-encodes the same bytes."""
-    reader = gguf.GGUFReader(packaged_gguf(model))
+    reader = gguf_reader(packaged_gguf(model))
     seen = set()
     for tensor in reader.tensors:
         name = tensor.tensor_type.name.lower()
@@ -189,7 +190,7 @@ def test_k_quant_scales_in_float16_subnormals_pack_exactly(packaged_gguf):
     subnormals (~5e-6), where rounding is coarse and store_params does not map its output to
     itself; the packed blocks must still decode to exactly the scales the codes were chosen
     against (the integer factors are recovered exactly, `factor_scales`)."""
-    reader = gguf.GGUFReader(packaged_gguf("gemma3-270m"))
+    reader = gguf_reader(packaged_gguf("gemma3-270m"))
     tensor = next(t for t in reader.tensors if t.name == "blk.4.attn_output.weight")
     t = GGML_TYPES[tensor.tensor_type.name.lower()]
     w = gb.dequantize_blocks(t, torch.from_numpy(np.array(tensor.data)).reshape(-1, t.type_size)).reshape(tensor.data.shape[0], -1)

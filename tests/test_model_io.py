@@ -246,3 +246,32 @@ def test_a_version_1_checkpoint_still_loads_and_describes_itself(tiny_llama_dir,
         assert torch.equal(loaded.model(x).logits, again.model(x).logits)
     text = describe_path(out)
     assert "format version 1" in text and "method: rtn (format version 1 record)" in text and "seconds: 0.42" in text
+
+
+def test_a_gguf_reader_is_shared_until_its_file_changes(tmp_path):
+    """`gguf_reader` parses a file's metadata once per process, and again once the file is
+    replaced, so an export never plans from a stale copy of its source's fields."""
+    import os
+
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from lowbit.models.loading import gguf_reader
+
+    def write(path, arch):
+        writer = GGUFWriter(str(path), arch)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    path = tmp_path / "m.gguf"
+    write(path, "llama")
+    first = gguf_reader(path)
+    assert gguf_reader(path) is first and first.fields["general.architecture"].contents() == "llama"
+    replacement = tmp_path / "new.gguf"
+    write(replacement, "gemma3")
+    os.replace(replacement, path)
+    again = gguf_reader(path)
+    assert again is not first and again.fields["general.architecture"].contents() == "gemma3"

@@ -39,7 +39,7 @@ from torch import nn
 from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.interchange import recorded_source
-from lowbit.models.loading import LoadedModel
+from lowbit.models.loading import LoadedModel, gguf_reader
 from lowbit.models.refs import ref_kind
 from lowbit.models.registry import NAMED_MODELS
 from lowbit.modules import QUANTIZED_MODULES
@@ -185,7 +185,7 @@ def plan_gguf(loaded: LoadedModel, requantize: bool = False, metadata_from: str 
     if not header:
         raise LowbitError("the GGUF export takes a lowbit checkpoint (a directory lowbit quantize wrote)")
     path = source_gguf(header, metadata_from)
-    reader = gguf.GGUFReader(path)
+    reader = gguf_reader(path)
     arch_name = reader.fields["general.architecture"].contents()
     config = loaded.model.config.get_text_config(decoder=True)
     arch = loaded.arch

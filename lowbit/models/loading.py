@@ -11,6 +11,7 @@ fails, or whose weights hold NaN or Inf, is not cached.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -59,13 +60,28 @@ def _gguf_cache_path(path: Path) -> Path:
     return cache_dir() / "converted" / f"{path.stem}-{key}"
 
 
-def gguf_architecture(path: Path) -> Architecture:
-    """The architecture row of a GGUF file, from its metadata alone (fast, no weights read)."""
+@functools.lru_cache(maxsize=4)
+def _reader(resolved: str, size: int, mtime_ns: int, inode: int):
     from gguf import GGUFReader
 
+    return GGUFReader(resolved)
+
+
+def gguf_reader(path: str | Path):
+    """A `gguf.GGUFReader` over ``path``, shared within the process while the file is
+    unchanged (same size, modification time and inode). Parsing the metadata is the slow
+    part of opening a GGUF file, string by string through a memory map: 5.5 s for SmolLM2's
+    49k-token vocabulary, 24 s for Gemma 3's 262k, measured on these cores. For files lowbit
+    reads and does not write (a model's source GGUF); the reader is read-only."""
+    stat = Path(path).stat()
+    return _reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def gguf_architecture(path: Path) -> Architecture:
+    """The architecture row of a GGUF file, from its metadata alone (no weights read)."""
     check_gguf_magic(path)
     try:
-        reader = GGUFReader(str(path))
+        reader = gguf_reader(path)
         name = reader.fields["general.architecture"].contents()
     except (ValueError, KeyError, IndexError, OSError) as err:
         raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
