@@ -336,7 +336,7 @@ def stored_quantized(path: str | Path) -> tuple[bool, str | None]:
     """Whether the GGUF file ``path`` has a block tensor (``blk.*``) in a GGML type lowbit
     opens code for code (`open_quantized`; a float F16/F32 file has none), and the float
     source its ``lowbit.source`` record names (None in another tool's file)."""
-    reader = gguf.GGUFReader(Path(path))
+    reader = gguf_reader(path)  # shared with open_quantized, which reads the same file next
     quantized = any(t.name.startswith("blk.") and int(t.tensor_type) in GGML_BY_ID for t in reader.tensors)
     return quantized, _lowbit_source(reader)
 
@@ -363,7 +363,7 @@ def open_quantized(path: str | Path, source: str | None = None) -> LoadedModel:
     from lowbit.packed.qweight import QuantizedWeight
 
     path = Path(path)
-    reader = gguf.GGUFReader(path)
+    reader = gguf_reader(path)
     version = int(reader.fields["GGUF.version"].contents())
     if version not in GGUF_VERSIONS:
         raise LowbitError(f"{path} is GGUF version {version}; lowbit reads version {', '.join(map(str, GGUF_VERSIONS))} (re-save it with llama.cpp)")

@@ -71,8 +71,8 @@ def gguf_reader(path: str | Path):
     """A `gguf.GGUFReader` over ``path``, shared within the process while the file is
     unchanged (same size, modification time and inode). Parsing the metadata is the slow
     part of opening a GGUF file, string by string through a memory map: 5.5 s for SmolLM2's
-    49k-token vocabulary, 24 s for Gemma 3's 262k, measured on these cores. For files lowbit
-    reads and does not write (a model's source GGUF); the reader is read-only."""
+    49k-token vocabulary, 24 s for Gemma 3's 262k, measured on these cores. A file replaced
+    (as lowbit's writers replace theirs) is parsed again; the reader is read-only."""
     stat = Path(path).stat()
     return _reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
