@@ -116,10 +116,10 @@ def describe_lowbit(path: Path) -> str:
 
 
 def describe_gguf(path: Path) -> str:
-    from gguf import GGUFReader
+    from lowbit.models.loading import gguf_reader
 
     try:
-        reader = GGUFReader(str(path))
+        reader = gguf_reader(path)
     except (ValueError, IndexError, KeyError, OSError) as err:
         raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
     arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else "?"
