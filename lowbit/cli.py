@@ -508,6 +508,8 @@ def cmd_quantize(args, derived) -> int:
     save_quantized(loaded, out)
     print(f"quantised {len(result.layers)} linears of {args.model} with {config.describe()} in {result.seconds:.1f} s -> {out}")
     print(summarize_layers(result.layers))
+    if result.budget is not None:
+        print(f"{result.budget.describe()}\n  (measured and chosen in {result.budget.seconds:.1f} s)")
     if result.phases:
         print(describe_phases(result.phases))
     if args.eval:  # the checkpoint keeps the source's tokenizer, so the text tokenised above serves

@@ -41,7 +41,9 @@ def _settings(data: dict, indent: str = "  ") -> list[str]:
     for key, value in data.items():
         if key in ("name", "version"):
             continue
-        if isinstance(value, dict) and set(value) >= {"bits", "granularity"}:
+        if key == "layer_bits":  # the --budget plan: each layer's spec is in the table below
+            value = f"{len(value)} linears planned by --budget (each one's spec: the table below)" if value else None
+        elif isinstance(value, dict) and set(value) >= {"bits", "granularity"}:
             value = QuantSpec.from_dict(value).describe()
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.calibration.budget import BudgetPlan, plan_budget
 from lowbit.calibration.config import CalibrationConfig
 from lowbit.calibration.engine import LayerResult, calibrate_and_quantize
 from lowbit.errors import LowbitError
@@ -30,14 +31,15 @@ from lowbit.packed.qweight import bits_per_weight
 class QuantizeResult:
     """What `quantize_model` did: the config, wall seconds (not stored in the checkpoint, so
     that the same command gives the same bytes), one `LayerResult` per quantised linear
-    (the head's last) and, for calibrated methods, the engine's up-front estimate and its
-    seconds by phase (`CalibrationResult.phases`)."""
+    (the head's last), for calibrated methods the engine's up-front estimate and its
+    seconds by phase (`CalibrationResult.phases`), and with ``--budget`` the plan it chose."""
 
     config: QuantizeConfig
     seconds: float
     layers: list[LayerResult] = field(default_factory=list)
     estimate: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)
+    budget: BudgetPlan | None = None
 
 
 log = logging.getLogger(__name__)
@@ -115,15 +117,24 @@ def quantize_model(loaded: LoadedModel, config: QuantizeConfig, calibration: Cal
     ``calibration``'s samples (default: `CalibrationConfig()`, 128 x 512 tokens of the
     default corpus; `lowbit.calibration.engine`). ``config.head`` also rounds the output
     head to nearest with its own spec (`quantize_head`). Sets ``loaded.header``, which
-    `lowbit.save_quantized` writes. Returns per-layer storage and errors (the head's last).
+    `lowbit.save_quantized` writes. With ``config.budget`` (calibrated weight-only methods),
+    each linear's bits and group size are chosen first, on the same samples
+    (`lowbit.calibration.budget`), and the plan goes into the header's method record
+    (``layer_bits``). Returns per-layer storage and errors (the head's last).
     """
     _check_arguments(loaded, config, calibration)
     layers = plan_layers(loaded.model, loaded.arch, config)
     start = time.perf_counter()
     estimate, phases = {}, {}
+    plan = None
     if config.calibrated:
         calibration = calibration or CalibrationConfig()
         samples = calibration.tokens(loaded.tokenizer)
+        if getattr(config, "budget", None) is not None and not config.layer_bits:
+            plan = plan_budget(loaded.model, loaded.arch, layers, config.spec, config.budget, samples, calibration.batch_size,
+                               progress, extra_bytes=config.extra_bytes)
+            log.info("%s", plan.describe())
+            config = dataclasses.replace(config, layer_bits=plan.layers)
         engine = calibrate_and_quantize(loaded, config, samples, skip=config.skip, batch_size=calibration.batch_size,
                                         true_sequential=calibration.true_sequential, progress=progress)
         results, estimate, phases = engine.layers, engine.estimate, engine.phases
@@ -138,7 +149,8 @@ def quantize_model(loaded: LoadedModel, config: QuantizeConfig, calibration: Cal
     if config.head is not None:
         results.append(quantize_head(loaded.model, config.head))
     loaded.header = {"method": config.to_dict(), "calibration": calibration.to_dict() if config.calibrated else None, "source": loaded.source}
-    return QuantizeResult(config=config, seconds=time.perf_counter() - start, layers=results, estimate=estimate, phases=phases)
+    return QuantizeResult(config=config, seconds=time.perf_counter() - start, layers=results, estimate=estimate, phases=phases,
+                          budget=plan)
 
 
 def quantize_head(model: nn.Module, spec: QuantSpec) -> LayerResult:

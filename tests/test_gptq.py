@@ -205,12 +205,12 @@ class RecordingGPTQ:
     def statistics(self, in_features):
         return self.inner.statistics(in_features)
 
-    def quantize_group(self, block, group, linears, selected, stats, arch):
+    def quantize_group(self, block, group, linears, selected, stats, arch, prefix=""):
         for name in selected:
             self.hessians[f"model.layers.{self.block}.{name}"] = stats.hessian.clone()
         if group.role == "mlp_out":
             self.block += 1
-        return self.inner.quantize_group(block, group, linears, selected, stats, arch)
+        return self.inner.quantize_group(block, group, linears, selected, stats, arch, prefix)
 
 
 def loaded_tiny(family, tokenizer=None):

@@ -65,8 +65,10 @@ class CalibratedMethod(Protocol):
         """A fresh accumulator for the input of one group of linears."""
 
     def quantize_group(self, block: nn.Module, group: LinearGroup, linears: dict[str, nn.Linear], selected: list[str],
-                       stats: Statistics, arch: Architecture) -> list[tuple[str, nn.Module, dict]]:
-        """(name in block, replacement module, report) for each selected linear."""
+                       stats: Statistics, arch: Architecture, prefix: str = "") -> list[tuple[str, nn.Module, dict]]:
+        """(name in block, replacement module, report) for each selected linear. ``prefix``
+        is the block's dotted path with a trailing dot (``model.layers.3.``): prefix + name is
+        the linear's name in the model, which per-layer specs (`QuantizeConfig.spec_for`) match."""
 
 
 class BlockRefiner(CalibratedMethod, Protocol):
@@ -320,7 +322,7 @@ def calibrate_and_quantize(
             tick = time.perf_counter()
             for group, names in round_groups:
                 everyone = {n: block.get_submodule(n) for n in group.linears}
-                for n, module, info in method.quantize_group(block, group, everyone, names, stats[group.role], arch):
+                for n, module, info in method.quantize_group(block, group, everyone, names, stats[group.role], arch, f"{prefix}."):
                     full = f"{prefix}.{n}"
                     set_module(block, n, module)
                     start_weight = info.pop("start_weight", None)

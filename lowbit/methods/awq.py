@@ -40,7 +40,7 @@ class AWQConfig(CalibratedWeightConfig):
 
         return InputStatistics(in_features)
 
-    def quantize_group(self, block, group, linears, selected, stats: InputStatistics, arch) -> list:
+    def quantize_group(self, block, group, linears, selected, stats: InputStatistics, arch, prefix: str = "") -> list:
         """The engine's step for one group of linears (`lowbit.calibration.engine`)."""
         import torch
 
@@ -56,13 +56,13 @@ class AWQConfig(CalibratedWeightConfig):
         in_features = next(iter(linears.values())).in_features
         alpha, s = None, torch.ones(in_features)
         if source_can_fold(block, group.source, group.source_kind, in_features):
-            s, alpha, _ = awq_scales(x, stats.absmean, [originals[n] for n in selected], self.spec_for(selected[0], in_features), self.grid)
+            s, alpha, _ = awq_scales(x, stats.absmean, [originals[n] for n in selected], self.spec_for(f"{prefix}{selected[0]}", in_features), self.grid)
             fold_input_scale(block, group.source, group.source_kind, list(linears.values()), s, arch.norm_offset)
         x_scaled = x / s
         out = []
         for name in selected:
             weight = linears[name].weight.detach().float()
-            spec = self.spec_for(name, in_features)
+            spec = self.spec_for(f"{prefix}{name}", in_features)
             q = clip_quantize(weight, x_scaled, spec, name=name) if self.clip else quantize(weight, spec, name)
             packed = QuantizedWeight.from_quantized(q)
             effective = packed.dequantize() / s  # what the layer now computes on the unscaled input

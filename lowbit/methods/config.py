@@ -93,7 +93,7 @@ class MethodConfig:
         their defaults."""
         spec = getattr(self, "spec", None)
         changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-                   if f.name not in ("spec", "skip") and getattr(self, f.name) != f.default]
+                   if f.name not in ("spec", "skip", "layer_bits") and getattr(self, f.name) != f.default]
         parts = ([spec.describe()] if spec is not None else []) + changed
         return f"{self.name} " + ", ".join(parts) if parts else self.name
 
@@ -124,6 +124,9 @@ class QuantizeConfig(MethodConfig):
             "a llama.cpp-style mix, e.g. 'down_proj=q6_k')", flag="--layer-format", repeat=True, metavar="REGEX=FORMAT",
         parse=_layer_format)
 
+    layer_bits: tuple[tuple[str, int, int | None], ...] = setting(
+        (), "(linear, bits, group size): the spec of each named linear (the plan --budget chose)", cli=False)
+
     # whether the method quantises each layer with its own spec (`spec_for`): rtn, gptq, awq
     per_layer_specs: ClassVar[bool] = False
 
@@ -133,8 +136,9 @@ class QuantizeConfig(MethodConfig):
         check_patterns(QuantizeConfig, "skip", self.skip)
         formats = tuple(tuple(pair) for pair in self.layer_formats)
         object.__setattr__(self, "layer_formats", formats)
-        if formats and not self.per_layer_specs:
-            raise SpecError(f"{self.name} cannot take --layer-format: it quantises every layer with one format; drop it")
+        object.__setattr__(self, "layer_bits", tuple(tuple(entry) for entry in self.layer_bits))
+        if (formats or self.layer_bits) and not self.per_layer_specs:
+            raise SpecError(f"{self.name} cannot take --layer-format (or per-layer bits): it quantises every layer with one format; drop it")
         check_patterns(QuantizeConfig, "layer_formats", tuple(pattern for pattern, _ in formats))
         for pattern, fmt in formats:
             self.spec.with_changes(format=fmt)  # refuses an unknown or conflicting format now
@@ -143,8 +147,12 @@ class QuantizeConfig(MethodConfig):
         super().__post_init__()
 
     def requested_spec(self, name: str) -> QuantSpec:
-        """The spec asked for the linear ``name``: ``spec`` with the format of the first
-        ``layer_formats`` entry whose regex matches the name."""
+        """The spec asked for the linear ``name``: ``spec`` with the bits and group size
+        ``layer_bits`` gives that name, else with the format of the first ``layer_formats``
+        entry whose regex matches it."""
+        for layer, bits, group_size in self.layer_bits:
+            if layer == name:
+                return self.spec.with_changes(bits=bits, group_size=group_size)
         for pattern, fmt in self.layer_formats:
             if re.search(pattern, name):
                 return self.spec.with_changes(format=fmt)
@@ -180,3 +188,23 @@ class CalibratedWeightConfig(QuantizeConfig):
     per_layer_specs = True
 
     spec: QuantSpec = setting(WEIGHT_SPEC, "the weight format")
+    budget: float | None = setting(
+        None, "average bits per weight over the quantised linears: each linear's bits (2-8) and group size (32, 64, 128) "
+              "are chosen from its measured sensitivity so that together they store this or just under it "
+              "(e.g. 3.5 or 4.25; the plan is printed and stored)", parse=float, metavar="BITS", accepts="a number of bits, e.g. 4.25")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.budget is None:
+            return
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 1.0 < self.budget <= 16.0:
+            raise SpecError(f"--budget is the average bits per weight, a number above 1 and at most 16 (e.g. 4.25), got {self.budget!r}")
+        if self.spec.format != "int":
+            raise SpecError(f"--budget chooses bits and group sizes of integer grids; format {self.spec.format!r} fixes them "
+                            "(for a mix of GGML types give --layer-format REGEX=FORMAT instead)")
+        if self.layer_formats:
+            raise SpecError("--budget chooses every linear's spec itself; drop --layer-format or --budget")
+
+    def extra_bytes(self, in_features: int) -> int:
+        """Bytes a quantised linear stores beyond codes, scales and zero-points (none here)."""
+        return 0

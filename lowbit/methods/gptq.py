@@ -51,12 +51,16 @@ class GPTQConfig(CalibratedWeightConfig):
         if not isinstance(self.damp, (int, float)) or not 0.0 <= self.damp < 1.0:
             raise SpecError(f"{label(GPTQConfig, 'damp')} must lie in [0, 1) (e.g. 0.01), got {self.damp!r}")
 
+    def extra_bytes(self, in_features: int) -> int:
+        """Dynamic act-order stores each column's group index: int32 (in_features,)."""
+        return 4 * in_features if self.act_order == "dynamic" else 0
+
     def statistics(self, in_features: int) -> HessianAccumulator:
         from lowbit.calibration.statistics import HessianAccumulator
 
         return HessianAccumulator(in_features)
 
-    def quantize_group(self, block, group, linears, selected, stats: HessianAccumulator, arch) -> list:
+    def quantize_group(self, block, group, linears, selected, stats: HessianAccumulator, arch, prefix: str = "") -> list:
         """The engine's step for one group of linears (`lowbit.calibration.engine`)."""
         import torch
 
@@ -70,12 +74,12 @@ class GPTQConfig(CalibratedWeightConfig):
         # Hessian and one column sweep instead of one per linear, with the same codes
         batches: dict = {}
         for name in selected:
-            spec = self.spec_for(name, linears[name].weight.shape[1])
+            spec = self.spec_for(f"{prefix}{name}", linears[name].weight.shape[1])
             key = spec if spec.granularity != "tensor" else (spec, name)
             batches.setdefault(key, []).append(name)
         results = {}
         for names in batches.values():
-            spec = self.spec_for(names[0], linears[names[0]].weight.shape[1])
+            spec = self.spec_for(f"{prefix}{names[0]}", linears[names[0]].weight.shape[1])
             stacked = torch.cat([linears[n].weight.detach().float() for n in names])
             result = gptq(stacked, stats.hessian, spec, block_size=self.block_size, damp=self.damp, act_order=act_order,
                           static_groups=static_groups, name=" + ".join(names))
@@ -83,7 +87,7 @@ class GPTQConfig(CalibratedWeightConfig):
         out = []
         for name in selected:
             weight = linears[name].weight
-            spec = self.spec_for(name, weight.shape[1])
+            spec = self.spec_for(f"{prefix}{name}", weight.shape[1])
             result = results[name]
             rtn = fake_quantize(weight.detach().float(), spec)
             info = {

@@ -40,7 +40,7 @@ class LLMInt8Config(QuantizeConfig):
 
         return InputStatistics(in_features)
 
-    def quantize_group(self, block, group, linears, selected, stats: InputStatistics, arch) -> list:
+    def quantize_group(self, block, group, linears, selected, stats: InputStatistics, arch, prefix: str = "") -> list:
         """The engine's step for one group of linears (`lowbit.calibration.engine`)."""
         import torch
 

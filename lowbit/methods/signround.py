@@ -81,7 +81,7 @@ class SignRoundConfig(CalibratedWeightConfig):
         from lowbit.methods.rtn import RTNConfig
 
         cls = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig}[self.init]
-        return cls(spec=self.spec, skip=self.skip, layer_formats=self.layer_formats)
+        return cls(spec=self.spec, skip=self.skip, layer_formats=self.layer_formats, layer_bits=self.layer_bits)
 
     def statistics(self, in_features: int):
         if self.init == "rtn":  # RTN needs none; the Hessian gives its output error for the report
@@ -90,11 +90,11 @@ class SignRoundConfig(CalibratedWeightConfig):
             return HessianAccumulator(in_features)
         return self.start_method().statistics(in_features)
 
-    def quantize_group(self, block, group, linears, selected, stats, arch) -> list:
+    def quantize_group(self, block, group, linears, selected, stats, arch, prefix: str = "") -> list:
         """The start method's step (`lowbit.calibration.engine`); `refine_block` learns after it."""
         start = self.start_method()
         if self.init != "rtn":
-            return start.quantize_group(block, group, linears, selected, stats, arch)
+            return start.quantize_group(block, group, linears, selected, stats, arch, prefix)
         from lowbit.algorithms.gptq import output_error
         from lowbit.modules.quant_linear import QuantLinear
         from lowbit.numerics.quantization import weight_sqnr_db
@@ -102,7 +102,7 @@ class SignRoundConfig(CalibratedWeightConfig):
         out = []
         for name in selected:
             weight = linears[name].weight
-            qweight = start.quantize_weight(weight, name)
+            qweight = start.quantize_weight(weight, f"{prefix}{name}")
             approx = qweight.dequantize()
             error = output_error(weight, approx, stats.hessian)
             info = {"weight_sqnr_db": weight_sqnr_db(weight, approx), "output_error": error, "baseline_output_error": error, "baseline": "rtn"}

@@ -50,7 +50,7 @@ class W8A8Config(QuantizeConfig):
 
         return InputStatistics(in_features)
 
-    def quantize_group(self, block, group, linears, selected, stats: InputStatistics, arch) -> list:
+    def quantize_group(self, block, group, linears, selected, stats: InputStatistics, arch, prefix: str = "") -> list:
         """The engine's step for one group of linears (`lowbit.calibration.engine`)."""
         import torch
 
