@@ -132,7 +132,7 @@ def quantize_model(loaded: LoadedModel, config: QuantizeConfig, calibration: Cal
         samples = calibration.tokens(loaded.tokenizer)
         if getattr(config, "budget", None) is not None and not config.layer_bits:
             plan = plan_budget(loaded.model, loaded.arch, layers, config.spec, config.budget, samples, calibration.batch_size,
-                               progress, extra_bytes=config.extra_bytes)
+                               progress, extra_bytes=config.extra_bytes, sensitivity=config.budget_by)
             log.info("%s", plan.describe())
             config = dataclasses.replace(config, layer_bits=plan.layers)
         engine = calibrate_and_quantize(loaded, config, samples, skip=config.skip, batch_size=calibration.batch_size,

@@ -92,20 +92,37 @@ def test_a_budget_is_met_to_the_byte_and_the_plan_is_stored(act_order, tmp_path)
     assert again.budget == 3.5 and again.layer_bits == plan.layers
 
 
-def test_the_budget_beats_the_uniform_spec_of_the_same_size_in_output_error(tmp_path):
+def kl_to_float(model, reference, windows) -> float:
+    with torch.no_grad():
+        ours = torch.log_softmax(model(windows).logits.float(), -1)
+        theirs = torch.log_softmax(reference(windows).logits.float(), -1)
+    return float((theirs.exp() * (theirs - ours)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("budget_by", ["fisher", "hessian"])
+def test_the_budget_beats_the_uniform_spec_of_the_same_size(budget_by, tmp_path):
     """GPTQ under a 3.5-bit budget against GPTQ at W3 g32 symmetric (exactly 3.5 bits):
-    no more bytes, and less summed layer output error on the same calibration inputs."""
+    no more bytes, and less of what each sensitivity measures: the KL divergence to the
+    float model on held-out text (fisher), the summed layer output error on the
+    calibration inputs (hessian)."""
+    from lowbit.data import eval_windows, tokenize_split
+
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     calibration = CalibrationConfig(text_file=str(text), samples=8, ctx=64, batch_size=4)
-    errors, bpw = {}, {}
-    for label, config in (("budget", GPTQConfig(spec=QuantSpec(bits=3, group_size=32), budget=3.5)),
+    windows = eval_windows(tokenize_split(byte_tokenizer(), text_file=text), ctx=64, n_windows=4)
+    reference = tiny_loaded().model
+    scores, bpw = {}, {}
+    for label, config in (("budget", GPTQConfig(spec=QuantSpec(bits=3, group_size=32), budget=3.5, budget_by=budget_by)),
                           ("uniform", GPTQConfig(spec=QuantSpec(bits=3, group_size=32)))):
-        result = quantize_model(tiny_loaded(), config, calibration, progress=False)
-        errors[label] = sum(r.info["output_error"] for r in result.layers)
+        loaded = tiny_loaded()
+        result = quantize_model(loaded, config, calibration, progress=False)
+        scores[label] = (kl_to_float(loaded.model, reference, windows) if budget_by == "fisher"
+                         else sum(r.info["output_error"] for r in result.layers))
         bpw[label] = 8 * sum(r.nbytes for r in result.layers) / sum(r.shape[0] * r.shape[1] for r in result.layers)
     assert bpw["budget"] <= bpw["uniform"] == 3.5
-    assert errors["budget"] < 0.8 * errors["uniform"], errors
+    print(budget_by, scores, bpw)
+    assert scores["budget"] < 0.8 * scores["uniform"], scores
 
 
 def test_budget_settings_are_checked_up_front():

@@ -129,3 +129,20 @@ def test_head_check_tolerates_rounding_at_large_logits_and_catches_a_wrong_head(
         model.config.final_logit_softcapping = 5.0
         with pytest.raises(LowbitError, match="differ by up to"):
             _check_chunked_head(model, inputs, hidden)
+
+
+def test_the_mix_calibration_corpus_interleaves_equal_shares_of_every_corpus(monkeypatch):
+    """--calib-corpus mix: sample i comes from corpus i mod 2 (pydoc, shakespeare), each
+    the samples that corpus alone would give at the same seed (two short stand-in texts)."""
+    from lowbit.calibration.config import CalibrationConfig
+    from lowbit.data.texts import CORPORA
+
+    monkeypatch.setitem(CORPORA, "pydoc", lambda: TEXT)
+    monkeypatch.setitem(CORPORA, "shakespeare", lambda: "To be, or not to be, that is the question. " * 60)
+    tok = byte_tokenizer()
+    mixed = CalibrationConfig(corpus="mix", samples=5, ctx=32).tokens(tok)
+    pydoc = CalibrationConfig(corpus="pydoc", samples=3, ctx=32).tokens(tok)
+    plays = CalibrationConfig(corpus="shakespeare", samples=2, ctx=32).tokens(tok)
+    assert mixed.shape == (5, 32) and not torch.equal(pydoc[:2], plays)
+    assert torch.equal(mixed[0::2], pydoc) and torch.equal(mixed[1::2], plays)
+    assert CalibrationConfig(corpus="mix").to_dict()["corpus"] == "mix"

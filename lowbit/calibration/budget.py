@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.bit_allocation import allocate
 from lowbit.calibration.statistics import HessianAccumulator
 from lowbit.errors import LowbitError
+from lowbit.methods.config import BUDGET_SENSITIVITIES
 from lowbit.models.architectures import Architecture, decoder_blocks
 from lowbit.numerics.quantization import fake_quantize
 from lowbit.numerics.spec import QuantSpec
@@ -77,11 +78,12 @@ def _label(bits: int, group: int | None) -> str:
 
 def candidate_specs(spec: QuantSpec, in_features: int) -> list[QuantSpec]:
     """The specs a linear of rows of ``in_features`` weights may take under a budget: each
-    of `BUDGET_BITS` in each of `BUDGET_GROUPS` that divides its rows (per channel: bits
-    only), the rest of ``spec`` kept."""
+    of `BUDGET_BITS` in each of `BUDGET_GROUPS` up to its row length (a group that does not
+    divide the row leaves a shorter last group, as everywhere; per channel: bits only), the
+    rest of ``spec`` kept."""
     if spec.granularity != "group":
         return [spec.with_changes(bits=b) for b in BUDGET_BITS]
-    groups = [g for g in BUDGET_GROUPS if in_features % g == 0] or [spec.group_size_for(in_features)]
+    groups = [g for g in BUDGET_GROUPS if g <= in_features] or [in_features]
     return [spec.with_changes(bits=b, group_size=g) for b in BUDGET_BITS for g in groups]
 
 
@@ -131,27 +133,62 @@ def input_hessians(model: nn.Module, arch: Architecture, names: Sequence[str], s
     return {name: stats[owner].hessian for owner, members in owners.items() for name in members}
 
 
+def fisher_diagonals(model: nn.Module, names: Sequence[str], samples: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
+    """F = mean over samples of (∂L/∂W)² for the weight W of each linear in ``names``,
+    float32 (out, in) by name: the diagonal of the empirical Fisher information, with L a
+    sample's mean next-token loss (``samples``: int64 (n, ctx), one backward pass each, so
+    the square is of each sample's own gradient). ½ Σ F ⊙ ΔW² is then the second-order
+    estimate of the loss a weight error ΔW costs, the sensitivity SqueezeLLM and HAWQ use:
+    unlike a layer's own output error it carries the effect of the layers after it."""
+    weights = [model.get_submodule(name).weight for name in names]
+    sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    flags = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        for sample in tqdm(samples.split(1), desc="budget: gradients", disable=not progress, unit="sample"):
+            loss = model(input_ids=sample, labels=sample, use_cache=False).loss
+            for total, grad in zip(sums, torch.autograd.grad(loss, weights)):
+                total.addcmul_(grad.float(), grad.float())
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    return {name: total / len(samples) for name, total in zip(names, sums)}
+
+
 def plan_budget(model: nn.Module, arch: Architecture, linears: Sequence[tuple[str, nn.Linear]], spec: QuantSpec, budget: float,
-                samples: torch.Tensor, batch_size: int = 8, progress: bool = True, extra_bytes=lambda in_features: 0) -> BudgetPlan:
+                samples: torch.Tensor, batch_size: int = 8, progress: bool = True, extra_bytes=lambda in_features: 0,
+                sensitivity: str = "fisher") -> BudgetPlan:
     """Choose each linear's bits and group size for ``budget`` bits per weight.
 
     linears: (name, module) of every linear the method quantises; spec: the method's spec,
     whose other fields every candidate keeps; extra_bytes: bytes a linear stores beyond
-    its codes and scales, by its in_features (GPTQ's g_idx). Raises LowbitError when no plan fits the budget.
+    its codes and scales, by its in_features (GPTQ's g_idx); sensitivity: how a candidate's
+    error is weighed, ``fisher`` (½ Σ F ⊙ ΔW², `fisher_diagonals`) or ``hessian`` (the
+    layer's own output error ½ tr(ΔW H ΔWᵀ), `input_hessians`). Raises LowbitError when no
+    plan fits the budget.
     """
     start = time.perf_counter()
-    hessians = input_hessians(model, arch, [n for n, _ in linears], samples, batch_size, progress)
+    names = [n for n, _ in linears]
+    if sensitivity == "fisher":
+        fisher = fisher_diagonals(model, names, samples, progress)
+    elif sensitivity == "hessian":
+        hessians = input_hessians(model, arch, names, samples, batch_size, progress)
+    else:
+        raise LowbitError(f"sensitivity {sensitivity!r} is unknown; use one of {', '.join(BUDGET_SENSITIVITIES)}")
     options, specs = [], []
     weights = sum(linear.weight.numel() for _, linear in linears)
     with torch.no_grad():
         for name, linear in tqdm(linears, desc="budget: sensitivity", disable=not progress, unit="layer"):
             weight = linear.weight.detach().float()
-            hessian = hessians[name]
             layer_specs = candidate_specs(spec, linear.in_features)
             layer_options = []
             for candidate in layer_specs:
                 delta = weight - fake_quantize(weight, candidate)
-                error = 0.5 * float(((delta @ hessian) * delta).sum())
+                if sensitivity == "fisher":
+                    error = 0.5 * float((fisher[name] * delta.square()).sum())
+                else:
+                    error = 0.5 * float(((delta @ hessians[name]) * delta).sum())
                 layer_options.append((stored_bytes(tuple(weight.shape), candidate) + extra_bytes(linear.in_features), error))
             options.append(layer_options)
             specs.append(layer_specs)

@@ -9,6 +9,12 @@ from lowbit.data.texts import CORPORA, DEFAULT_CORPUS
 from lowbit.errors import SpecError
 from lowbit.settings import label, setting, to_dict
 
+# ``--calib-corpus mix``: the same number of samples from each named corpus, interleaved
+# (so every batch holds some of each); a corpus of its own would be almost all Shakespeare,
+# which is 14 times longer than pydoc.
+MIX = "mix"
+CALIBRATION_CORPORA = (*CORPORA, MIX)
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:
@@ -16,8 +22,9 @@ class CalibrationConfig:
     ``corpus`` (or of ``text_file``), run through the model ``batch_size`` at a time;
     ``true_sequential`` as in `lowbit.calibration.engine.calibrate_and_quantize`."""
 
-    corpus: str | None = setting(None, f"named corpus for the samples (its first half; default {DEFAULT_CORPUS})",
-                                 flag="--calib-corpus", choices=tuple(CORPORA), metavar="NAME")
+    corpus: str | None = setting(None, f"named corpus for the samples (its first half; default {DEFAULT_CORPUS}); "
+                                       f"{MIX}: equal shares of every named corpus", flag="--calib-corpus", choices=CALIBRATION_CORPORA,
+                                 metavar="NAME")
     text_file: str | None = setting(None, "UTF-8 text file for the samples (its first half)", flag="--calib-text", metavar="FILE")
     samples: int = setting(128, "calibration samples", flag="--calib-samples")
     ctx: int = setting(512, "tokens per calibration sample", flag="--calib-ctx")
@@ -29,19 +36,33 @@ class CalibrationConfig:
     def __post_init__(self):
         if self.corpus is not None and self.text_file is not None:
             raise SpecError(f"give {label(CalibrationConfig, 'corpus')} or {label(CalibrationConfig, 'text_file')}, not both")
-        if self.corpus is not None and self.corpus not in CORPORA:
-            raise SpecError(f"{label(CalibrationConfig, 'corpus')} {self.corpus!r} is unknown; use one of {', '.join(CORPORA)} or a text file")
+        if self.corpus is not None and self.corpus not in CALIBRATION_CORPORA:
+            raise SpecError(f"{label(CalibrationConfig, 'corpus')} {self.corpus!r} is unknown; use one of {', '.join(CALIBRATION_CORPORA)} "
+                            "or a text file")
         for name, low in (("samples", 1), ("ctx", 2), ("batch_size", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise SpecError(f"{label(CalibrationConfig, name)} must be an integer of at least {low}, got {value!r}")
 
     def tokens(self, tokenizer):
-        """int64 (samples, ctx) token ids."""
+        """int64 (samples, ctx) token ids; with ``mix``, sample i from corpus i mod k of the k
+        named corpora (each corpus's samples at its own seeded offsets)."""
+        import torch
+
         from lowbit.data.corpora import calibration_samples, tokenize_split
 
-        split = tokenize_split(tokenizer, self.corpus, self.text_file)
-        return calibration_samples(split, self.samples, self.ctx, self.seed, ctx_label=label(CalibrationConfig, "ctx"))
+        ctx_label = label(CalibrationConfig, "ctx")
+        if self.corpus != MIX:
+            split = tokenize_split(tokenizer, self.corpus, self.text_file)
+            return calibration_samples(split, self.samples, self.ctx, self.seed, ctx_label=ctx_label)
+        names = tuple(CORPORA)
+        shares = [len(range(i, self.samples, len(names))) for i in range(len(names))]
+        parts = [calibration_samples(tokenize_split(tokenizer, name), n, self.ctx, self.seed, ctx_label=ctx_label)
+                 for name, n in zip(names, shares) if n]
+        out = torch.empty(self.samples, parts[0].shape[1], dtype=torch.long)
+        for i, part in enumerate(parts):
+            out[i :: len(names)] = part
+        return out
 
     def to_dict(self) -> dict:
         """What a checkpoint header records: the corpus actually used and the file's absolute path."""

@@ -32,6 +32,8 @@ HEAD_SPECS = {8: QuantSpec(bits=8, granularity="channel", group_size=None), 4: Q
 
 KINDS = ("weight-only", "weight+activation", "training")
 ALL_SPEC_FIELDS = frozenset(f.name for f in fields(QuantSpec))
+# How --budget weighs a candidate spec's error (`lowbit.calibration.budget`).
+BUDGET_SENSITIVITIES = ("fisher", "hessian")
 # The default weight format of the integer weight-only methods (rtn, gptq, awq, qat).
 WEIGHT_SPEC = QuantSpec(bits=4, group_size=128)
 
@@ -192,9 +194,14 @@ class CalibratedWeightConfig(QuantizeConfig):
         None, "average bits per weight over the quantised linears: each linear's bits (2-8) and group size (32, 64, 128) "
               "are chosen from its measured sensitivity so that together they store this or just under it "
               "(e.g. 3.5 or 4.25; the plan is printed and stored)", parse=float, metavar="BITS", accepts="a number of bits, e.g. 4.25")
+    budget_by: str = setting(
+        "fisher", "how --budget weighs each linear's error: fisher (its cost to the loss, from each sample's gradients) or "
+                  "hessian (the linear's own output error on its inputs)", choices=BUDGET_SENSITIVITIES)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.budget_by not in BUDGET_SENSITIVITIES:
+            raise SpecError(f"--budget-by {self.budget_by!r} is unknown; use one of {', '.join(BUDGET_SENSITIVITIES)}")
         if self.budget is None:
             return
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 1.0 < self.budget <= 16.0:
