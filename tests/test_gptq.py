@@ -104,11 +104,14 @@ def test_importance_weighted_range_search_minimises_the_weighted_error():
     w, _, h = layer_problem(out=64, inp=256)
     spec = QuantSpec(bits=3, symmetric=False, group_size=64, range="mse")
     importance = torch.diagonal(h)
-    weighted = find_params(w, spec, 64, importance)
-    plain = find_params(w, spec, 64)
+    # over the same 81 candidates (exhaustive), the weighted search is the best of each group
+    weighted = find_params(w, spec, 64, importance, exhaustive=True)
+    plain = find_params(w, spec, 64, exhaustive=True)
     err_weighted = _group_sq_error(w, *weighted, spec, 64, importance)
     err_plain = _group_sq_error(w, *plain, spec, 64, importance)
     assert (err_weighted <= err_plain + 1e-12).all() and err_weighted.sum() < 0.97 * err_plain.sum()
+    coarse_to_fine = _group_sq_error(w, *find_params(w, spec, 64, importance), spec, 64, importance)
+    assert coarse_to_fine.sum() < 0.97 * err_plain.sum()
 
 
 @pytest.mark.parametrize("bits", [3, 4])

@@ -144,6 +144,30 @@ def test_mse_range_beats_minmax_on_heavy_tails():
         assert mse < 0.9 * minmax
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, symmetric=False, group_size=128, range="mse"),
+                                  QuantSpec(bits=3, group_size=64, range="mse"),
+                                  QuantSpec(bits=2, symmetric=False, group_size=32, zero_point="float", range="mse"),
+                                  QuantSpec(range="mse").with_changes(format="q4_k")])
+def test_the_coarse_to_fine_range_search_matches_the_exhaustive_one(spec):
+    """25 of the grid's 81 shrink factors, visited coarse to fine, find (nearly) the same
+    ranges as trying all 81, with and without importance weights."""
+    from lowbit.numerics.quantization import _group_sq_error, find_params
+
+    x = randw(64, 512, heavy=True, seed=7)
+    importance = torch.rand(512, generator=torch.Generator().manual_seed(8)) ** 4
+    group = spec.group_size_for(512)
+    for weights in (None, importance):
+        errors = {}
+        for exhaustive in (False, True):
+            scale, zero = find_params(x, spec, group, weights, exhaustive=exhaustive)
+            errors[exhaustive] = _group_sq_error(x, scale, zero, spec, group, weights).sum().item()
+        minmax_spec = spec.with_changes(range="minmax")
+        scale, zero = find_params(x, minmax_spec, group, weights)
+        minmax = _group_sq_error(x, scale, zero, spec, group, weights).sum().item()
+        # (a K-quant re-stores its group scales jointly at the end, so either may come out ahead)
+        assert errors[False] <= 1.01 * errors[True] and max(errors.values()) < minmax, (errors, minmax)
+
+
 def test_percentile_clips_the_tail():
     x = randw(16, 1000, heavy=True, seed=6)
     q = quantize(x, QuantSpec(bits=8, granularity="channel", group_size=None, range="percentile", percentile=99.0))

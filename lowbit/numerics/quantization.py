@@ -24,9 +24,12 @@ from lowbit.numerics.formats import CodebookFormat
 from lowbit.numerics.spec import QuantSpec
 
 # MSE clipping search: shrink factors 1, 1 - 1/GRID, ... down to 1 - MAX_SHRINK (as the
-# GPTQ reference code's `find_params(mse=True)` does).
+# GPTQ reference code's `find_params(mse=True)` does, 80 candidates). The default search
+# visits that grid coarse to fine: every MSE_COARSE-th factor first (16), then the 8 grid
+# factors within MSE_COARSE - 1 steps either side of each group's best (25 in all).
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
+MSE_COARSE = 5
 # The smallest positive float16 (a subnormal): keeps a stored scale from rounding to zero.
 MIN_SCALE = 2.0**-24
 
@@ -238,31 +241,50 @@ def _group_sq_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     return grouped(err, group_size, fill=0.0).sum(-1)
 
 
-def find_params(x: torch.Tensor, spec: QuantSpec, group_size: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def find_params(x: torch.Tensor, spec: QuantSpec, group_size: int, importance: torch.Tensor | None = None,
+                exhaustive: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero per group of a (rows, cols) float32 tensor, by ``spec.range``.
 
-    ``mse`` shrinks the min-max range by factors 1 ... 1 - MSE_MAX_SHRINK and keeps, for each
-    group, the factor with the least squared error: the trade between clipping error (values
-    beyond the range) and rounding error (step size) of report §2.2. ``importance`` (cols,),
-    float32 ≥ 0, weights each column's squared error: a calibrated method passes its
-    inputs' mean square per channel (GPTQ: diag H), so the search minimises the layer's
-    output error with cross terms dropped, Σ_j H_jj (w_j - ŵ_j)², as llama.cpp's importance
-    matrix does, rather than the weight's own error.
+    ``mse`` shrinks the min-max range by factors on the grid 1, 1 - 1/MSE_GRID, ... 1 -
+    MSE_MAX_SHRINK and keeps, for each group, the factor with the least squared error: the
+    trade between clipping error (values beyond the range) and rounding error (step size)
+    of report §2.2. ``importance`` (cols,), float32 ≥ 0, weights each column's squared
+    error: a calibrated method passes its inputs' mean square per channel (GPTQ: diag H), so
+    the search minimises the layer's output error with cross terms dropped, Σ_j H_jj (w_j -
+    ŵ_j)², as llama.cpp's importance matrix does, rather than the weight's own error.
+    The search visits the grid coarse to fine (25 of its 81 factors, `MSE_COARSE`); with
+    ``exhaustive`` it tries every factor (the reference the default is tested against).
     """
     lo, hi = choose_range(grouped(x, group_size), spec)
     scale, zero = params_from_range(lo, hi, spec)
     if spec.range != "mse":
         return scale, zero
     best_err = _group_sq_error(x, scale, zero, spec, group_size, importance)
-    for i in range(1, int(MSE_MAX_SHRINK * MSE_GRID) + 1):
-        shrink = 1.0 - i / MSE_GRID
+    best_shrink = torch.ones_like(lo)
+    smallest = 1.0 - MSE_MAX_SHRINK
+
+    def consider(shrink: float | torch.Tensor) -> None:
+        nonlocal best_err, best_shrink, scale, zero
         cand_scale, cand_zero = params_from_range(lo * shrink, hi * shrink, spec)
         err = _group_sq_error(x, cand_scale, cand_zero, spec, group_size, importance)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
+        best_shrink = torch.where(better, shrink, best_shrink)
         scale = torch.where(better, cand_scale, scale)
         if zero is not None:
             zero = torch.where(better, cand_zero, zero)
+
+    steps = int(round(MSE_MAX_SHRINK * MSE_GRID))
+    if exhaustive:
+        for i in range(1, steps + 1):
+            consider(1.0 - i / MSE_GRID)
+    else:
+        for i in range(MSE_COARSE, steps + 1, MSE_COARSE):
+            consider(1.0 - i / MSE_GRID)
+        centre = best_shrink
+        for d in range(1 - MSE_COARSE, MSE_COARSE):
+            if d:
+                consider(torch.clamp(centre + d / MSE_GRID, smallest, 1.0))
     return ggml_stored(scale, zero, spec)  # groups mixed from several candidates: store again
 
 
