@@ -16,7 +16,6 @@ import copy
 import importlib.util
 import os
 
-import gguf
 import numpy as np
 import pytest
 import torch

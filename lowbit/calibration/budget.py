@@ -46,12 +46,14 @@ class BudgetPlan:
     layers: (name, bits, group_size) per linear, in model order (group_size None for a
         per-channel spec).
     bits_per_weight: the plan's storage over the planned linears (8 · bytes / weights).
-    error: its summed output error (RTN proxy); uniform: the best single spec within the
-        budget, as (label, bits per weight, summed error), or None if none fits.
+    sensitivity: "fisher" or "hessian" (what ``error`` sums, `plan_budget`).
+    error: the plan's summed error under round to nearest; uniform: the best single spec
+        within the budget, as (label, bits per weight, summed error), or None if none fits.
     seconds: the time the measurement and the choice took.
     """
 
     budget: float
+    sensitivity: str
     layers: tuple[tuple[str, int, int | None], ...]
     bits_per_weight: float
     error: float
@@ -63,8 +65,9 @@ class BudgetPlan:
         kinds: dict[str, Counter] = {}
         for name, bits, group in self.layers:
             kinds.setdefault(name.rsplit(".", 1)[-1], Counter())[_label(bits, group)] += 1
+        what = "estimated loss increase (Fisher)" if self.sensitivity == "fisher" else "layer output error"
         lines = [f"budget {self.budget:g} bits/weight: plan {self.bits_per_weight:.4f} bits/weight over {len(self.layers)} linears, "
-                 f"summed output error {self.error:.4g}"
+                 f"summed {what} {self.error:.4g}"
                  + (f" (best uniform spec within the budget, {self.uniform[0]} at {self.uniform[1]:.4f} bits/weight: "
                     f"{self.uniform[2]:.4g}, {self.uniform[2] / max(self.error, 1e-30):.2f}x)" if self.uniform else "")]
         for kind, counts in kinds.items():
@@ -211,5 +214,5 @@ def plan_budget(model: nn.Module, arch: Architecture, linears: Sequence[tuple[st
                 uniform = (_label(bits, group), bits_per_weight(nbytes, weights), total)
     layers = tuple((name, specs[l][i].bits, specs[l][i].group_size if specs[l][i].granularity == "group" else None)
                    for l, ((name, _), i) in enumerate(zip(linears, chosen)))
-    return BudgetPlan(budget=budget, layers=layers, bits_per_weight=bits_per_weight(spent, weights), error=error,
+    return BudgetPlan(budget=budget, sensitivity=sensitivity, layers=layers, bits_per_weight=bits_per_weight(spent, weights), error=error,
                       uniform=uniform, seconds=time.perf_counter() - start)
