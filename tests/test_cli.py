@@ -306,3 +306,16 @@ def test_readme_commands_and_api_snippet_use_what_exists():
         assert hasattr(importlib.import_module(module), name), (module, name)
         assert name in used, f"README's snippet imports {name} and never uses it"
     assert {"CalibrationConfig", "GPTQConfig"} <= {name for _, name in imported}
+
+
+def test_quantize_calibrates_on_the_corpus_mix_and_records_it(capsys, tiny_llama_dir, tmp_path, monkeypatch):
+    from conftest import TEXT
+
+    from lowbit.data.texts import CORPORA
+
+    monkeypatch.setitem(CORPORA, "pydoc", lambda: TEXT)
+    monkeypatch.setitem(CORPORA, "shakespeare", lambda: "To be, or not to be, that is the question. " * 60)
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--group-size", "32", "--calib-corpus", "mix",
+                          "--calib-samples", "4", "--calib-ctx", "64", "--out", str(out))
+    assert code == 0 and read_header(out)["calibration"]["corpus"] == "mix"
