@@ -14,7 +14,7 @@ The header (format_version 2):
      "source": "smollm2" | "/abs/path/model.gguf" | "/abs/path/hf-dir",
      "model_type": "llama",
      "method": {"name": "gptq", "version": 1, "spec": {...}, "skip": [...], "head": null, "damp": 0.01, ...},
-     "calibration": {"corpus": "pydoc", "samples": 128, ...} | null,
+     "calibration": {"corpus": "mix", "samples": 128, ...} | null,
      "layers": {"model.layers.0.self_attn.q_proj":
                    {"module": "QuantLinear", "shape": [576, 576], "group_size": 128, "bias": false, "spec": {...}}},
      "tied": {"lm_head.weight": "model.embed_tokens.weight"}}
