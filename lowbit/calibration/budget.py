@@ -2,17 +2,18 @@
 choose its bits and group size so that the quantised linears together store exactly the
 budget's bits per weight or just under it (`lowbit.algorithms.bit_allocation`).
 
-Sensitivity is each linear's output error E = tr(ΔW H ΔWᵀ)/2 (report §7.2) under every
-candidate spec rounded to nearest, with H from the float model's inputs to that linear on
-the calibration samples: the proxy llama.cpp's ``--target-bpw`` uses (its imatrix is H's
-diagonal; here the whole H). The method then quantises each linear with its chosen spec.
-Bytes are counted as the checkpoint stores them (`stored_bytes`: codes, scales,
-zero-points), so the plan's bits per weight is the checkpoint's, to the byte.
+Each candidate spec's error is its round-to-nearest error ΔW weighed by the linear's
+sensitivity: by default the diagonal empirical Fisher, ½ Σ F ⊙ ΔW², the second-order cost of
+ΔW to the model's loss (`fisher_diagonals`); or the linear's own output error ½ tr(ΔW H ΔWᵀ)
+of report §7.2 with H from its float inputs (`input_hessians`; the whole-H form of
+llama.cpp's imatrix weighting), which measured worse than no plan at all (docs/results.md).
+The method then quantises each linear with its chosen spec. Bytes are counted as the
+checkpoint stores them (`stored_bytes`: codes, scales, zero-points), so the plan's bits per
+weight is the checkpoint's, to the byte.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,8 +31,6 @@ from lowbit.models.architectures import Architecture, decoder_blocks
 from lowbit.numerics.quantization import fake_quantize
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import bits_per_weight, stored_bytes
-
-log = logging.getLogger(__name__)
 
 # The candidates every linear chooses from: these code widths, in these group sizes (each
 # with the rest of the method's spec: symmetry, zero-point, range, grid).
