@@ -332,16 +332,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def _check_text(corpus: str | None, text_file: str | None) -> None:
     """A text file must exist, be UTF-8 and hold text, and a named corpus (each of them, for
     the calibration ``mix``) must load (read now, before any loading)."""
-    from lowbit.calibration.config import MIX
-    from lowbit.data.texts import CORPORA, load_text
+    from lowbit.calibration.config import corpora_of
+    from lowbit.data.texts import load_text
 
     if text_file:
         load_text(None, text_file)
-    elif corpus == MIX:
-        for name in CORPORA:
-            load_text(name, None)
     elif corpus:
-        load_text(corpus, None)
+        for name in corpora_of(corpus):
+            load_text(name, None)
 
 
 def _check_ctx(skeleton, ctx: int, flag: str) -> None:

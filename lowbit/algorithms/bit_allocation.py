@@ -3,9 +3,9 @@ fits a byte budget with the least summed error.
 
 Each layer ``l`` has options ``(bytes_lo, error_lo)``; the plan picks one per layer to
 minimise Σ_l error_l subject to Σ_l bytes_l ≤ budget (a multiple-choice knapsack). The
-errors are the layers' output errors E = tr(ΔW H ΔWᵀ)/2 of report §7.2 under each option,
-which add up across layers to first order, as llama.cpp's imatrix-weighted ``--target-bpw``
-and HAWQ's sensitivity sums assume.
+errors are whatever the caller measures per option and assumes to add up across layers, as
+llama.cpp's ``--target-bpw`` and HAWQ's sensitivity sums do (`lowbit.calibration.budget`:
+the Fisher estimate of the loss increase, or the layer output error of report §7.2).
 
 The solver is the Lagrangian greedy of the knapsack literature, then a fill: each layer's
 options on their lower convex hull (bytes up, error down, at falling error per byte) give

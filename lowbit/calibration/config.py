@@ -20,6 +20,11 @@ CALIBRATION_CORPORA = (*CORPORA, MIX)
 DEFAULT_CALIBRATION_CORPUS = MIX
 
 
+def corpora_of(corpus: str) -> tuple[str, ...]:
+    """The named corpora a calibration corpus reads: every one for the mix, else itself."""
+    return tuple(CORPORA) if corpus == MIX else (corpus,)
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """``samples`` windows of ``ctx`` tokens at seeded random offsets in the first half of
@@ -61,7 +66,7 @@ class CalibrationConfig:
         if corpus != MIX:
             split = tokenize_split(tokenizer, corpus, self.text_file)
             return calibration_samples(split, self.samples, self.ctx, self.seed, ctx_label=ctx_label)
-        names = tuple(CORPORA)
+        names = corpora_of(MIX)
         shares = [len(range(i, self.samples, len(names))) for i in range(len(names))]
         parts = [calibration_samples(tokenize_split(tokenizer, name), n, self.ctx, self.seed, ctx_label=ctx_label)
                  for name, n in zip(names, shares) if n]
