@@ -1,0 +1,161 @@
+"""The quality table of issue 15: every weight method at every spec on one protocol, in domain
+and out of domain, each row a real `lowbit quantize` process.
+
+    python bench/quality_table.py [--model smollm2] [--rows NAME ...] [--list] [--redo] [--markdown]
+
+Protocol: 32 x 512 calibration tokens from the first half of pydoc (``--calib-corpus pydoc``);
+each checkpoint then scored by `lowbit eval` on 40 x 512 held-out tokens of the second half of
+pydoc (in domain) and of Shakespeare (out of domain), against the float model. A row's wall
+time and peak RSS are the quantise process's own (from wait4), evaluation excluded; "quantise s"
+is the method's time as the command prints it.
+
+Rows are run in PRIORITY order (the issue's goals first) and kept in bench/results/quality_<model>.json as they finish
+(commit, command, scores), so a stopped run continues where it stopped; ``--redo`` runs the
+named rows again. Run it on an otherwise idle machine: two cores shared with anything else
+change the times (not the scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CALIBRATION = ["--calib-samples", "32", "--calib-corpus", "pydoc"]
+SCORED = {"pydoc": "in domain", "shakespeare": "out of domain"}
+WINDOWS = 40
+SPECS = {
+    "W4 g128": ["--bits", "4", "--group-size", "128", "--asym"],
+    "W4 g64": ["--bits", "4", "--group-size", "64", "--asym"],
+    "W3 g128": ["--bits", "3", "--group-size", "128", "--asym"],
+    "W3 g64": ["--bits", "3", "--group-size", "64", "--asym"],
+    "W2 g64": ["--bits", "2", "--group-size", "64", "--asym"],
+}
+METHODS = {
+    "rtn": ["--method", "rtn"],
+    "rtn mse": ["--method", "rtn", "--range", "mse"],
+    "gptq": ["--method", "gptq"],
+    "gptq mse": ["--method", "gptq", "--range", "mse"],
+    "awq": ["--method", "awq"],
+    "signround from gptq mse": ["--method", "signround", "--init", "gptq", "--range", "mse", "--calib-batch", "2"],
+}
+EXTRA = {  # the other starts, the budget mode and learned rounding's steps, at W4 g128 (or the budget)
+    "signround from rtn | W4 g128": ["--method", "signround", "--init", "rtn", "--calib-batch", "2", *SPECS["W4 g128"]],
+    "signround from awq | W4 g128": ["--method", "signround", "--init", "awq", "--calib-batch", "2", *SPECS["W4 g128"]],
+    "gptq mse | budget 4.25": ["--method", "gptq", "--range", "mse", "--asym", "--budget", "4.25"],
+    "gptq mse | budget 3.5": ["--method", "gptq", "--range", "mse", "--asym", "--budget", "3.5"],
+    **{f"signround from gptq mse, {n} steps | W4 g128": [*METHODS["signround from gptq mse"], "--iters", str(n), *SPECS["W4 g128"]]
+       for n in (10, 25, 100, 200)},
+}
+ROWS = {f"{method} | {spec}": [*flags, *SPECS[spec]] for spec in SPECS for method, flags in METHODS.items()} | EXTRA
+# the order rows are run in when none are named: the issue's goals first (W4 g128, W4 g64, W3 g64, W2 g64), then the rest
+PRIORITY = [name for spec in ("W4 g128", "W4 g64", "W3 g64", "W2 g64") for name in ROWS if name.endswith(f"| {spec}") and name not in EXTRA]
+PRIORITY += [name for name in EXTRA if "budget" in name or "25 steps" in name or "100 steps" in name]
+PRIORITY += [name for name in ROWS if name not in PRIORITY]
+QUANTISED = re.compile(r"^quantised .* in ([\d.]+) s", re.M)
+
+
+def command(flags: list[str]) -> list[str]:
+    """A row's flags with the calibration protocol's (RTN takes none: it refuses them)."""
+    return flags if flags[:2] == ["--method", "rtn"] else [*flags, *CALIBRATION]
+
+
+def quantise(model: str, flags: list[str], out: Path) -> dict:
+    """One `lowbit quantize` process: its wall time, peak RSS and the method's own seconds."""
+    argv = [sys.executable, "-m", "lowbit.cli", "quantize", "--model", model, *command(flags), "--out", str(out)]
+    log = out.with_suffix(".log")
+    with log.open("w") as sink:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    text = log.read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"lowbit quantize {' '.join(flags)}: {(text.strip().splitlines() or ['no output'])[-1]}")
+    return {"wall_seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "quantise_seconds": float(QUANTISED.findall(text)[-1])}
+
+
+def score(checkpoint: Path, corpus: str) -> dict:
+    """`lowbit eval` of the checkpoint against its float source on ``corpus``."""
+    report = checkpoint.with_suffix(f".{corpus}.json")
+    argv = [sys.executable, "-m", "lowbit.cli", "eval", str(checkpoint), "--corpus", corpus, "--windows", str(WINDOWS), "--json", str(report)]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"lowbit eval {checkpoint} --corpus {corpus}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    data = json.loads(report.read_text())
+    reference, result = data["results"][0], data["results"][-1]
+    return {"perplexity": result["perplexity"], "reference_perplexity": reference["perplexity"], "kld": result["kld"],
+            "top1_percent": result["top1_percent"], "bits_per_weight": result["bits_per_weight"]}
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    return head + ("+changes" if dirty.strip() else "")
+
+
+def markdown(rows: dict) -> str:
+    """The table, in ROWS order, for docs/results.md."""
+    lines = ["| method | spec | bits/w | pydoc Δppl | pydoc KLD | Shakespeare Δppl | Shakespeare KLD | quantise s | wall s | peak RSS |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in ROWS:
+        if name not in rows:
+            continue
+        row = rows[name]
+        method, spec = name.split(" | ")
+        cells = [method, spec, f"{row['pydoc']['bits_per_weight']:.2f}"]
+        for corpus in SCORED:
+            s = row[corpus]
+            cells += [f"{s['perplexity'] / s['reference_perplexity'] - 1:+.1%}", f"{s['kld']:.3f}"]
+        cells += [f"{row['quantise_seconds']:.0f}", f"{row['wall_seconds']:.0f}", f"{row['peak_rss_mb'] / 1024:.1f} GB"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--rows", nargs="+", metavar="NAME", help="only these rows (names as --list prints them)")
+    parser.add_argument("--list", action="store_true", help="print the row names and stop")
+    parser.add_argument("--redo", action="store_true", help="run the chosen rows again even if stored")
+    parser.add_argument("--markdown", action="store_true", help="print the stored rows as a Markdown table and stop")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(ROWS))
+        return
+    path = RESULTS / f"quality_{args.model}.json"
+    stored = json.loads(path.read_text()) if path.exists() else {"model": args.model, "calibration": CALIBRATION, "windows": WINDOWS, "rows": {}}
+    if args.markdown:
+        print(markdown(stored["rows"]))
+        return
+    unknown = sorted(set(args.rows or ()) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; --list prints the names")
+    todo = [name for name in (args.rows or PRIORITY) if args.redo or name not in stored["rows"]]
+    print(f"{len(todo)} rows to run on {args.model}", flush=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as work:
+        for index, name in enumerate(todo):
+            out = Path(work) / f"row{index}"
+            row = {"command": "lowbit quantize --model " + " ".join([args.model, *command(ROWS[name])]), "commit": commit(),
+                   **quantise(args.model, ROWS[name], out)}
+            for corpus in SCORED:
+                row[corpus] = score(out, corpus)
+            stored["rows"][name] = row
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(stored, indent=1) + "\n")
+            tmp.replace(path)
+            print(f"{name}: quantise {row['quantise_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s, "
+                  + ", ".join(f"{c} {row[c]['perplexity'] / row[c]['reference_perplexity'] - 1:+.1%}" for c in SCORED), flush=True)
+            subprocess.run(["rm", "-rf", str(out)])
+
+
+if __name__ == "__main__":
+    main()
