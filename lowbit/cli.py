@@ -547,8 +547,14 @@ def cmd_finetune(args, derived) -> int:
         raise LowbitError(f"the training half of {split.label} has {len(split.calibration)} tokens, fewer than one window of "
                           f"{config.train.ctx}; use more text or a smaller --ctx")
 
+    from lowbit.training.distributed import launch, launched_rank
+
+    if config.train.processes > 1 and launched_rank() is None:  # checked here once; torchrun runs this command in each rank
+        return launch(args.argv, config.train.processes)
     extra = {"merged_out": args.merge_out} if args.method == "qlora" else {}
     report = config.finetune(args.model, args.out, corpus=args.corpus, text_file=args.text, eval_n=args.eval_windows, **extra)
+    if config.train.processes > 1 and launched_rank()[0] != 0:
+        return 0  # rank 0 reports
     label = f"NF4 base ({report.extra['spec']})" if args.method == "qlora" else f"RTN PTQ ({report.extra['spec']})"
     print(f"held-out perplexity over {report.eval_tokens} tokens:")
     print(f"  float model          {report.float_perplexity:9.3f}")
@@ -556,6 +562,9 @@ def cmd_finetune(args, derived) -> int:
     print(f"  after {args.method:<14} {report.after_perplexity:9.3f}   ({config.train.steps} steps, {report.seconds:.0f} s, "
           f"loss {report.losses[0]:.3f} -> {sum(report.losses[-10:]) / len(report.losses[-10:]):.3f}, "
           f"{report.trainable_parameters} trainable parameters, optimizer state {report.optimizer_state_bytes / 1e6:.1f} MB)")
+    if report.processes > 1:
+        sent = "" if report.grad_bytes_per_step is None else f", {report.grad_bytes_per_step / 1e6:.2f} MB sent per step by each rank"
+        print(f"  {report.processes} processes, gradients: {report.gradients}{sent}, {report.step_seconds:.2f} s per step")
     print(f"wrote {args.out}")
     if args.json:
         write_json(args.json, report.to_dict())
@@ -777,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         parser, derived = build_parser()
         try:
             args = parser.parse_args(argv)
+            args.argv = list(sys.argv[1:] if argv is None else argv)
         except UsageError as err:
             print(f"lowbit: error: {one_line(err)}", file=sys.stderr)
             return EXIT_USER_ERROR

@@ -11,6 +11,7 @@ there and `optimizer_state_bytes` reports what the states would free.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,15 +23,26 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.training.config import TrainConfig
+from lowbit.training.distributed import Parallel, WireBytes
 
 
 @dataclass
 class TrainResult:
+    """losses: the global batch's loss per step; curve: (step, held-out perplexity) every
+    ``eval_every`` steps; in a multi-process run, grad_bytes_per_step is the median over steps
+    of the bytes this rank wrote to its sockets during the backward pass (`WireBytes`: the
+    gradient all-reduce, headers included) and counted_grad_bytes_per_step what lowbit's hook
+    counted it sent (None for torch's hooks); step_seconds: the median step."""
+
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
     trainable_parameters: int = 0
     optimizer_state_bytes: int = 0
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    step_seconds: float = 0.0
+    grad_bytes_per_step: float | None = None
+    counted_grad_bytes_per_step: float | None = None
 
 
 def random_windows(tokens: torch.Tensor, batch_size: int, ctx: int, generator: torch.Generator, bos_id: int | None = None) -> torch.Tensor:
@@ -46,7 +58,8 @@ def random_windows(tokens: torch.Tensor, batch_size: int, ctx: int, generator: t
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(batch[:, :-1]).logits if hasattr(model, "config") else model(batch[:, :-1])
+    out = model(batch[:, :-1])
+    logits = out.logits if hasattr(out, "logits") else out  # a transformers model (maybe inside DDP), or a bare module
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
@@ -69,35 +82,63 @@ def train(
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_loss,
     progress: bool = True,
     desc: str = "training",
+    parallel: Parallel | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> TrainResult:
-    """Train ``parameters`` (default: those requiring grad) of ``model`` on ``tokens``."""
+    """Train ``parameters`` (default: those requiring grad) of ``model`` on ``tokens``.
+
+    parallel: this process's rank in a multi-process run: the model is wrapped in
+    DistributedDataParallel with the gradient hook of ``parallel.grad``, each rank takes its
+    slice of every global batch (the same batches one process would draw). evaluate: held-out
+    perplexity of the model, called every ``config.eval_every`` steps (on rank 0 only) for
+    ``result.curve``."""
     params = list(parameters if parameters is not None else (p for p in model.parameters() if p.requires_grad))
     if not params:
         raise LowbitError("nothing to train: no parameter requires a gradient")
+    runner = model if parallel is None else parallel.wrap(model, config.seed)
+    main = parallel is None or parallel.is_main
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(trainable_parameters=sum(p.numel() for p in params))
+    wire, counted, step_times = [], [], []
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress)
+    bar = tqdm(range(config.steps), desc=desc, disable=not (progress and main))
     for step in bar:
+        step_start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * schedule(step, config)
         batch = random_windows(tokens, config.batch_size, config.ctx, generator, bos_id)
-        loss = loss_fn(model, batch)
+        loss = loss_fn(runner, batch if parallel is None else parallel.shard(batch))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if parallel is not None:
+            written, sent = WireBytes.now(), parallel.counted_bytes()
+        loss.backward()  # DDP's all-reduce (and its hook) runs inside
+        if parallel is not None:
+            if written is not None:
+                wire.append(WireBytes.now() - written)
+            if sent is not None:
+                counted.append(parallel.counted_bytes() - sent)
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         if state_device is not None:
             _states_to(optimizer, params[0].device)
         optimizer.step()
         if state_device is not None:
             _states_to(optimizer, state_device)
-        result.losses.append(loss.item())
+        result.losses.append(loss.item() if parallel is None else parallel.mean(loss.item()))
         result.tokens += batch[:, 1:].numel()
+        step_times.append(time.perf_counter() - step_start)
         bar.set_postfix(loss=f"{sum(result.losses[-20:]) / len(result.losses[-20:]):.3f}")
+        if evaluate is not None and main and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            result.curve.append((step + 1, evaluate(model)))
+            model.train()
     model.eval()
     result.seconds = time.perf_counter() - start
+    result.step_seconds = statistics.median(step_times)
+    if wire:
+        result.grad_bytes_per_step = statistics.median(wire)
+    if counted:
+        result.counted_grad_bytes_per_step = statistics.median(counted)
     result.optimizer_state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     return result
 
