@@ -82,6 +82,16 @@ def case_bytes(rank: int, world: int) -> dict:
         quantized_allreduce(state, g.clone())
         out[f"int{bits}"] = WireBytes.now() - before
         out[f"int{bits} counted"] = state.bytes_sent
+    mean = g.clone()
+    dist.all_reduce(mean)
+    mean /= world
+    for name, config in (("int4", GradConfig(bits=4)), ("int4 g32 bf16", GradConfig(bits=4, group_size=32, scale_dtype="bfloat16"))):
+        state = QuantizedAllReduce(config)
+        before = WireBytes.now()
+        reduced = quantized_allreduce(state, g.clone())
+        if name != "int4":
+            out[name], out[f"{name} counted"] = WireBytes.now() - before, state.bytes_sent
+        out[f"{name} relative error"] = ((reduced - mean).norm() / mean.norm()).item()
     return out
 
 

@@ -85,8 +85,10 @@ def test_bytes_on_the_socket(loopback):
     for rank in loopback:
         sent = rank["bytes"]
         assert sent["int4"] <= sent["fp32"] / 7 and sent["int8"] <= sent["fp32"] / 3.5
-        for bits in (8, 4):
-            assert sent[f"int{bits} counted"] <= sent[f"int{bits}"] <= sent[f"int{bits} counted"] * 1.01
+        for kind in ("int8", "int4", "int4 g32 bf16"):
+            assert sent[f"{kind} counted"] <= sent[kind] <= sent[f"{kind} counted"] * 1.01
+        assert sent["int4 g32 bf16 counted"] == sent["int4 counted"] * (4 + 16 / 32) / (4 + 32 / 128)
+        assert sent["int4 g32 bf16 relative error"] < 0.8 * sent["int4 relative error"]  # finer groups, the same bytes as g64
 
 
 def test_hook_inside_distributed_data_parallel(loopback):
@@ -140,3 +142,16 @@ def test_nproc_that_does_not_split_the_batch_is_refused(tiny_llama_dir, tmp_path
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().startswith("lowbit: error:") and "--nproc" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_bfloat16_scales_are_rounded_up_so_nothing_clips():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8192, generator=g) * torch.logspace(-30, 3, 8192)  # scales across bfloat16's whole range
+    codes, scales = quantize_groups(x, 4, 32, scale_dtype=torch.bfloat16)
+    assert torch.equal(scales.to(torch.bfloat16).float(), scales)
+    assert (scales >= x.view(-1, 32).abs().amax(1) / 7).all()
+    values = dequantize_groups(codes, scales, 32)
+    assert ((x - values).abs() <= scales.repeat_interleave(32) / 2 * (1 + 1e-6)).all()
+    packed = pack_chunk(codes, scales, 4, torch.bfloat16)
+    assert packed.numel() == chunk_bytes(8192, 4, 32, torch.bfloat16) == 8192 // 2 + 2 * 256
+    assert torch.equal(unpack_chunk(packed, 8192, 4, 32, torch.bfloat16), values)

@@ -13,6 +13,7 @@ LORA_TARGETS = (r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
 
 GRAD_HOOKS = ("allreduce", "bf16", "fp16", "powersgd", "lowbit")
 GRAD_BITS = (32, 16, 8, 4)
+GRAD_SCALE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class GradConfig:
                                      "(quantised to --grad-bits); default: from --grad-bits",
                                flag="--grad-hook", choices=GRAD_HOOKS)
     group_size: int = setting(128, "values per scale in lowbit's quantised gradients", flag="--grad-group")
+    scale_dtype: str = setting("float32", "how lowbit's hook sends each group's scale: float32, or bfloat16 (half the bytes, "
+                                          "so groups of half the size cost the same)", flag="--grad-scale-dtype",
+                               choices=GRAD_SCALE_DTYPES)
     error_feedback: bool = setting(True, "add each step's quantisation residual to the next step's gradient (lowbit's and "
                                          "PowerSGD's hooks)", flag="--grad-error-feedback", switch=True)
     stochastic: bool = setting(False, "stochastic rounding (unbiased, QSGD) in lowbit's hook instead of round-to-nearest",
@@ -44,6 +48,8 @@ class GradConfig:
         if self.hook is not None and self.bits is not None and self.bits not in wants[self.hook]:
             raise SpecError(f"{label(GradConfig, 'hook')} {self.hook} does not send {self.bits}-bit gradients; drop "
                             f"{label(GradConfig, 'bits')} or use {' or '.join(map(str, wants[self.hook]))}")
+        if self.scale_dtype not in GRAD_SCALE_DTYPES:
+            raise SpecError(f"{label(GradConfig, 'scale_dtype')} {self.scale_dtype!r} is unknown; use one of {', '.join(GRAD_SCALE_DTYPES)}")
         for name, low in (("group_size", 2), ("powersgd_rank", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
@@ -64,7 +70,8 @@ class GradConfig:
     def describe(self) -> str:
         hook = self.chosen_hook
         if hook == "lowbit":
-            return (f"int{self.chosen_bits} g{self.group_size}{' stochastic' if self.stochastic else ''}"
+            return (f"int{self.chosen_bits} g{self.group_size}{' bf16 scales' if self.scale_dtype == 'bfloat16' else ''}"
+                    f"{' stochastic' if self.stochastic else ''}"
                     f"{' + error feedback' if self.error_feedback else ''}")
         if hook == "powersgd":
             return f"PowerSGD rank {self.powersgd_rank}{' + error feedback' if self.error_feedback else ''}"

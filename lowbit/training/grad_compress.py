@@ -33,13 +33,18 @@ import torch.distributed as dist
 from lowbit.training.config import GradConfig
 
 
-def quantize_groups(x: torch.Tensor, bits: int, group_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_groups(x: torch.Tensor, bits: int, group_size: int, generator: torch.Generator | None = None,
+                    scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """x: float32 (n,), n a multiple of group_size -> (codes int8 (n,) in [-qmax, qmax],
-    scales float32 (n / group_size,)), qmax = 2^(bits-1) - 1. Round-to-nearest, or
-    stochastic rounding with ``generator``. An all-zero group gets scale 0 and codes 0."""
+    scales float32 (n / group_size,), each exact in ``scale_dtype``), qmax = 2^(bits-1) - 1.
+    Round-to-nearest, or stochastic rounding with ``generator``. A bfloat16 scale is max|x| /
+    qmax rounded up (the codes are computed against the scale that is sent, so nothing is
+    clipped and the rounding stays within half a step). An all-zero group gets scale 0."""
     qmax = 2 ** (bits - 1) - 1
     groups = x.view(-1, group_size)
     scales = groups.abs().amax(1) / qmax
+    if scale_dtype == torch.bfloat16:  # 8 significant bits: x (1 + 2^-8) then to nearest never lands below
+        scales = (scales * (1 + 2**-8)).to(torch.bfloat16).float()
     y = groups / torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
     if generator is None:
         codes = y.round()
@@ -53,21 +58,21 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group_size: int
     return (codes.view(-1, group_size).float() * scales[:, None]).view(-1)
 
 
-def pack_chunk(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_chunk(codes: torch.Tensor, scales: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One chunk on the wire, uint8: its codes (int8 as bytes; int4 two per byte, the even
-    index in the low nibble, offset by 8) then its float32 scales' bytes."""
+    index in the low nibble, offset by 8) then its scales' bytes in ``scale_dtype``."""
     if bits == 8:
         body = codes.view(torch.uint8)
     else:
         nibbles = (codes + 8).to(torch.uint8).view(-1, 2)
         body = nibbles[:, 0] | (nibbles[:, 1] << 4)
-    return torch.cat([body, scales.view(torch.uint8)])
+    return torch.cat([body, scales.to(scale_dtype).view(torch.uint8)])
 
 
-def unpack_chunk(packed: torch.Tensor, n: int, bits: int, group_size: int) -> torch.Tensor:
+def unpack_chunk(packed: torch.Tensor, n: int, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`pack_chunk`'s bytes of ``n`` values -> their float32 values (n,)."""
     body_bytes = n * bits // 8
-    body, scales = packed[:body_bytes], packed[body_bytes:].view(torch.float32)
+    body, scales = packed[:body_bytes], packed[body_bytes:].view(scale_dtype).float()
     if bits == 8:
         codes = body.view(torch.int8)
     else:
@@ -75,9 +80,9 @@ def unpack_chunk(packed: torch.Tensor, n: int, bits: int, group_size: int) -> to
     return dequantize_groups(codes, scales, group_size)
 
 
-def chunk_bytes(n: int, bits: int, group_size: int) -> int:
+def chunk_bytes(n: int, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32) -> int:
     """Bytes `pack_chunk` makes of ``n`` values (n a multiple of group_size)."""
-    return n * bits // 8 + 4 * (n // group_size)
+    return n * bits // 8 + scale_dtype.itemsize * (n // group_size)
 
 
 @dataclass
@@ -118,6 +123,7 @@ def quantized_allreduce(state: QuantizedAllReduce, flat: torch.Tensor, index: in
     group = state.process_group
     world = dist.get_world_size(group)
     bits, group_size = state.config.chosen_bits, state.config.group_size
+    scale_dtype = getattr(torch, state.config.scale_dtype)
     feedback = state.config.error_feedback
     n = flat.numel()
     chunk = math.ceil(n / (world * group_size)) * group_size  # chunks hold whole groups
@@ -128,26 +134,26 @@ def quantized_allreduce(state: QuantizedAllReduce, flat: torch.Tensor, index: in
         x += worker
     parts, sent = [], torch.empty(world * chunk)
     for j in range(world):
-        codes, scales = quantize_groups(x[j * chunk : (j + 1) * chunk], bits, group_size, state.generator)
-        parts.append(pack_chunk(codes, scales, bits))
+        codes, scales = quantize_groups(x[j * chunk : (j + 1) * chunk], bits, group_size, state.generator, scale_dtype)
+        parts.append(pack_chunk(codes, scales, bits, scale_dtype))
         sent[j * chunk : (j + 1) * chunk] = dequantize_groups(codes, scales, group_size)
     if feedback:
         worker.copy_(x - sent)
     send = torch.cat(parts)
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)  # chunk j of every rank to rank j
-    size = chunk_bytes(chunk, bits, group_size)
-    owned = sum(unpack_chunk(received[r * size : (r + 1) * size], chunk, bits, group_size) for r in range(world)) / world
+    size = chunk_bytes(chunk, bits, group_size, scale_dtype)
+    owned = sum(unpack_chunk(received[r * size : (r + 1) * size], chunk, bits, group_size, scale_dtype) for r in range(world)) / world
     if feedback:
         server = state.residual(state.server_residual, index, chunk)
         owned += server
-    codes, scales = quantize_groups(owned, bits, group_size, state.generator)
+    codes, scales = quantize_groups(owned, bits, group_size, state.generator, scale_dtype)
     if feedback:
         server.copy_(owned - dequantize_groups(codes, scales, group_size))
     gathered = torch.empty(world * size, dtype=torch.uint8)
-    dist.all_gather_single(gathered, pack_chunk(codes, scales, bits), group=group)
+    dist.all_gather_single(gathered, pack_chunk(codes, scales, bits, scale_dtype), group=group)
     state.bytes_sent += 2 * (world - 1) * size  # the other ranks' chunks in phase 1, ours to each of them in phase 2
-    return torch.cat([unpack_chunk(gathered[r * size : (r + 1) * size], chunk, bits, group_size) for r in range(world)])[:n]
+    return torch.cat([unpack_chunk(gathered[r * size : (r + 1) * size], chunk, bits, group_size, scale_dtype) for r in range(world)])[:n]
 
 
 def quantized_allreduce_hook(state: QuantizedAllReduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
