@@ -42,7 +42,7 @@ def case_mean(rank: int, world: int) -> dict:
         n = 10_000  # not a multiple of world * group: the padding is exercised
         grads = [local_gradient(r, n) for r in range(world)]
         true_mean = sum(grads) / world
-        state = QuantizedAllReduce(GradConfig(bits=bits, error_feedback=False))
+        state = QuantizedAllReduce(GradConfig(bits=bits, group_size=128, scale_dtype="float32", error_feedback=False))
         got = quantized_allreduce(state, grads[rank].clone())
         error = (got - true_mean).abs()
         limit = bound(grads, bits, 128)
@@ -77,7 +77,7 @@ def case_bytes(rank: int, world: int) -> dict:
     dist.all_reduce(g.clone())
     out = {"fp32": WireBytes.now() - before}
     for bits in (8, 4):
-        state = QuantizedAllReduce(GradConfig(bits=bits))
+        state = QuantizedAllReduce(GradConfig(bits=bits, group_size=128, scale_dtype="float32"))
         before = WireBytes.now()
         quantized_allreduce(state, g.clone())
         out[f"int{bits}"] = WireBytes.now() - before
@@ -85,7 +85,7 @@ def case_bytes(rank: int, world: int) -> dict:
     mean = g.clone()
     dist.all_reduce(mean)
     mean /= world
-    for name, config in (("int4", GradConfig(bits=4)), ("int4 g32 bf16", GradConfig(bits=4, group_size=32, scale_dtype="bfloat16"))):
+    for name, config in (("int4", GradConfig(bits=4, group_size=128, scale_dtype="float32")), ("int4 g32 bf16", GradConfig(bits=4))):
         state = QuantizedAllReduce(config)
         before = WireBytes.now()
         reduced = quantized_allreduce(state, g.clone())

@@ -103,7 +103,7 @@ def test_grad_settings_refuse_what_they_cannot_do():
         GradConfig(bits=4, group_size=33)
     with pytest.raises(ValueError, match="does not split over"):
         TrainConfig(batch_size=3, processes=2)
-    assert GradConfig(bits=4).describe() == "int4 g128 + error feedback" and GradConfig().chosen_hook == "allreduce"
+    assert GradConfig(bits=4).describe() == "int4 g32 bf16 scales + error feedback" and GradConfig().chosen_hook == "allreduce"
 
 
 def finetune(model_dir, text, out, *flags):
@@ -131,7 +131,7 @@ def test_two_processes_with_fp32_gradients_match_one(tiny_llama_dir, tmp_path):
     assert two["grad_bytes_per_step"] >= 4 * one["trainable_parameters"]  # the whole fp32 gradient, once, to the other rank
     assert (tmp_path / "two" / "lowbit.json").is_file() or any((tmp_path / "two").iterdir())
     int4 = finetune(tiny_llama_dir, text, tmp_path / "int4", *qat, "--nproc", "2", "--grad-bits", "4")
-    assert int4["gradients"] == "int4 g128 + error feedback"
+    assert int4["gradients"] == "int4 g32 bf16 scales + error feedback"
     assert int4["grad_bytes_per_step"] < two["grad_bytes_per_step"] / 6
     assert int4["after_perplexity"] == pytest.approx(one["after_perplexity"], rel=0.02)
 

@@ -29,10 +29,11 @@ class GradConfig:
                                      "of torch's, which needs NCCL), powersgd (torch's, rank --powersgd-rank), lowbit "
                                      "(quantised to --grad-bits); default: from --grad-bits",
                                flag="--grad-hook", choices=GRAD_HOOKS)
-    group_size: int = setting(128, "values per scale in lowbit's quantised gradients", flag="--grad-group")
-    scale_dtype: str = setting("float32", "how lowbit's hook sends each group's scale: float32, or bfloat16 (half the bytes, "
-                                          "so groups of half the size cost the same)", flag="--grad-scale-dtype",
-                               choices=GRAD_SCALE_DTYPES)
+    # groups of 32 with bfloat16 scales: the int4 setting that kept QLoRA within 1% of fp32 at 7.1x fewer bytes, where
+    # float32 scales per 128 (7.5x) lost 1.5% (docs/results.md, "Gradients on the wire")
+    group_size: int = setting(32, "values per scale in lowbit's quantised gradients", flag="--grad-group")
+    scale_dtype: str = setting("bfloat16", "how lowbit's hook sends each group's scale: bfloat16, or float32 (twice the bytes)",
+                               flag="--grad-scale-dtype", choices=GRAD_SCALE_DTYPES)
     error_feedback: bool = setting(True, "add each step's quantisation residual to the next step's gradient (lowbit's and "
                                          "PowerSGD's hooks)", flag="--grad-error-feedback", switch=True)
     stochastic: bool = setting(False, "stochastic rounding (unbiased, QSGD) in lowbit's hook instead of round-to-nearest",

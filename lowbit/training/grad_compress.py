@@ -16,8 +16,8 @@ error-compensated compressed all-reduce of 1-bit Adam (Tang et al. 2021, "gather
    rank the whole averaged bucket.
 
 Each rank sends 2 (world - 1) / world of the packed bucket, as a ring all-reduce of the float
-bucket sends 2 (world - 1) / world of it: int4 with float32 scales per 128 values is
-4.25 / 32 of fp32's bytes (7.5 times fewer), int8 8.25 / 32.
+bucket sends 2 (world - 1) / world of it: int4 with a bfloat16 scale per 32 values (the
+default) is 4.5 / 32 of fp32's bytes (7.1 times fewer), int8 8.5 / 32.
 
 Quantiser: symmetric absmax per group, ŝ = max|x| / qmax, q = clamp(round(x / ŝ), -qmax,
 qmax) (report Eq. 2.1-2.3 with Z = 0); with ``stochastic`` q = floor(x / ŝ + u), u ~ U[0, 1),
