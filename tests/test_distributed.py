@@ -3,6 +3,7 @@ hook on two loopback processes (gloo, under torchrun, bounded by a timeout), and
 finetune --nproc`."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ TESTS = Path(__file__).resolve().parent
 
 def torchrun(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -109,7 +110,7 @@ def test_grad_settings_refuse_what_they_cannot_do():
 def finetune(model_dir, text, out, *flags):
     command = [sys.executable, "-m", "lowbit.cli", "finetune", "--model", str(model_dir), "--text", str(text), "--steps", "4",
                "--batch", "4", "--ctx", "32", "--eval-windows", "2", "--out", str(out), "--json", f"{out}.json", *flags]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(Path(f"{out}.json").read_text())
 

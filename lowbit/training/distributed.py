@@ -118,10 +118,3 @@ class Parallel:
         tensor = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(tensor)
         return tensor.item() / self.world
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
