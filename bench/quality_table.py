@@ -60,7 +60,7 @@ ROWS = {f"{method} | {spec}": [*flags, *SPECS[spec]] for spec in SPECS for metho
 PRIORITY = [name for spec in ("W4 g128", "W4 g64", "W3 g64", "W2 g64") for name in ROWS if name.endswith(f"| {spec}") and name not in EXTRA]
 PRIORITY += [name for name in EXTRA if "budget" in name or "25 steps" in name or "100 steps" in name]
 PRIORITY += [name for name in ROWS if name not in PRIORITY]
-QUANTISED = re.compile(r"^quantised .* in ([\d.]+) s", re.M)
+QUANTISED = re.compile(r"^(?:quantised|pruned) .* in ([\d.]+) s", re.M)
 
 
 def command(flags: list[str]) -> list[str]:
@@ -68,9 +68,10 @@ def command(flags: list[str]) -> list[str]:
     return flags if flags[:2] == ["--method", "rtn"] else [*flags, *CALIBRATION]
 
 
-def quantise(model: str, flags: list[str], out: Path) -> dict:
-    """One `lowbit quantize` process: its wall time, peak RSS and the method's own seconds."""
-    argv = [sys.executable, "-m", "lowbit.cli", "quantize", "--model", model, *command(flags), "--out", str(out)]
+def quantise(model: str, flags: list[str], out: Path, verb: str = "quantize", add_calibration: bool = True) -> dict:
+    """One `lowbit quantize` (or ``verb``) process: its wall time, peak RSS and the method's own
+    seconds. ``add_calibration``: add the protocol's calibration flags (`command`)."""
+    argv = [sys.executable, "-m", "lowbit.cli", verb, "--model", model, *(command(flags) if add_calibration else flags), "--out", str(out)]
     log = out.with_suffix(".log")
     with log.open("w") as sink:
         start = time.perf_counter()
@@ -79,7 +80,7 @@ def quantise(model: str, flags: list[str], out: Path) -> dict:
         seconds = time.perf_counter() - start
     text = log.read_text()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"lowbit quantize {' '.join(flags)}: {(text.strip().splitlines() or ['no output'])[-1]}")
+        raise SystemExit(f"lowbit {verb} {' '.join(flags)}: {(text.strip().splitlines() or ['no output'])[-1]}")
     return {"wall_seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "quantise_seconds": float(QUANTISED.findall(text)[-1])}
 
 

@@ -23,8 +23,8 @@ _EXPORTS = {
     "CalibrationConfig": "lowbit.calibration.config",
     "quantize_model": "lowbit.pipeline",
     **dict.fromkeys(
-        ["METHODS", "AWQConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "NF4Config", "QATConfig", "QLoRAConfig", "RTNConfig", "SignRoundConfig",
-         "SmoothQuantConfig", "W8A8Config", "method_config"],
+        ["METHODS", "AWQConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "MagnitudeConfig", "NF4Config", "QATConfig", "QLoRAConfig", "RTNConfig",
+         "SignRoundConfig", "SmoothQuantConfig", "SparseGPTConfig", "W8A8Config", "WandaConfig", "method_config"],
         "lowbit.methods",
     ),
 }

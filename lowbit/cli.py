@@ -222,7 +222,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     """The parser, and the derived flags of each command that has them."""
     from lowbit.calibration.config import CalibrationConfig
     from lowbit.data.texts import CORPORA
-    from lowbit.methods.registry import quantize_methods, training_methods
+    from lowbit.methods.registry import pruning_methods, quantize_methods, training_methods
     from lowbit.models.refs import describe_model_ref
     from lowbit.models.registry import DEFAULT_MODEL
 
@@ -232,18 +232,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     model_help = describe_model_ref()
     derived = {}
 
-    methods = quantize_methods()
-    q = sub.add_parser("quantize", help="quantise a model with one of lowbit's methods and save it in lowbit's format",
-                       description="Quantise a model and save it; --eval then scores it against its source. Methods: "
-                                   + "; ".join(f"{n}: {c.summary}" for n, c in methods.items()) + ". See `lowbit methods`.")
-    q.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
-    q.add_argument("--method", default="rtn", choices=list(methods), help="the method (default rtn)")
-    q.add_argument("--out", required=True, help="new directory to write")
-    q.add_argument("--eval", action="store_true", help="then evaluate against the source model: the before/after table and generated text from both")
-    _add_eval_args(q.add_argument_group("evaluation (with --eval)"), suppress=True)
-    derived["quantize"] = add_setting_flags(q, list(methods.values()))
-    calibrated = [n for n, c in methods.items() if c.calibrated]
-    derived["calibration"] = add_setting_flags(q.add_argument_group(f"calibration ({', '.join(calibrated)})"), [CalibrationConfig], titled=False)
+    def method_command(command: str, methods: dict, default: str, help_text: str, verb: str):
+        p = sub.add_parser(command, help=help_text,
+                           description=f"{verb.capitalize()} a model and save it; --eval then scores it against its source. Methods: "
+                                       + "; ".join(f"{n}: {c.summary}" for n, c in methods.items()) + ". See `lowbit methods`.")
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
+        p.add_argument("--method", default=default, choices=list(methods), help=f"the method (default {default})")
+        p.add_argument("--out", required=True, help="new directory to write")
+        p.add_argument("--eval", action="store_true", help="then evaluate against the source model: the before/after table and generated text from both")
+        _add_eval_args(p.add_argument_group("evaluation (with --eval)"), suppress=True)
+        derived[command] = add_setting_flags(p, list(methods.values()))
+        calibrated = [n for n, c in methods.items() if c.calibrated]
+        derived[f"{command} calibration"] = add_setting_flags(p.add_argument_group(f"calibration ({', '.join(calibrated)})"),
+                                                              [CalibrationConfig], titled=False)
+
+    method_command("quantize", quantize_methods(), "rtn", "quantise a model with one of lowbit's methods and save it in lowbit's format", "quantise")
+    method_command("prune", pruning_methods(), "sparsegpt", "prune a model (unstructured or N:M), stored sparse, optionally quantising what it keeps",
+                   "prune")
 
     e = sub.add_parser("eval", help="perplexity, KLD and top-1 agreement of a model against its source",
                        description="Score a model. A lowbit checkpoint, a GGUF file in GGML types lowbit reads and a compressed-tensors "
@@ -474,12 +479,13 @@ def cmd_quantize(args, derived) -> int:
     from lowbit.outputs import check_new_directory, check_output_file
 
     cls = method_config(args.method)
-    config = build_from_flags(cls, given_flags(args, derived["quantize"]), derived["quantize"], f"--method {args.method}")
-    calibration_given = given_flags(args, derived["calibration"])
+    flags, calibration_flags = derived[args.command], derived[f"{args.command} calibration"]
+    config = build_from_flags(cls, given_flags(args, flags), flags, f"--method {args.method}")
+    calibration_given = given_flags(args, calibration_flags)
     if calibration_given and not cls.calibrated:
         raise LowbitError(f"{', '.join(calibration_given)} {'does' if len(calibration_given) == 1 else 'do'} not apply to --method {args.method} "
                           "(it uses no calibration data); drop it")
-    calibration = build_from_flags(CalibrationConfig, calibration_given, derived["calibration"], "calibration") if cls.calibrated else None
+    calibration = build_from_flags(CalibrationConfig, calibration_given, calibration_flags, "calibration") if cls.calibrated else None
     eval_given = [f"--{k}" for k in EVAL_DEFAULTS if hasattr(args, k)]
     if eval_given and not args.eval:
         raise LowbitError(f"{', '.join(eval_given)} apply with --eval; add --eval or drop them")
@@ -509,7 +515,8 @@ def cmd_quantize(args, derived) -> int:
     loaded = load_model(args.model)
     result = quantize_model(loaded, config, calibration=calibration)
     save_quantized(loaded, out)
-    print(f"quantised {len(result.layers)} linears of {args.model} with {config.describe()} in {result.seconds:.1f} s -> {out}")
+    print(f"{'pruned' if args.command == 'prune' else 'quantised'} {len(result.layers)} linears of {args.model} with {config.describe()} "
+          f"in {result.seconds:.1f} s -> {out}")
     print(summarize_layers(result.layers))
     if result.budget is not None:
         print(f"{result.budget.describe()}\n  (measured and chosen in {result.budget.seconds:.1f} s)")
@@ -774,7 +781,7 @@ def _import_heavy_libraries() -> None:
         raise KeyboardInterrupt
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "generate": cmd_generate,
+COMMANDS = {"quantize": cmd_quantize, "prune": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "generate": cmd_generate,
             "roofline": cmd_roofline, "bench-decode": cmd_bench_decode, "info": cmd_info, "methods": cmd_methods,
             "export": cmd_export}
 

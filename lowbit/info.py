@@ -30,6 +30,9 @@ def layer_label(info: dict) -> str:
         return QuantSpec.from_dict(info["spec"]).describe()
     if module == "W8A8Linear":
         return f"W8A8 act per-{info['act_granularity']}"
+    if module == "SparseLinear":
+        kept = QuantSpec.from_dict(info["spec"]).describe() if info.get("spec") else f"{info['values']} values"
+        return f"{info['sparsity']} sparse, {kept}"
     if module == "LLMInt8Linear":
         return f"LLM.int8() t={info['threshold']:g} ({info['n_outlier_channels']} fp ch)"
     return module

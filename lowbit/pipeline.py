@@ -74,8 +74,12 @@ def plan_layers(model: nn.Module, arch: Architecture, config: QuantizeConfig, re
         if outside:
             raise LowbitError(f"{config.name} quantises the linears the architecture table lists for each decoder block; "
                               f"{', '.join(outside[:4])} are not among them: add --skip for them or use rtn")
+    check_layer = getattr(config, "check_layer", None)  # a pruning method: its pattern (and, quantising, its groups) must fit
+    if check_layer is not None:
+        for name, linear in layers:
+            check_layer(name, linear.in_features)
     spec = getattr(config, "spec", None)
-    if spec is not None:
+    if spec is not None and check_layer is None:
         fallbacks = {}
         for name, linear in layers:
             layer_spec = config.spec_for(name, linear.in_features)
@@ -144,7 +148,7 @@ def quantize_model(loaded: LoadedModel, config: QuantizeConfig, calibration: Cal
             with torch.no_grad():
                 qweight = config.quantize_weight(linear.weight, name)
                 sqnr = weight_sqnr_db(linear.weight, qweight.dequantize())
-            set_module(loaded.model, name, QuantLinear(qweight, linear.bias))
+            set_module(loaded.model, name, config.module(qweight, linear.bias))
             results.append(LayerResult(name, qweight.shape, qweight.nbytes, {"weight_sqnr_db": sqnr}))
     if config.head is not None:
         results.append(quantize_head(loaded.model, config.head))

@@ -165,6 +165,9 @@ def plan_compressed_tensors(loaded: LoadedModel) -> CTPlan:
             plan.groups.setdefault(key, {"weights": weights, "input_activations": acts, "targets": []})["targets"].append(name)
             plan.formats.add("int-quantized")
             done.add(name)
+        elif kind == "SparseLinear":
+            raise LowbitError(f"{name} is pruned and stored sparse; lowbit does not write compressed-tensors' sparse layouts yet, "
+                              "nothing was written")
         elif kind in QUANTIZED_MODULES:
             raise LowbitError(f"{name} is a {kind}, which compressed-tensors has no layout for; nothing was written")
     for name, tensor in model.state_dict().items():

@@ -170,7 +170,8 @@ def _modules_by_gguf_name(model: nn.Module, arch_name: str, n_blocks: int) -> di
     names = gguf.get_tensor_name_map(arch_id, n_blocks)
     out = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, QuantLinear) or isinstance(getattr(module, "weight", None), torch.Tensor):
+        # every lowbit module, whatever its buffers are called (a SparseLinear has no weight), and every float one
+        if isinstance(module, tuple(QUANTIZED_MODULES.values())) or isinstance(getattr(module, "weight", None), torch.Tensor):
             base = names.get_name(module_name)
             if base is not None:
                 out[base] = (module_name, module)
@@ -204,6 +205,9 @@ def plan_gguf(loaded: LoadedModel, requantize: bool = False, metadata_from: str 
         written.add(base)
         rows = _row_order(base, arch, config)
         kind = type(module).__name__
+        if kind == "SparseLinear":
+            raise LowbitError(f"{module_name} is pruned and stored sparse, which GGUF cannot hold (its tensors are dense blocks); "
+                              "nothing was written")
         if kind in QUANTIZED_MODULES and kind != "QuantLinear":
             raise LowbitError(f"{module_name} is a {kind} (int8 activations), which GGUF cannot hold; "
                               "export W8A8 checkpoints with --to compressed-tensors")

@@ -10,20 +10,23 @@ docs/methods.md, "Adding a method").
 """
 
 # registration, in the order --help and the methods table list them
-from lowbit.methods import rtn, gptq, awq, signround, w8a8, llm_int8, qat, qlora  # noqa: F401, I001
+from lowbit.methods import rtn, gptq, awq, signround, w8a8, llm_int8, qat, qlora, prune  # noqa: F401, I001
 from lowbit.methods.awq import AWQConfig
 from lowbit.methods.config import DEFAULT_SKIP, HEAD_SPECS, MethodConfig, QuantizeConfig
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.llm_int8 import LLMInt8Config
+from lowbit.methods.prune import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig
 from lowbit.methods.qat import QATConfig
 from lowbit.methods.qlora import QLoRAConfig
-from lowbit.methods.registry import METHODS, config_from_dict, method_config, methods_table, quantize_methods, register, training_methods
+from lowbit.methods.registry import (METHODS, config_from_dict, method_config, methods_table, pruning_methods, quantize_methods,
+                                    register, training_methods)
 from lowbit.methods.rtn import FP4Config, NF4Config, RTNConfig
 from lowbit.methods.signround import SignRoundConfig
 from lowbit.methods.w8a8 import SmoothQuantConfig, W8A8Config
 
 __all__ = [
-    "AWQConfig", "DEFAULT_SKIP", "FP4Config", "GPTQConfig", "HEAD_SPECS", "LLMInt8Config", "METHODS", "MethodConfig", "NF4Config",
-    "QATConfig", "QLoRAConfig", "QuantizeConfig", "RTNConfig", "SignRoundConfig", "SmoothQuantConfig", "W8A8Config", "config_from_dict",
-    "method_config", "methods_table", "quantize_methods", "register", "training_methods",
+    "AWQConfig", "DEFAULT_SKIP", "FP4Config", "GPTQConfig", "HEAD_SPECS", "LLMInt8Config", "METHODS", "MagnitudeConfig", "MethodConfig",
+    "NF4Config", "PruneConfig", "QATConfig", "QLoRAConfig", "QuantizeConfig", "RTNConfig", "SignRoundConfig", "SmoothQuantConfig",
+    "SparseGPTConfig", "W8A8Config", "WandaConfig", "config_from_dict",
+    "method_config", "methods_table", "pruning_methods", "quantize_methods", "register", "training_methods",
 ]

@@ -30,7 +30,7 @@ DEFAULT_SKIP = ("lm_head",)
 # or int4 groups of 128; both run on the CPU kernels.
 HEAD_SPECS = {8: QuantSpec(bits=8, granularity="channel", group_size=None), 4: QuantSpec(bits=4, group_size=128)}
 
-KINDS = ("weight-only", "weight+activation", "training")
+KINDS = ("weight-only", "weight+activation", "training", "pruning")
 ALL_SPEC_FIELDS = frozenset(f.name for f in fields(QuantSpec))
 # How --budget weighs a candidate spec's error (`lowbit.calibration.budget`).
 BUDGET_SENSITIVITIES = ("fisher", "hessian")
@@ -71,6 +71,12 @@ class MethodConfig:
     def default_spec(cls) -> QuantSpec | None:
         field = cls.__dataclass_fields__.get("spec")
         return None if field is None else field.default
+
+    @classmethod
+    def default_format(cls) -> str:
+        """The stored format with default settings, for the methods table."""
+        spec = cls.default_spec()
+        return spec.describe() if spec is not None else "int8 per channel"
 
     def check_spec(self, spec: QuantSpec) -> None:
         """Refuse every spec field this method does not honour (changed from its default)."""
@@ -147,6 +153,12 @@ class QuantizeConfig(MethodConfig):
         if self.head is not None and not isinstance(self.head, QuantSpec):
             raise SpecError(f"head must be a QuantSpec or None, got {type(self.head).__name__}")
         super().__post_init__()
+
+    def module(self, weight, bias):
+        """The module that holds one linear's result of ``quantize_weight`` in the model."""
+        from lowbit.modules.quant_linear import QuantLinear
+
+        return QuantLinear(weight, bias)
 
     def requested_spec(self, name: str) -> QuantSpec:
         """The spec asked for the linear ``name``: ``spec`` with the bits and group size

@@ -30,8 +30,13 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
 
 
 def quantize_methods() -> dict[str, type[QuantizeConfig]]:
-    """The post-training methods (`lowbit quantize`), in registration order."""
-    return {name: cls for name, cls in METHODS.items() if issubclass(cls, QuantizeConfig)}
+    """The post-training quantisers (`lowbit quantize`), in registration order."""
+    return {name: cls for name, cls in METHODS.items() if issubclass(cls, QuantizeConfig) and cls.kind != "pruning"}
+
+
+def pruning_methods() -> dict[str, type[QuantizeConfig]]:
+    """The pruning methods (`lowbit prune`); `lowbit.quantize_model` runs them like the quantisers."""
+    return {name: cls for name, cls in METHODS.items() if cls.kind == "pruning"}
 
 
 def training_methods() -> dict[str, type[MethodConfig]]:
@@ -68,7 +73,7 @@ def methods_table(markdown: bool = True) -> str:
         spec = cls.default_spec()
         spec_flags = [o.name for o in options(QuantSpec) if o.path[0] in cls.spec_fields] if spec is not None else []
         own = [f"{o.name} {shown_default(o) or 'none'}" for o in options(cls) if o.path[0] not in ("spec", "skip", "head")]
-        rows.append((name, cls.kind, "yes" if cls.calibrated else "no", spec.describe() if spec is not None else "int8 per channel",
+        rows.append((name, cls.kind, "yes" if cls.calibrated else "no", cls.default_format(),
                      " ".join(spec_flags) or "none", "; ".join(own) or "none", cls.summary))
     if not markdown:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -103,7 +103,7 @@ class QuantLinear(nn.Module):
 
 @contextmanager
 def dequantized_once(model: nn.Module) -> Iterator[None]:
-    """Inside the block, every `QuantLinear` of ``model`` computes with its weight
+    """Inside the block, every `QuantLinear` (and `SparseLinear`) of ``model`` computes with its weight
     dequantised once, in float32, instead of on every call.
 
     The numbers are the same (the reference path dequantises the same codes the same way on
@@ -111,7 +111,9 @@ def dequantized_once(model: nn.Module) -> Iterator[None]:
     quantised weights while the block runs. Evaluation uses it: scoring hundreds of 512-token
     windows, dequantising per call made a W4 model slower to score than its float source.
     """
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    from lowbit.modules.sparse_linear import SparseLinear  # it builds on this module
+
+    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, SparseLinear))]
     try:
         for layer in layers:
             layer.dequantized = layer.qweight.dequantize(torch.float32)
