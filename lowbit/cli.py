@@ -127,9 +127,10 @@ def _defaults_text(uses) -> str:
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, classes: list, titled: bool = True, only: tuple[str, ...] | None = None,
-                      defaults: dict[str, Any] | None = None) -> dict[str, FlagUse]:
+                      defaults: dict[str, Any] | None = None, exclude: tuple[str, ...] = ()) -> dict[str, FlagUse]:
     """Add a flag for every setting of ``classes`` (config classes), once per flag name
-    (``only``: just these top-level fields); flags used by the same set of classes share a
+    (``only``: just these top-level fields; ``exclude``: none whose path holds one of these
+    field names, settings a command does not use); flags used by the same set of classes share a
     --help group named after them. Every flag defaults to "not given", so that what a user
     set can be told from what they did not, except those in ``defaults`` (field name ->
     value), a command's own default for a setting it shares."""
@@ -137,7 +138,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, classes: list, titled: bo
     order: list[tuple[str, object]] = []
     for cls in classes:
         for option in options(cls):
-            if not _applies(cls, option) or (only is not None and option.path[0] not in only):
+            if not _applies(cls, option) or (only is not None and option.path[0] not in only) or set(option.path) & set(exclude):
                 continue
             use = flags.get(option.name)
             if use is None:
@@ -271,6 +272,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     f.add_argument("--merge-out", help="qlora: also write the merged float model (W + BA) to this new directory")
     f.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     derived["finetune"] = add_setting_flags(f, list(trainers.values()))
+
+    from lowbit.training.distill import DistillConfig
+
+    d = sub.add_parser("distill", help="train a shallower student (K of the teacher's blocks) on the teacher's next-token distribution",
+                       description="Make a student from the teacher (its embeddings, head and K evenly spaced decoder blocks, the first "
+                                   "and last kept), train it with KL to the teacher plus the next-token loss, score both on held-out "
+                                   "windows and save the student as a model directory. Resumable: the same command continues a "
+                                   "stopped run from OUT.partial.")
+    d.add_argument("--teacher", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
+    d_text = d.add_mutually_exclusive_group()
+    d_text.add_argument("--corpus", choices=sorted(CORPORA), help="training text (its first half; held-out windows from the second)")
+    d_text.add_argument("--text", metavar="FILE", help="UTF-8 training text file")
+    d.add_argument("--eval-windows", type=number(int, 1), default=16, help="held-out windows for the scores (default 16)")
+    d.add_argument("--out", required=True, help="new directory for the student")
+    d.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    derived["distill"] = add_setting_flags(d, [DistillConfig], titled=False, exclude=("processes", "eval_every", "grad"))
 
     g = sub.add_parser("generate", help="greedy generation with lowbit's decode loop, printing the text and tokens/s")
     g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
@@ -578,6 +595,38 @@ def cmd_finetune(args, derived) -> int:
     return 0
 
 
+def cmd_distill(args, derived) -> int:
+    from lowbit.evaluation import write_json
+    from lowbit.outputs import check_new_directory, check_output_file
+    from lowbit.training.distill import DistillConfig, distill
+
+    config = build_from_flags(DistillConfig, given_flags(args, derived["distill"]), derived["distill"], "distill")
+    check_new_directory(args.out, "--out")
+    if args.json:
+        check_output_file(args.json, "--json")
+    _check_text(args.corpus, args.text)
+    skeleton = _model_skeleton(args.teacher, float_only=True, what="--teacher")
+    from lowbit.models.architectures import decoder_blocks
+    from lowbit.training.distill import student_blocks
+
+    n_blocks = len(decoder_blocks(skeleton.model, skeleton.arch))
+    student_blocks(n_blocks, config.student_layers or -(-n_blocks // 2))  # refuses an impossible depth before any weight loads
+    _check_ctx(skeleton, config.train.ctx, "--ctx")
+    _eval_split(skeleton, args.corpus, args.text, config.train.ctx, args.eval_windows, windows_flag="--eval-windows")
+    report = distill(args.teacher, args.out, config, corpus=args.corpus, text_file=args.text, eval_n=args.eval_windows)
+    print(f"student: blocks {report.student_blocks} of the teacher's {report.teacher_blocks}, "
+          f"{report.student_parameters / 1e6:.1f}M of {report.teacher_parameters / 1e6:.1f}M parameters"
+          + (f" (resumed at step {report.resumed_from})" if report.resumed_from else ""))
+    print(f"held-out scores over {report.eval_tokens} tokens (KLD and top-1 against the teacher):")
+    for name, score in report.scores.items():
+        print(f"  {name:<18} ppl {score['perplexity']:9.3f}  KLD {score['kld']:.4f}  top-1 {score['top1_percent']:5.1f}%")
+    tail = report.losses[-10:]
+    print(f"{config.train.steps} steps in {report.seconds:.0f} s, loss {report.losses[0]:.3f} -> {sum(tail) / len(tail):.3f}; wrote {args.out}")
+    if args.json:
+        write_json(args.json, report.to_dict())
+    return 0
+
+
 def cmd_generate(args, derived) -> int:
     if not args.prompt.strip():
         raise LowbitError("--prompt is empty; give the text to continue")
@@ -781,7 +830,7 @@ def _import_heavy_libraries() -> None:
         raise KeyboardInterrupt
 
 
-COMMANDS = {"quantize": cmd_quantize, "prune": cmd_quantize, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "generate": cmd_generate,
+COMMANDS = {"quantize": cmd_quantize, "prune": cmd_quantize, "distill": cmd_distill, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "generate": cmd_generate,
             "roofline": cmd_roofline, "bench-decode": cmd_bench_decode, "info": cmd_info, "methods": cmd_methods,
             "export": cmd_export}
 

@@ -45,6 +45,22 @@ class TrainResult:
     counted_grad_bytes_per_step: float | None = None
 
 
+@dataclass
+class TrainState:
+    """Where a run stands after ``step`` optimizer steps: with the trained parameters, all a
+    stopped run needs to go on exactly as if it had not stopped (`train`'s ``resume``).
+
+    optimizer: the optimizer's ``state_dict``; generator: the window sampler's RNG state
+    (uint8 tensor); losses: the loss of every step so far; tokens: tokens trained on so far.
+    """
+
+    step: int
+    optimizer: dict
+    generator: torch.Tensor
+    losses: list[float]
+    tokens: int
+
+
 def random_windows(tokens: torch.Tensor, batch_size: int, ctx: int, generator: torch.Generator, bos_id: int | None = None) -> torch.Tensor:
     """(batch, ctx) windows at random offsets, BOS-prefixed when the tokenizer uses one."""
     body = ctx - 1 if bos_id is not None else ctx
@@ -84,6 +100,9 @@ def train(
     desc: str = "training",
     parallel: Parallel | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
+    resume: TrainState | None = None,
+    save_state: Callable[[TrainState], None] | None = None,
+    save_every: int = 0,
 ) -> TrainResult:
     """Train ``parameters`` (default: those requiring grad) of ``model`` on ``tokens``.
 
@@ -91,7 +110,10 @@ def train(
     DistributedDataParallel with the gradient hook of ``parallel.grad``, each rank takes its
     slice of every global batch (the same batches one process would draw). evaluate: held-out
     perplexity of the model, called every ``config.eval_every`` steps (on rank 0 only) for
-    ``result.curve``."""
+    ``result.curve``. save_state: called with the run's `TrainState` every ``save_every``
+    steps (not after the last); resume: a state it saved, with ``model``'s parameters as they
+    were then: the run continues from that step and ends with the parameters, losses and
+    window draws of a run that never stopped."""
     params = list(parameters if parameters is not None else (p for p in model.parameters() if p.requires_grad))
     if not params:
         raise LowbitError("nothing to train: no parameter requires a gradient")
@@ -100,10 +122,15 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(trainable_parameters=sum(p.numel() for p in params))
+    first = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        generator.set_state(resume.generator)
+        result.losses, result.tokens, first = list(resume.losses), resume.tokens, resume.step
     wire, counted, step_times = [], [], []
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=desc, disable=not (progress and main))
+    bar = tqdm(range(first, config.steps), desc=desc, disable=not (progress and main), initial=first, total=config.steps)
     for step in bar:
         step_start = time.perf_counter()
         for group in optimizer.param_groups:
@@ -132,9 +159,11 @@ def train(
         if evaluate is not None and main and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             result.curve.append((step + 1, evaluate(model)))
             model.train()
+        if save_state is not None and save_every and (step + 1) % save_every == 0 and step + 1 < config.steps:
+            save_state(TrainState(step + 1, optimizer.state_dict(), generator.get_state(), list(result.losses), result.tokens))
     model.eval()
     result.seconds = time.perf_counter() - start
-    result.step_seconds = statistics.median(step_times)
+    result.step_seconds = statistics.median(step_times) if step_times else 0.0
     if wire:
         result.grad_bytes_per_step = statistics.median(wire)
     if counted:
