@@ -289,6 +289,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     d.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     derived["distill"] = add_setting_flags(d, [DistillConfig], titled=False, exclude=("processes", "eval_every", "grad"))
 
+    rp = sub.add_parser("report", help="measure the report's comparison tables (5.3, 7.6, 8.3, 9.3) and write them as Markdown + HTML",
+                        description="Run (or reuse from the cache) every recipe of the report's tables on each model: quantisers, QAT, "
+                                    "pruning, distillation, each a real lowbit process, scored against the float model and decoded "
+                                    "for tokens/s; then write report.md, report.html and the plots to --out.")
+    rp.add_argument("--models", nargs="+", default=[DEFAULT_MODEL], metavar="MODEL", help=f"models to measure (default {DEFAULT_MODEL})")
+    rp.add_argument("--out", default="lowbit-report", help="new directory for the report (default lowbit-report)")
+    rp.add_argument("--quick", action="store_true", help="a smoke run in minutes: a few recipes, tiny calibration, 2 short windows, 4 steps")
+    rp.add_argument("--recipes", nargs="+", metavar="NAME", help="only these recipes (names as --list prints them)")
+    rp.add_argument("--list", action="store_true", help="print the recipes and stop")
+    rp.add_argument("--cache", help="where measured rows are kept and reused (default: the lowbit cache's report/)")
+    rp.add_argument("--redo", action="store_true", help="measure the chosen recipes again even if cached")
+
     g = sub.add_parser("generate", help="greedy generation with lowbit's decode loop, printing the text and tokens/s")
     g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
     g.add_argument("--prompt", required=True)
@@ -627,6 +639,41 @@ def cmd_distill(args, derived) -> int:
     return 0
 
 
+def cmd_report(args, derived) -> int:
+    from lowbit.models.registry import cache_dir
+    from lowbit.outputs import check_new_directory, new_directory
+    from lowbit.reports.compression import FULL, QUICK, QUICK_RECIPES, RECIPES, estimate_seconds, run_report
+    from lowbit.reports.tables import markdown, plots, to_html
+
+    if args.list:
+        for recipe in RECIPES:
+            print(f"{recipe.key:<26} {recipe.family:<22} {recipe.summary}")
+        return 0
+    known = {r.key: r for r in RECIPES}
+    unknown = [name for name in args.recipes or () if name not in known]
+    if unknown:
+        raise LowbitError(f"--recipes: {', '.join(unknown)} unknown; --list prints the names")
+    chosen = [known[n] for n in args.recipes] if args.recipes else [r for r in RECIPES if not args.quick or r.key in QUICK_RECIPES]
+    if "float" not in [r.key for r in chosen]:
+        chosen.insert(0, known["float"])  # every table compares against it
+    out = check_new_directory(args.out, "--out")
+    parameters = {model: sum(p.numel() for p in _model_skeleton(model, float_only=True, what="--models").model.parameters())
+                  for model in args.models}
+    protocol = QUICK if args.quick else FULL
+    cache = Path(args.cache) if args.cache else cache_dir() / "report"
+    seconds, missing = estimate_seconds(parameters, chosen, protocol, cache)
+    print(f"{len(chosen) * len(args.models)} rows, {missing} to measure (the rest cached in {cache}): about {seconds / 60:.0f} min", flush=True)
+    results = run_report(args.models, chosen, protocol, cache, redo=args.redo, progress=lambda line: print(line, flush=True))
+    argv = "lowbit " + " ".join(args.argv)
+    with new_directory(out, "--out") as tmp:
+        images = {r.model: plots(r, tmp) for r in results}
+        text = markdown(results, images, argv)
+        (tmp / "report.md").write_text(text + "\n")
+        (tmp / "report.html").write_text(to_html(text, tmp))
+    print(f"wrote {out / 'report.md'}, {out / 'report.html'} and {sum(len(i) for i in images.values())} plots")
+    return 0
+
+
 def cmd_generate(args, derived) -> int:
     if not args.prompt.strip():
         raise LowbitError("--prompt is empty; give the text to continue")
@@ -659,7 +706,18 @@ def cmd_generate(args, derived) -> int:
 
         use_cpu_kernels(loaded.model)
     ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids
-    result = generate(loaded.model, ids, args.max_new_tokens, kv=kv, eos_token_id=loaded.tokenizer.eos_token_id)
+    from contextlib import ExitStack
+
+    from lowbit.modules import SparseLinear
+    from lowbit.modules.quant_linear import dequantized_once
+
+    with ExitStack() as stack:
+        sparse = [m for m in loaded.model.modules() if isinstance(m, SparseLinear)]
+        if sparse:  # rebuilding a dense weight per token would be slower still; no sparse kernel runs them faster
+            print(f"{len(sparse)} pruned layers run as dense float32 weights rebuilt once (lowbit has no sparse kernel)", file=sys.stderr)
+            for module in sparse:
+                stack.enter_context(dequantized_once(module))
+        result = generate(loaded.model, ids, args.max_new_tokens, kv=kv, eos_token_id=loaded.tokenizer.eos_token_id)
     print(args.prompt + loaded.tokenizer.decode(result.tokens, skip_special_tokens=True))
     steps = len(result.tokens) - 1
     decode = (f"decode {result.decode_tokens_per_second:.1f} tokens/s ({result.mode})" if steps > 0
@@ -830,7 +888,7 @@ def _import_heavy_libraries() -> None:
         raise KeyboardInterrupt
 
 
-COMMANDS = {"quantize": cmd_quantize, "prune": cmd_quantize, "distill": cmd_distill, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "generate": cmd_generate,
+COMMANDS = {"quantize": cmd_quantize, "prune": cmd_quantize, "distill": cmd_distill, "report": cmd_report, "eval": cmd_eval, "finetune": cmd_finetune, "outliers": cmd_outliers, "generate": cmd_generate,
             "roofline": cmd_roofline, "bench-decode": cmd_bench_decode, "info": cmd_info, "methods": cmd_methods,
             "export": cmd_export}
 

@@ -1,0 +1,1 @@
+"""Reports built from measurements: `lowbit report` (`lowbit.reports.compression`, `lowbit.reports.tables`)."""

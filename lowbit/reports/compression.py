@@ -1,0 +1,232 @@
+"""`lowbit report`: the report's comparison tables (§5.3, §7.6, §8.3, §9.3), measured on
+real models instead of quoted.
+
+Every row of every table is a *recipe*: one or more lowbit commands (quantise, prune,
+distil, fine-tune; a later command reads the previous one's output), each a real process
+whose wall time and peak RSS are kept. The result is then scored by `lowbit eval` against
+the float source on held-out windows of each corpus of the protocol, and decoded with
+`lowbit generate` for tokens/s. The roofline's prediction for the same stored bytes, at
+this machine's measured bandwidth, stands beside it. Results are cached per recipe, model
+and protocol (JSON under ``cache``), so a report that stopped continues where it stopped,
+and a second report reuses every row it shares with the first.
+
+The tables keep the report's qualitative cells and join measured numbers to them:
+training cost in seconds, memory as bytes, hardware speed-up as decode-speed ratios
+measured here and predicted by the roofline, and quality as perplexity, KLD and top-1
+agreement. Table 8.3's "recovery" is computed the report's way, quantised score over
+baseline score: here the float perplexity over the quantised one (lower is better) and the
+top-1 agreement with the float model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+FAMILIES = ("float", "PTQ", "QAT", "unstructured pruning", "structured pruning", "distillation")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How every recipe is calibrated, trained, scored and timed."""
+
+    calib_samples: int = 32
+    calib_ctx: int = 512
+    windows: int = 40
+    ctx: int = 512
+    train_steps: int = 300
+    train_ctx: int = 256
+    decode_tokens: int = 32
+    corpora: tuple[str, ...] = ("pydoc", "shakespeare")
+    calib_corpus: str = "pydoc"
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+FULL = Protocol()
+QUICK = Protocol(calib_samples=4, calib_ctx=64, windows=2, ctx=64, train_steps=4, train_ctx=64, decode_tokens=4)
+PROMPT = "The capital of France is"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One row: ``steps`` are lowbit commands without --model/--out (the model is the
+    previous step's output, the first takes the source); ``family`` one of FAMILIES."""
+
+    key: str
+    family: str
+    steps: tuple[tuple[str, ...], ...] = ()
+    summary: str = ""
+
+
+W4 = ("--bits", "4", "--group-size", "128")
+RECIPES = (
+    Recipe("float", "float", summary="the source model"),
+    Recipe("rtn W4 g128", "PTQ", (("quantize", "--method", "rtn", *W4),), "round to nearest"),
+    Recipe("gptq W4 g128", "PTQ", (("quantize", "--method", "gptq", *W4),), "GPTQ, symmetric"),
+    Recipe("gptq W3 g128", "PTQ", (("quantize", "--method", "gptq", "--bits", "3", "--group-size", "128"),), "GPTQ at 3 bits"),
+    Recipe("gptq W2 g64", "PTQ", (("quantize", "--method", "gptq", "--bits", "2", "--group-size", "64", "--asym"),), "GPTQ at 2 bits"),
+    Recipe("awq W4 g128", "PTQ", (("quantize", "--method", "awq", *W4),), "AWQ"),
+    Recipe("nf4 g64", "PTQ", (("quantize", "--method", "nf4"),), "QLoRA's NF4 format, round to nearest"),
+    Recipe("w8a8", "PTQ", (("quantize", "--method", "w8a8"),), "int8 weights and activations"),
+    Recipe("smoothquant", "PTQ", (("quantize", "--method", "smoothquant"),), "SmoothQuant W8A8"),
+    Recipe("llm-int8", "PTQ", (("quantize", "--method", "llm-int8"),), "LLM.int8()"),
+    Recipe("qat W4 g128", "QAT", (("finetune", "--method", "qat", *W4),), "quantisation-aware training"),
+    Recipe("magnitude 50%", "unstructured pruning", (("prune", "--method", "magnitude", "--sparsity", "0.5"),)),
+    Recipe("wanda 50%", "unstructured pruning", (("prune", "--method", "wanda", "--sparsity", "0.5"),)),
+    Recipe("sparsegpt 50%", "unstructured pruning", (("prune", "--method", "sparsegpt", "--sparsity", "0.5"),)),
+    Recipe("magnitude 2:4", "structured pruning", (("prune", "--method", "magnitude", "--sparsity", "2:4"),)),
+    Recipe("wanda 2:4", "structured pruning", (("prune", "--method", "wanda", "--sparsity", "2:4"),)),
+    Recipe("sparsegpt 2:4", "structured pruning", (("prune", "--method", "sparsegpt", "--sparsity", "2:4"),)),
+    Recipe("sparsegpt 2:4 + W4", "structured pruning", (("prune", "--method", "sparsegpt", "--sparsity", "2:4", "--quantize", *W4),),
+           "pruned and quantised in one sweep"),
+    Recipe("distilled half", "distillation", (("distill",),), "half the blocks, trained on KL to the teacher"),
+    Recipe("distilled half + gptq W4", "distillation", (("distill",), ("quantize", "--method", "gptq", *W4)), "distil, then quantise"),
+)
+QUICK_RECIPES = ("float", "rtn W4 g128", "gptq W4 g128", "qat W4 g128", "wanda 50%", "sparsegpt 2:4", "distilled half")
+
+
+def _calibrated(step: tuple[str, ...]) -> bool:
+    from lowbit.methods.registry import method_config
+
+    return step[0] in ("quantize", "prune") and method_config(step[step.index("--method") + 1]).calibrated
+
+
+def command(step: tuple[str, ...], model: str, out: Path, protocol: Protocol) -> list[str]:
+    """The full argv of one step: the step's flags, the model and output, and the
+    protocol's calibration, training and scoring settings where the command takes them."""
+    verb, *flags = step
+    argv = [verb, *flags]
+    if _calibrated(step):
+        argv += ["--calib-samples", str(protocol.calib_samples), "--calib-ctx", str(protocol.calib_ctx), "--calib-corpus", protocol.calib_corpus]
+    if verb == "distill":
+        argv += ["--teacher", model, "--corpus", protocol.calib_corpus, "--steps", str(protocol.train_steps), "--ctx", str(protocol.train_ctx),
+                 "--eval-windows", "2", "--out", str(out)]
+        return argv
+    if verb == "finetune":
+        argv += ["--corpus", protocol.calib_corpus, "--steps", str(protocol.train_steps), "--ctx", str(protocol.train_ctx), "--eval-windows", "2"]
+    return [*argv, "--model", model, "--out", str(out)]
+
+
+def _lowbit(argv: list[str], log: Path) -> dict:
+    """Run ``lowbit ARGV`` as its own process: wall seconds, peak RSS (wait4), its output."""
+    with log.open("w") as sink:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", *argv], stdout=sink, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    text = log.read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise LowbitError(f"lowbit {' '.join(argv[:3])} ... failed: {(text.strip().splitlines() or ['no output'])[-1]}")
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "output": text}
+
+
+DECODE = re.compile(r"decode ([\d.]+) tokens/s")
+
+
+def measure(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress=print) -> dict:
+    """Make the recipe's model (its steps in order), then score and decode it."""
+    current, steps = model, []
+    for i, step in enumerate(recipe.steps):
+        out = work / f"step{i}"
+        argv = command(step, current, out, protocol)
+        progress(f"  lowbit {' '.join(argv)}")
+        run = _lowbit(argv, work / f"step{i}.log")
+        shown = " ".join(argv).replace(str(work), "WORK")  # the temporary directory means nothing once it is gone
+        steps.append({"command": "lowbit " + shown, "seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"]})
+        current = str(out)
+    scores = {}
+    for corpus in protocol.corpora:
+        report = work / f"eval.{corpus}.json"
+        argv = ["eval", current, "--corpus", corpus, "--windows", str(protocol.windows), "--ctx", str(protocol.ctx), "--json", str(report)]
+        if recipe.steps:
+            argv += ["--reference", model]
+        _lowbit(argv, work / f"eval.{corpus}.log")
+        data = json.loads(report.read_text())
+        reference, result = data["results"][0], data["results"][-1]
+        scores[corpus] = {"perplexity": result["perplexity"], "reference_perplexity": reference["perplexity"], "kld": result["kld"],
+                          "top1_percent": result["top1_percent"], "bits_per_weight": result["bits_per_weight"],
+                          "model_bytes": result["model_bytes"]}
+    generated = _lowbit(["generate", current, "--prompt", PROMPT, "--max-new-tokens", str(protocol.decode_tokens)], work / "generate.log")
+    found = DECODE.findall(generated["output"])
+    return {"key": recipe.key, "family": recipe.family, "steps": steps, "cost_seconds": sum(s["seconds"] for s in steps),
+            "peak_rss_mb": max([s["peak_rss_mb"] for s in steps], default=None), "scores": scores,
+            "decode_tokens_per_second": float(found[-1]) if found else None, "roofline": roofline(current, protocol)}
+
+
+def roofline(model_ref: str, protocol: Protocol) -> dict:
+    """The roofline's decode prediction for the model's stored bytes at this machine's bandwidth."""
+    from lowbit.analysis.roofline import decode_cost, measure_machine
+    from lowbit.loader import open_checkpoint
+
+    loaded = open_checkpoint(model_ref)
+    machine = measure_machine()
+    cost = decode_cost(loaded.model, context=len(loaded.tokenizer(PROMPT).input_ids) + protocol.decode_tokens)
+    return {"weight_bytes": cost.weight_bytes, "tokens_per_second": 1.0 / cost.seconds(machine), "bandwidth_gbps": machine.bandwidth_gbps}
+
+
+@dataclass
+class Results:
+    """The measured rows of one model: recipe key -> `measure`'s dict."""
+
+    model: str
+    protocol: Protocol
+    rows: dict = field(default_factory=dict)
+
+
+def run_report(models: list[str], recipes: list[Recipe], protocol: Protocol, cache: Path, redo: bool = False, progress=print) -> list[Results]:
+    """Measure every recipe on every model, reusing what ``cache`` holds for this protocol."""
+    out = []
+    for model in models:
+        path = cache / f"{Path(model).name}-{protocol.key()}.json"
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        results = Results(model, protocol, dict(stored.get("rows", {})))
+        for recipe in recipes:
+            if recipe.key in results.rows and not redo:
+                continue
+            progress(f"{model}: {recipe.key}")
+            with tempfile.TemporaryDirectory(prefix="lowbit-report-") as work:
+                results.rows[recipe.key] = measure(recipe, model, protocol, Path(work), progress)
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"model": model, "protocol": asdict(protocol), "rows": results.rows}, indent=1) + "\n")
+            os.replace(tmp, path)
+        out.append(results)
+    return out
+
+
+# rough seconds of one step by verb on SmolLM2 with the full protocol on this kind of machine (2 cores), for the estimate
+STEP_SECONDS = {"quantize": 120, "prune": 130, "finetune": 1800, "distill": 2400}
+SCORE_SECONDS = 140  # one corpus's 40 windows of 512 tokens, float reference included
+SMOLLM2_PARAMETERS = 134.5e6
+PROCESS_SECONDS = 8  # starting one lowbit process (imports, model load)
+
+
+def estimate_seconds(models: dict[str, int], recipes: list[Recipe], protocol: Protocol, cache: Path) -> tuple[float, int]:
+    """(rough seconds, rows) of what is not cached yet, for models (name -> parameters):
+    what the report prints before it starts, scaled from SmolLM2's measured times."""
+    seconds, missing = 0.0, 0
+    shrink = (protocol.windows * protocol.ctx) / (FULL.windows * FULL.ctx)
+    for model, parameters in models.items():
+        path = cache / f"{Path(model).name}-{protocol.key()}.json"
+        rows = json.loads(path.read_text()).get("rows", {}) if path.exists() else {}
+        for recipe in recipes:
+            if recipe.key in rows:
+                continue
+            missing += 1
+            scale = parameters / SMOLLM2_PARAMETERS
+            steps = sum(STEP_SECONDS[step[0]] * (protocol.train_steps / FULL.train_steps if step[0] in ("finetune", "distill") else 1)
+                        for step in recipe.steps)
+            seconds += scale * (steps + SCORE_SECONDS * len(protocol.corpora) * shrink) + PROCESS_SECONDS * (len(recipe.steps) + len(protocol.corpora) + 1)
+    return seconds, missing

@@ -1,0 +1,92 @@
+"""`lowbit report`: the tables join measured numbers to the report's cells, recovery is the
+report's ratio, the files are self-contained, and a second run reuses the cache."""
+
+import json
+
+import pytest
+
+from conftest import byte_tokenizer, tiny_llama
+from lowbit.cli import main
+from lowbit.reports.compression import FULL, QUICK, RECIPES, Results, command, estimate_seconds
+from lowbit.reports.tables import best_of, markdown, table_83, table_93, to_html
+
+
+def row(family, ppl, reference=10.0, kld=0.1, top1=80.0, nbytes=1_000_000, bits=4.0, cost=5.0, tps=50.0, roof=100.0):
+    scores = {c: {"perplexity": ppl, "reference_perplexity": reference, "kld": kld, "top1_percent": top1, "bits_per_weight": bits,
+                  "model_bytes": nbytes} for c in ("pydoc", "shakespeare")}
+    return {"family": family, "steps": [{"command": "lowbit x", "seconds": cost, "peak_rss_mb": 100}], "cost_seconds": cost,
+            "peak_rss_mb": 100, "scores": scores, "decode_tokens_per_second": tps, "roofline": {"tokens_per_second": roof}}
+
+
+def synthetic():
+    return Results("m", FULL, {
+        "float": row("float", 10.0, kld=None, top1=None, nbytes=4_000_000, bits=32.0, cost=0.0, tps=40.0, roof=25.0),
+        "rtn W4 g128": row("PTQ", 13.0, cost=2.0),
+        "gptq W4 g128": row("PTQ", 11.0, cost=90.0, tps=80.0),
+        "wanda 2:4": row("structured pruning", 20.0, nbytes=2_250_000, bits=9.0),
+        "sparsegpt 2:4": row("structured pruning", 16.0, nbytes=2_250_000, bits=9.0, cost=130.0, tps=20.0, roof=44.0),
+    })
+
+
+def test_table_93_shows_each_familys_best_row_beside_the_reports_cells():
+    results = synthetic()
+    assert best_of(results, "PTQ")[0] == "gptq W4 g128" and best_of(results, "structured pruning")[0] == "sparsegpt 2:4"
+    text = table_93(results)
+    assert "High (Tensor Cores) **Measured:** 80.0 tok/s (2.00x float); roofline 4.00x (gptq W4 g128)" in text
+    assert "**Measured:** 2.2 MB, 1.78x smaller than float (sparsegpt 2:4)" in text
+    assert "Low (Calibration) **Measured:** 90 s (gptq W4 g128)" in text
+    assert "Distillation" not in text  # no row measured, no column
+
+
+def test_recovery_is_the_float_score_over_the_quantised_one():
+    text = table_83(synthetic())
+    assert "| m | float32 source | gptq W4 g128 | pydoc perplexity | 10.000 | 11.000 | 90.9% |" in text
+    assert "| m | float32 source | sparsegpt 2:4 | pydoc top-1 agreement | 100.0 | 80.0 | 80.0% |" in text
+
+
+def test_the_html_page_holds_its_tables_and_images(tmp_path):
+    (tmp_path / "m_pareto.png").write_bytes(b"\x89PNG fake")
+    text = markdown([synthetic()], {"m": {"pareto": tmp_path / "m_pareto.png"}}, "lowbit report")
+    page = to_html(text, tmp_path)
+    assert page.count("<table>") == text.count("\n|---") and "data:image/png;base64," in page and "<b>Measured:</b>" in page
+
+
+def test_commands_take_the_protocols_settings_where_they_apply(tmp_path):
+    by_key = {r.key: r for r in RECIPES}
+    gptq = command(by_key["gptq W4 g128"].steps[0], "smollm2", tmp_path / "o", QUICK)
+    assert gptq[:2] == ["quantize", "--method"] and "--calib-samples" in gptq and gptq[-4:] == ["--model", "smollm2", "--out", str(tmp_path / "o")]
+    assert "--calib-samples" not in command(by_key["rtn W4 g128"].steps[0], "smollm2", tmp_path / "o", QUICK)
+    distill = command(by_key["distilled half"].steps[0], "smollm2", tmp_path / "o", QUICK)
+    assert distill[distill.index("--teacher") + 1] == "smollm2" and distill[distill.index("--steps") + 1] == "4"
+    seconds, missing = estimate_seconds({"smollm2": 134_515_008}, list(RECIPES), FULL, tmp_path)
+    assert missing == len(RECIPES) and 3600 < seconds < 6 * 3600
+
+
+@pytest.fixture(scope="module")
+def wide_tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny128")
+    tiny_llama(hidden=128, intermediate=256).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_a_quick_report_runs_end_to_end_and_a_second_reuses_the_cache(wide_tiny_dir, tmp_path, capsys):
+    argv = ["report", "--models", str(wide_tiny_dir), "--quick", "--recipes", "rtn W4 g128", "wanda 2:4", "--cache", str(tmp_path / "cache")]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    assert "3 rows, 3 to measure" in capsys.readouterr().out
+    report = (tmp_path / "one" / "report.md").read_text()
+    assert "### Table 9.3" in report and "Structured pruning" in report and "wanda 2:4" in report
+    assert (tmp_path / "one" / "report.html").exists() and len(list((tmp_path / "one").glob("*.png"))) == 3
+    cached = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    assert set(cached["rows"]) == {"float", "rtn W4 g128", "wanda 2:4"}
+    assert cached["rows"]["wanda 2:4"]["scores"]["pydoc"]["bits_per_weight"] == pytest.approx(9.0)
+    assert main([*argv, "--out", str(tmp_path / "two")]) == 0
+    assert "3 rows, 0 to measure" in capsys.readouterr().out
+    assert (tmp_path / "two" / "report.md").read_text().replace("two", "one") == report
+
+
+def test_report_refuses_an_unknown_recipe_in_one_line(capsys, tmp_path):
+    assert main(["report", "--recipes", "gptq W5", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gptq W5 unknown" in err[0]
+    assert not (tmp_path / "r").exists()
