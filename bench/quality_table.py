@@ -68,10 +68,10 @@ def command(flags: list[str]) -> list[str]:
     return flags if flags[:2] == ["--method", "rtn"] else [*flags, *CALIBRATION]
 
 
-def quantise(model: str, flags: list[str], out: Path, verb: str = "quantize", add_calibration: bool = True) -> dict:
-    """One `lowbit quantize` (or ``verb``) process: its wall time, peak RSS and the method's own
-    seconds. ``add_calibration``: add the protocol's calibration flags (`command`)."""
-    argv = [sys.executable, "-m", "lowbit.cli", verb, "--model", model, *(command(flags) if add_calibration else flags), "--out", str(out)]
+def quantise(model: str, flags: list[str], out: Path, verb: str = "quantize") -> dict:
+    """One `lowbit quantize` (or ``verb``) process with ``flags`` (all of them, calibration
+    included): its wall time, peak RSS and the method's own seconds."""
+    argv = [sys.executable, "-m", "lowbit.cli", verb, "--model", model, *flags, "--out", str(out)]
     log = out.with_suffix(".log")
     with log.open("w") as sink:
         start = time.perf_counter()
@@ -103,16 +103,16 @@ def commit() -> str:
     return head + ("+changes" if dirty.strip() else "")
 
 
-def markdown(rows: dict) -> str:
-    """The table, in ROWS order, for docs/results.md."""
-    lines = ["| method | spec | bits/w | pydoc Δppl | pydoc KLD | Shakespeare Δppl | Shakespeare KLD | quantise s | wall s | peak RSS |",
+def markdown(rows: dict, names=None, columns=("method", "spec"), seconds="quantise s") -> str:
+    """The stored rows, in ``names`` order (default ROWS), as a Markdown table for docs/results.md;
+    each name is "<first column> | <second column>"."""
+    lines = [f"| {columns[0]} | {columns[1]} | bits/w | pydoc Δppl | pydoc KLD | Shakespeare Δppl | Shakespeare KLD | {seconds} | wall s | peak RSS |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ROWS:
+    for name in names or ROWS:
         if name not in rows:
             continue
         row = rows[name]
-        method, spec = name.split(" | ")
-        cells = [method, spec, f"{row['pydoc']['bits_per_weight']:.2f}"]
+        cells = [*name.split(" | "), f"{row['pydoc']['bits_per_weight']:.2f}"]
         for corpus in SCORED:
             s = row[corpus]
             cells += [f"{s['perplexity'] / s['reference_perplexity'] - 1:+.1%}", f"{s['kld']:.3f}"]
@@ -121,8 +121,11 @@ def markdown(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def table_main(description: str, table: str, rows: dict, priority: list[str], command, verb: str = "quantize", **columns) -> None:
+    """The command line of a resumable table (this one, bench/pruning_table.py): ``rows`` maps
+    a row's name to its flags, ``command`` gives the full flags of one, results go to
+    bench/results/<table>_<model>.json as each row finishes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--rows", nargs="+", metavar="NAME", help="only these rows (names as --list prints them)")
     parser.add_argument("--list", action="store_true", help="print the row names and stop")
@@ -130,32 +133,37 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the stored rows as a Markdown table and stop")
     args = parser.parse_args()
     if args.list:
-        print("\n".join(ROWS))
+        print("\n".join(rows))
         return
-    path = RESULTS / f"quality_{args.model}.json"
+    path = RESULTS / f"{table}_{args.model}.json"
     stored = json.loads(path.read_text()) if path.exists() else {"model": args.model, "calibration": CALIBRATION, "windows": WINDOWS, "rows": {}}
     if args.markdown:
-        print(markdown(stored["rows"]))
+        print(markdown(stored["rows"], list(rows), **columns))
         return
-    unknown = sorted(set(args.rows or ()) - set(ROWS))
+    unknown = sorted(set(args.rows or ()) - set(rows))
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; --list prints the names")
-    todo = [name for name in (args.rows or PRIORITY) if args.redo or name not in stored["rows"]]
+    todo = [name for name in (args.rows or priority) if args.redo or name not in stored["rows"]]
     print(f"{len(todo)} rows to run on {args.model}", flush=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as work:
         for index, name in enumerate(todo):
             out = Path(work) / f"row{index}"
-            row = {"command": "lowbit quantize --model " + " ".join([args.model, *command(ROWS[name])]), "commit": commit(),
-                   **quantise(args.model, ROWS[name], out)}
+            flags = command(rows[name])
+            row = {"command": f"lowbit {verb} --model " + " ".join([args.model, *flags]), "commit": commit(),
+                   **quantise(args.model, flags, out, verb=verb)}
             for corpus in SCORED:
                 row[corpus] = score(out, corpus)
             stored["rows"][name] = row
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(stored, indent=1) + "\n")
             tmp.replace(path)
-            print(f"{name}: quantise {row['quantise_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s, "
+            print(f"{name}: {verb} {row['quantise_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s, "
                   + ", ".join(f"{c} {row[c]['perplexity'] / row[c]['reference_perplexity'] - 1:+.1%}" for c in SCORED), flush=True)
             subprocess.run(["rm", "-rf", str(out)])
+
+
+def main() -> None:
+    table_main(__doc__.splitlines()[0], "quality", ROWS, PRIORITY, command)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, name: str = "laye
     raise LowbitError(f"{name}: the Hessian stays singular even with damp {damp:.3g}; the calibration inputs are degenerate, use more or other calibration text")
 
 
+def working_copies(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 copies (W, H) a sweep may update in place, with dead inputs (diag H = 0)
+    given weight 0 and a unit diagonal, so H stays invertible, as in the paper's code."""
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(torch.float32).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
 def column_rounder(spec: QuantSpec):
     """The rounding step of GPTQ's column loop for ``spec``: a function
     (w, scale, zero, levels_out) -> q over one column, all float32 (rows,), that writes each
@@ -146,11 +157,7 @@ def gptq(
         raise LowbitError(f"{name}: Hessian is {tuple(hessian.shape)}, expected ({in_features}, {in_features})")
     if block_size < 1:
         raise LowbitError(f"block_size={block_size} must be at least 1 (e.g. 128)")
-    W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float32).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H = working_copies(weight, hessian)
 
     group_size = group_size_of((out_features, in_features), spec, name)
     grouped = spec.granularity == "group"
@@ -234,11 +241,7 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     arguments and result as `gptq` (integer and codebook grids with min-max or percentile
     ranges; not GGML K-quants)."""
     out_features, in_features = weight.shape
-    W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float32).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H = working_copies(weight, hessian)
     group_size = group_size_of((out_features, in_features), spec)
     grouped = spec.granularity == "group"
     if not grouped:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.gptq import column_rounder, inverse_hessian_factor
+from lowbit.algorithms.gptq import column_rounder, inverse_hessian_factor, working_copies
 from lowbit.errors import LowbitError
 from lowbit.numerics.formats import CodebookFormat
 from lowbit.numerics.quantization import Quantized, decode, dequantize, encode, find_params, group_size_of, quantize
@@ -110,11 +110,7 @@ def _setup(weight, hessian, pattern, spec, block_size, name):
     _check_spec(spec, name)
     if pattern.structured and block_size % pattern.m:
         raise LowbitError(f"{name}: block_size {block_size} must be a multiple of the run length {pattern.m} of {pattern.describe()}")
-    W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float32).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H = working_copies(weight, hessian)
     params = None
     if spec is not None:
         group_size = group_size_of((out_features, in_features), spec, name)
