@@ -22,7 +22,8 @@ _EXPORTS = {
     "QuantSpec": "lowbit.numerics.spec",
     "CalibrationConfig": "lowbit.calibration.config",
     "quantize_model": "lowbit.pipeline",
-    **dict.fromkeys(["DistillConfig", "distill"], "lowbit.training.distill"),
+    "DistillConfig": "lowbit.training.config",
+    "distill": "lowbit.training.distill",
     **dict.fromkeys(
         ["METHODS", "AWQConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "MagnitudeConfig", "NF4Config", "QATConfig", "QLoRAConfig", "RTNConfig",
          "SignRoundConfig", "SmoothQuantConfig", "SparseGPTConfig", "W8A8Config", "WandaConfig", "method_config"],

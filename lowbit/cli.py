@@ -273,7 +273,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     f.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     derived["finetune"] = add_setting_flags(f, list(trainers.values()))
 
-    from lowbit.training.distill import DistillConfig
+    from lowbit.training.config import DistillConfig
 
     d = sub.add_parser("distill", help="train a shallower student (K of the teacher's blocks) on the teacher's next-token distribution",
                        description="Make a student from the teacher (its embeddings, head and K evenly spaced decoder blocks, the first "
@@ -610,7 +610,8 @@ def cmd_finetune(args, derived) -> int:
 def cmd_distill(args, derived) -> int:
     from lowbit.evaluation import write_json
     from lowbit.outputs import check_new_directory, check_output_file
-    from lowbit.training.distill import DistillConfig, distill
+    from lowbit.training.config import DistillConfig
+    from lowbit.training.distill import distill
 
     config = build_from_flags(DistillConfig, given_flags(args, derived["distill"]), derived["distill"], "distill")
     check_new_directory(args.out, "--out")

@@ -16,8 +16,8 @@ from conftest import tiny_llama, tiny_model
 from lowbit.cli import main
 from lowbit.errors import LowbitError, SpecError
 from lowbit.models.architectures import architecture_for
-from lowbit.training.config import TrainConfig
-from lowbit.training.distill import DistillConfig, distill, make_student, partial_dir, student_blocks
+from lowbit.training.config import DistillConfig, TrainConfig
+from lowbit.training.distill import distill, make_student, partial_dir, student_blocks
 
 
 def test_student_blocks_are_evenly_spaced_with_both_ends():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.errors import SpecError
-from lowbit.settings import check_patterns, label, setting
+from lowbit.settings import check_patterns, label, setting, to_dict
 
 LORA_TARGETS = (r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",)
 
@@ -131,3 +131,31 @@ class LoRAConfig:
         if not self.alpha > 0:
             raise SpecError(f"{label(LoRAConfig, 'alpha')} must be positive, got {self.alpha!r}")
         check_patterns(LoRAConfig, "targets", self.targets)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The student's depth, the loss and the training run of `lowbit.training.distill`."""
+
+    student_layers: int | None = setting(None, "decoder blocks the student keeps, evenly spaced, the first and last among them "
+                                               "(default: half the teacher's, rounded up)")
+    temperature: float = setting(1.0, "softmax temperature T of the distillation term (scaled by T²)")
+    kd_weight: float = setting(0.5, "weight α of the KL term; the next-token loss gets 1 - α", flag="--kd-weight")
+    save_every: int = setting(50, "steps between resumable states in OUT.partial (0: none)")
+    train: TrainConfig = setting(TrainConfig(steps=300, lr=1e-4), "the training run")
+
+    def __post_init__(self):
+        if self.student_layers is not None and (not isinstance(self.student_layers, int) or self.student_layers < 1):
+            raise SpecError(f"{label(DistillConfig, 'student_layers')} must be a positive integer, got {self.student_layers!r}")
+        if not self.temperature > 0:
+            raise SpecError(f"{label(DistillConfig, 'temperature')} must be positive, got {self.temperature!r}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise SpecError(f"{label(DistillConfig, 'kd_weight')} must lie in [0, 1], got {self.kd_weight!r}")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise SpecError(f"{label(DistillConfig, 'save_every')} must be an integer of at least 0, got {self.save_every!r}")
+        if self.train.processes != 1 or self.train.eval_every:
+            raise SpecError("lowbit distill trains in one process and scores before and after only; leave train.processes at 1 "
+                            "and train.eval_every at 0")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)

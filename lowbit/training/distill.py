@@ -33,43 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.data.corpora import eval_windows, tokenize_split
-from lowbit.errors import LowbitError, SpecError
+from lowbit.errors import LowbitError
 from lowbit.evaluation.metrics import evaluate
 from lowbit.models.architectures import Architecture, decoder_blocks
 from lowbit.outputs import check_new_directory, new_directory
-from lowbit.settings import label, setting, to_dict
-from lowbit.training.config import TrainConfig
+from lowbit.training.config import DistillConfig
 from lowbit.training.trainer import TrainState, train
 
 STATE_FILE = "state.pt"
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """The student's depth, the loss and the training run of `distill`."""
-
-    student_layers: int | None = setting(None, "decoder blocks the student keeps, evenly spaced, the first and last among them "
-                                               "(default: half the teacher's, rounded up)")
-    temperature: float = setting(1.0, "softmax temperature T of the distillation term (scaled by T²)")
-    kd_weight: float = setting(0.5, "weight α of the KL term; the next-token loss gets 1 - α", flag="--kd-weight")
-    save_every: int = setting(50, "steps between resumable states in OUT.partial (0: none)")
-    train: TrainConfig = setting(TrainConfig(steps=300, lr=1e-4), "the training run")
-
-    def __post_init__(self):
-        if self.student_layers is not None and (not isinstance(self.student_layers, int) or self.student_layers < 1):
-            raise SpecError(f"{label(DistillConfig, 'student_layers')} must be a positive integer, got {self.student_layers!r}")
-        if not self.temperature > 0:
-            raise SpecError(f"{label(DistillConfig, 'temperature')} must be positive, got {self.temperature!r}")
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise SpecError(f"{label(DistillConfig, 'kd_weight')} must lie in [0, 1], got {self.kd_weight!r}")
-        if not isinstance(self.save_every, int) or self.save_every < 0:
-            raise SpecError(f"{label(DistillConfig, 'save_every')} must be an integer of at least 0, got {self.save_every!r}")
-        if self.train.processes != 1 or self.train.eval_every:
-            raise SpecError("lowbit distill trains in one process and scores before and after only; leave train.processes at 1 "
-                            "and train.eval_every at 0")
-
-    def to_dict(self) -> dict:
-        return to_dict(self)
 
 
 def student_blocks(n_teacher: int, n_student: int) -> list[int]:
