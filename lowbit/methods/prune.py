@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from lowbit.errors import SpecError
 from lowbit.methods.config import ALL_SPEC_FIELDS, WEIGHT_SPEC, QuantizeConfig
 from lowbit.methods.registry import register
-from lowbit.numerics.sparsity import SparsityPattern
+from lowbit.numerics.sparsity import VALUE_DTYPES, SparsityPattern
 from lowbit.numerics.spec import QuantSpec
 from lowbit.settings import label, setting
 
@@ -24,9 +24,6 @@ if TYPE_CHECKING:
 
     from lowbit.calibration.statistics import HessianAccumulator
     from lowbit.packed.sparse import SparseWeight
-
-VALUE_DTYPES = ("float16", "bfloat16", "float32")  # as `lowbit.packed.sparse` stores them (kept importable without torch)
-
 
 @dataclass(frozen=True, kw_only=True)
 class PruneConfig(QuantizeConfig):

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 # run lengths of N:M patterns: a kept weight's position in its run takes log2(M) bits
 NM_RUNS = (4, 8, 16)
+# the dtypes a pruned weight's float values are stored in (`lowbit.packed.sparse`, ``--values``)
+VALUE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)

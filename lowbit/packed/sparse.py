@@ -33,11 +33,9 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.numerics.packing import pack, packed_length, unpack
 from lowbit.numerics.quantization import Quantized
-from lowbit.numerics.sparsity import SparsityPattern
+from lowbit.numerics.sparsity import VALUE_DTYPES, SparsityPattern
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import QuantizedWeight, bits_per_weight, stored_layout
-
-VALUE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
