@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **dict.fromkeys(["load_quantized", "read_header", "save_quantized"], "lowbit.checkpoint"),
     "evaluate": "lowbit.evaluation.metrics",
-    "load_model": "lowbit.loader",
+    **dict.fromkeys(["load_model", "open_streamed"], "lowbit.loader"),
+    "quantize_streamed": "lowbit.streaming",
     "QuantSpec": "lowbit.numerics.spec",
     "CalibrationConfig": "lowbit.calibration.config",
     "quantize_model": "lowbit.pipeline",

@@ -9,6 +9,14 @@
       config.json          the Hugging Face config of the source model
       tokenizer files      as the tokenizer saves them
 
+A checkpoint written block by block (`lowbit.calibration.streamed`, for models larger than
+memory) holds the same tensors in shards instead, one per decoder block and one per other
+tensor, as Hugging Face's sharded checkpoints do:
+
+      lowbit-00001-of-000NN.safetensors ...   the tensors, block 0 first
+      lowbit.safetensors.index.json           {"metadata": {"lowbit": <header>, "total_size": bytes},
+                                               "weight_map": {tensor name: shard file}}
+
 The header (format_version 2):
     {"format": "lowbit", "format_version": 2, "lowbit_version": ...,
      "source": "smollm2" | "/abs/path/model.gguf" | "/abs/path/hf-dir",
@@ -41,7 +49,7 @@ from lowbit import __version__
 from lowbit.errors import LowbitError, one_line
 from lowbit.models.architectures import architecture_for
 from lowbit.models.loading import LoadedModel, non_finite, read_config, read_tokenizer
-from lowbit.models.refs import CHECKPOINT_FILE
+from lowbit.models.refs import CHECKPOINT_FILE, SHARD_INDEX
 from lowbit.modules import QUANTIZED_MODULES
 from lowbit.modules.swap import set_module
 from lowbit.outputs import new_directory
@@ -68,6 +76,58 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return out, tied
 
 
+def checkpoint_header(source: str, model_type: str, method: dict, calibration: dict | None, layers: dict, tied: dict) -> dict:
+    """The JSON header of a checkpoint (module docstring); ``layers``: name -> the quantised
+    module's type and `config()`; ``tied``: dropped tensor name -> the name stored."""
+    return {
+        "format": "lowbit",
+        "format_version": FORMAT_VERSION,
+        "lowbit_version": __version__,
+        "source": source,
+        "model_type": model_type,
+        "method": method,
+        "calibration": calibration,
+        "layers": layers,
+        "tied": tied,
+    }
+
+
+def layer_record(module: torch.nn.Module) -> dict:
+    """A quantised module's entry in the header's "layers"."""
+    return {"module": type(module).__name__, **module.config()}
+
+
+def shard_name(index: int, count: int) -> str:
+    """The file of shard ``index`` (0-based) of ``count``."""
+    return f"lowbit-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def write_index(directory: Path, header: dict, weight_map: dict[str, str]) -> None:
+    """The index of a sharded checkpoint in ``directory``, whose shards are written."""
+    total = sum((directory / file).stat().st_size for file in set(weight_map.values()))
+    index = {"metadata": {"lowbit": header, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / SHARD_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a lowbit directory: its one file, or its shards in order."""
+    path = Path(path)
+    index = path / SHARD_INDEX
+    if not index.is_file():
+        return [path / CHECKPOINT_FILE]
+    return [path / name for name in sorted(set(_read_index(index)["weight_map"].values()))]
+
+
+def _read_index(index: Path) -> dict:
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as err:
+        raise LowbitError(f"could not read {index}: {one_line(err)}; the checkpoint is corrupted") from None
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict) or not isinstance(data.get("metadata"), dict):
+        raise LowbitError(f"{index} lacks its weight_map or metadata; the checkpoint is corrupted")
+    return data
+
+
 def save_quantized(loaded: LoadedModel, out: str | Path) -> Path:
     """Write ``loaded``, quantised by `lowbit.quantize_model`, to directory ``out``, which must
     not exist. Written into a temporary sibling and renamed at the end: an error or an
@@ -79,19 +139,10 @@ def save_quantized(loaded: LoadedModel, out: str | Path) -> Path:
     out = Path(out)
     with new_directory(out) as tmp:
         model = loaded.model
-        layers = {name: {"module": type(m).__name__, **m.config()} for name, m in quantized_layers(model).items()}
+        layers = {name: layer_record(m) for name, m in quantized_layers(model).items()}
         tensors, tied = _dedupe_tied(model.state_dict())
-        header = {
-            "format": "lowbit",
-            "format_version": FORMAT_VERSION,
-            "lowbit_version": __version__,
-            "source": loaded.source,
-            "model_type": model.config.model_type,
-            "method": loaded.header["method"],
-            "calibration": loaded.header.get("calibration"),
-            "layers": layers,
-            "tied": tied,
-        }
+        header = checkpoint_header(loaded.source, model.config.model_type, loaded.header["method"], loaded.header.get("calibration"),
+                                   layers, tied)
         save_file(tensors, tmp / CHECKPOINT_FILE, metadata={"lowbit": json.dumps(header)})
         model.config.to_json_file(tmp / "config.json")
         loaded.tokenizer.save_pretrained(tmp)
@@ -99,20 +150,17 @@ def save_quantized(loaded: LoadedModel, out: str | Path) -> Path:
 
 
 def read_header(path: str | Path) -> dict:
-    """The JSON header of a lowbit directory (or of its lowbit.safetensors file)."""
+    """The JSON header of a lowbit directory (of its lowbit.safetensors file, or of the index
+    of its shards)."""
     path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    try:
-        with safe_open(file, framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as err:
-        raise LowbitError(f"could not read {file}: {one_line(err)}; the file is missing, truncated or corrupted") from None
-    if "lowbit" not in meta:
-        raise LowbitError(f"{file} has no lowbit header; it was not written by lowbit")
-    try:
-        header = json.loads(meta["lowbit"])
-    except ValueError as err:
-        raise LowbitError(f"{file}: its lowbit header is not valid JSON ({err}); the file is corrupted") from None
+    if path.is_dir() and (path / SHARD_INDEX).is_file():
+        file = path / SHARD_INDEX
+        header = _read_index(file)["metadata"].get("lowbit")
+        if header is None:
+            raise LowbitError(f"{file} has no lowbit header; it was not written by lowbit")
+    else:
+        file = path / CHECKPOINT_FILE if path.is_dir() else path
+        header = _file_header(file)
     version = header.get("format_version") if isinstance(header, dict) else None
     if not isinstance(version, int) or version < 1:
         raise LowbitError(f"{file}: its lowbit header has no valid format_version; the file is corrupted")
@@ -124,13 +172,30 @@ def read_header(path: str | Path) -> dict:
     return header
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``file`` in memory they own (not views of a memory map that would
-    stay resident as long as any tensor lives)."""
+def _file_header(file: Path) -> dict:
     try:
-        return load_safetensors(file.read_bytes())
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise LowbitError(f"could not read the tensors of {file}: {one_line(err)}; the file is truncated or corrupted") from None
+        raise LowbitError(f"could not read {file}: {one_line(err)}; the file is missing, truncated or corrupted") from None
+    if "lowbit" not in meta:
+        raise LowbitError(f"{file} has no lowbit header; it was not written by lowbit")
+    try:
+        return json.loads(meta["lowbit"])
+    except ValueError as err:
+        raise LowbitError(f"{file}: its lowbit header is not valid JSON ({err}); the file is corrupted") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the lowbit directory ``path`` (every shard) in memory they own (not
+    views of a memory map that would stay resident as long as any tensor lives)."""
+    tensors = {}
+    for file in checkpoint_files(path):
+        try:
+            tensors.update(load_safetensors(file.read_bytes()))
+        except (SafetensorError, OSError) as err:
+            raise LowbitError(f"could not read the tensors of {file}: {one_line(err)}; the file is truncated or corrupted") from None
+    return tensors
 
 
 
@@ -143,10 +208,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
     """
     path = Path(path)
     header = read_header(path)
-    tensors = _load_tensors(path / CHECKPOINT_FILE)
+    tensors = _load_tensors(path)
     bad = non_finite(tensors)  # scales, float offsets, norms, embeddings: NaN there runs to garbage without an error
     if bad is not None:
-        raise LowbitError(f"{path / CHECKPOINT_FILE}: tensor {bad[0]} holds {bad[1]} NaN/Inf values; the checkpoint is corrupted, "
+        raise LowbitError(f"{path}: tensor {bad[0]} holds {bad[1]} NaN/Inf values; the checkpoint is corrupted, "
                           "quantise its source again")
     config = read_config(path)
     tokenizer = read_tokenizer(path)

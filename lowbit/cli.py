@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -95,6 +96,14 @@ def number(kind: type, low: float | None = None, low_open: bool = False, what: s
         return value
 
     return convert
+
+
+def memory_size(text: str) -> int:
+    """An argparse type: a size in bytes from ``8GB``, ``900MB``, ``1.5G`` (powers of 1000)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size; give e.g. 8GB or 900MB")
+    return int(float(match[1]) * 1000 ** " KMGT".index((match[2] or " ").upper()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,6 +250,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         p.add_argument("--method", default=default, choices=list(methods), help=f"the method (default {default})")
         p.add_argument("--out", required=True, help="new directory to write")
         p.add_argument("--eval", action="store_true", help="then evaluate against the source model: the before/after table and generated text from both")
+        memory = p.add_argument_group("memory (models larger than RAM)")
+        memory.add_argument("--low-memory", action="store_true",
+                            help="stream the model from disk one decoder block at a time and write the checkpoint in shards as it goes "
+                                 "(peak: one block plus the calibration activations); chosen by itself when the model does not fit "
+                                 "--max-memory. A killed run continues where it stopped when the same command is given again")
+        memory.add_argument("--max-memory", type=memory_size, metavar="SIZE",
+                            help="refuse to start when the estimated peak exceeds this, e.g. 8GB or 900MB (default: the memory free now)")
         _add_eval_args(p.add_argument_group("evaluation (with --eval)"), suppress=True)
         derived[command] = add_setting_flags(p, list(methods.values()))
         calibrated = [n for n, c in methods.items() if c.calibrated]
@@ -538,16 +554,27 @@ def cmd_quantize(args, derived) -> int:
             calibration.tokens(skeleton.tokenizer)
     split = _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)[0] if args.eval else None
 
-    from lowbit.checkpoint import save_quantized
-    from lowbit.loader import load_model
+    from lowbit.streaming import available_memory, in_memory_peak, partial_directory
 
-    loaded = load_model(args.model)
-    result = quantize_model(loaded, config, calibration=calibration)
-    save_quantized(loaded, out)
+    cap = args.max_memory or available_memory()
+    streamed = args.low_memory or partial_directory(out).exists()
+    if not streamed and in_memory_peak(skeleton.model) > cap:
+        print(f"{args.model} needs about {in_memory_peak(skeleton.model) / 1e9:.1f} GB in memory, more than {cap / 1e9:.1f} GB "
+              f"({'--max-memory' if args.max_memory else 'free now'}): streaming it from disk block by block (--low-memory)", file=sys.stderr)
+        streamed = True
+    if streamed:
+        result = _quantize_streamed(args, config, calibration, out, cap)
+    else:
+        from lowbit.checkpoint import save_quantized
+        from lowbit.loader import load_model
+
+        loaded = load_model(args.model)
+        result = quantize_model(loaded, config, calibration=calibration)
+        save_quantized(loaded, out)
     print(f"{'pruned' if args.command == 'prune' else 'quantised'} {len(result.layers)} linears of {args.model} with {config.describe()} "
           f"in {result.seconds:.1f} s -> {out}")
     print(summarize_layers(result.layers))
-    if result.budget is not None:
+    if getattr(result, "budget", None) is not None:
         print(f"{result.budget.describe()}\n  (measured and chosen in {result.budget.seconds:.1f} s)")
     if result.phases:
         print(describe_phases(result.phases))
@@ -555,6 +582,27 @@ def cmd_quantize(args, derived) -> int:
         return _run_eval(str(out), None, args, args.prompt, split=split,
                          quantize_info={"quantize_seconds": result.seconds, "quantize_phases": result.phases})
     return 0
+
+
+def _quantize_streamed(args, config, calibration, out: Path, cap: int):
+    """`lowbit quantize --low-memory`: the estimate printed and held to ``cap`` (bytes)
+    before any weight is read, then the streamed run (`lowbit.streaming`)."""
+    from lowbit.loader import open_streamed
+    from lowbit.streaming import quantize_streamed, streamed_estimate
+
+    loaded = open_streamed(args.model)
+    est = streamed_estimate(loaded, config, calibration)
+    print(f"streaming {args.model} ({est['model_mb']:.0f} MB of weights) block by block: estimated peak memory {est['peak_mb']:.0f} MB "
+          f"(this process {est['process_mb']:.0f} MB, plus at most: embeddings for the capture {est['capture_mb']:.0f}, "
+          f"a block's work {est['block_mb']:.0f}, another tensor {est['other_mb']:.0f})", file=sys.stderr)
+    if est["peak_mb"] * 1e6 > cap:
+        raise LowbitError(f"the streamed run needs about {est['peak_mb']:.0f} MB, more than the {cap / 1e6:.0f} MB "
+                          f"{'--max-memory allows' if args.max_memory else 'free now'}; free memory, raise --max-memory, or calibrate on fewer "
+                          "--calib-samples")
+    result = quantize_streamed(loaded, config, out, calibration)
+    if result.resumed_units:
+        print(f"continued an unfinished run: {result.resumed_units} units were already done", file=sys.stderr)
+    return result
 
 
 def cmd_eval(args, derived) -> int:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from lowbit.checkpoint import read_header
+from lowbit.checkpoint import checkpoint_files, read_header
 from lowbit.errors import LowbitError, SpecError, one_line
 from lowbit.methods.registry import config_from_dict
-from lowbit.models.refs import CHECKPOINT_FILE, ref_kind
+from lowbit.models.refs import ref_kind
 from lowbit.models.registry import NAMED_MODELS
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import bits_per_weight
@@ -90,13 +90,15 @@ def _tensor_bytes(file: Path) -> dict[str, int]:
 
 def describe_lowbit(path: Path) -> str:
     header = read_header(path)
-    file = path / CHECKPOINT_FILE
-    sizes = _tensor_bytes(file)
+    files = checkpoint_files(path)
+    sizes = {key: size for file in files for key, size in _tensor_bytes(file).items()}
+    on_disk = sum(file.stat().st_size for file in files)
+    stored = _mb(on_disk) if len(files) == 1 else f"{_mb(on_disk)} in {len(files)} shards"
     lines = [
         f"{path}: lowbit checkpoint, format version {header['format_version']} (written by lowbit {header.get('lowbit_version', '?')})",
         f"source model: {header['source']}  ({header['model_type']})",
         *describe_method(header),
-        f"file: {_mb(file.stat().st_size)}; tied: {', '.join(f'{k} = {v}' for k, v in header['tied'].items()) or 'none'}",
+        f"file: {stored}; tied: {', '.join(f'{k} = {v}' for k, v in header['tied'].items()) or 'none'}",
         "",
         f"{'layer':<44} {'shape':>12} {'spec':<22} {'bits/w':>7} {'bytes':>10}",
     ]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lowbit.checkpoint import load_quantized, read_header
+from lowbit.errors import LowbitError
 from lowbit.models.architectures import Architecture, architecture_for
 from lowbit.models.loading import LoadedModel, convert_gguf, load_gguf, load_hf_dir, read_config, read_tokenizer
 from lowbit.models.refs import ref_kind
@@ -29,6 +30,23 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     if kind == "lowbit":
         return load_quantized(path, dtype=dtype)
     return load_hf_dir(path, source=str(path.resolve()), dtype=dtype)
+
+
+def open_streamed(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """``ref`` (a float model: packaged, GGUF or Hugging Face directory) opened without its
+    weights, for `lowbit.streaming.quantize_streamed`: the parameters stay on the meta
+    device and each part is read from disk when it is needed
+    (`lowbit.models.streamed.open_streamed`). A GGUF file goes through the conversion cache."""
+    from lowbit.models import streamed
+
+    kind = ref_kind(ref)
+    if kind == "lowbit":
+        raise LowbitError(f"{ref} is already quantised; stream its float source instead")
+    if kind == "named":
+        return streamed.open_streamed(convert_gguf(NAMED_MODELS[ref].locate()), source=ref, dtype=dtype)
+    path = Path(ref)
+    directory = convert_gguf(path) if kind == "gguf" else path
+    return streamed.open_streamed(directory, source=str(path.resolve()), dtype=dtype)
 
 
 @dataclass

@@ -77,14 +77,20 @@ def new_directory(path: str | Path, what: str = "output directory") -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        mask = _umask()  # mkdtemp makes the directory private, and some writers (safetensors) their files
-        tmp.chmod(0o777 & ~mask)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                file.chmod(0o666 & ~mask)
-        tmp.rename(path)
+        publish_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_directory(tmp: Path, path: Path) -> None:
+    """Rename the filled directory ``tmp`` to ``path`` (which must not exist), with the usual
+    permissions: readable by others unless the umask says otherwise."""
+    mask = _umask()  # mkdtemp makes the directory private, and some writers (safetensors) their files
+    tmp.chmod(0o777 & ~mask)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~mask)
+    tmp.rename(path)
 
 
 @contextmanager

@@ -93,7 +93,9 @@ def plan_layers(model: nn.Module, arch: Architecture, config: QuantizeConfig, re
     return layers
 
 
-def _check_arguments(loaded, config, calibration) -> None:
+def check_arguments(loaded, config, calibration, streamed: bool = False) -> None:
+    """What `quantize_model` (and, ``streamed``, `lowbit.streaming.quantize_streamed`) refuse
+    before any work."""
     if not isinstance(loaded, LoadedModel):
         raise LowbitError(f"quantize_model takes the LoadedModel that lowbit.load_model returns, not a {type(loaded).__name__}")
     if not isinstance(config, QuantizeConfig):
@@ -104,6 +106,12 @@ def _check_arguments(loaded, config, calibration) -> None:
                           f"not a {type(config).__name__}")
     if loaded.is_quantized:
         raise LowbitError("this model is already quantised; quantise its float source instead")
+    if loaded.is_streamed and not streamed:
+        raise LowbitError("this model was opened streamed (its weights on disk); quantise it with lowbit.streaming.quantize_streamed, "
+                          "which writes the checkpoint block by block")
+    if streamed and getattr(config, "budget", None) is not None and not config.layer_bits:
+        raise LowbitError("--budget measures every linear's sensitivity through the whole model at once, which does not stream; "
+                          "drop --budget, or --low-memory where the model fits in memory")
     if calibration is not None:
         if not isinstance(calibration, CalibrationConfig):
             raise LowbitError(f"calibration must be a CalibrationConfig, not a {type(calibration).__name__}")
@@ -126,7 +134,7 @@ def quantize_model(loaded: LoadedModel, config: QuantizeConfig, calibration: Cal
     (`lowbit.calibration.budget`), and the plan goes into the header's method record
     (``layer_bits``). Returns per-layer storage and errors (the head's last).
     """
-    _check_arguments(loaded, config, calibration)
+    check_arguments(loaded, config, calibration)
     layers = plan_layers(loaded.model, loaded.arch, config)
     start = time.perf_counter()
     estimate, phases = {}, {}
@@ -184,7 +192,10 @@ def describe_phases(phases: dict) -> str:
             f"(accumulating {phases['accumulate']:.1f} s of it), quantising {phases['quantize']:.1f} s")
     if phases.get("refine"):
         text += f", refining blocks {phases['refine']:.1f} s"
-    return text + f", quantised blocks' outputs {phases['outputs']:.1f} s"
+    text += f", quantised blocks' outputs {phases['outputs']:.1f} s"
+    if "read" in phases:  # a streamed run (`lowbit.streaming`)
+        text += f"; reading weights {phases['read']:.1f} s, writing shards {phases['write']:.1f} s"
+    return text
 
 
 def summarize_layers(layers: Sequence[LayerResult]) -> str:

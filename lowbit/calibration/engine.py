@@ -293,77 +293,89 @@ def calibrate_and_quantize(
     phases["capture"] = time.perf_counter() - start
     bar = tqdm(total=len(blocks), desc=method.name, unit="block", disable=not progress)
     for index, block in enumerate(blocks):
-        prefix = f"{arch.blocks}.{index}"
-        groups = []  # (group, names to quantise)
-        for group in arch.groups:
-            names = [n for n in group.linears if not any(p.search(f"{prefix}.{n}") for p in patterns)]
-            for n in names:
-                linear = block.get_submodule(n)
-                if not isinstance(linear, nn.Linear) or isinstance(linear, tuple(QUANTIZED_MODULES.values())):
-                    raise LowbitError(f"{prefix}.{n} is not a float nn.Linear (already quantised?); quantise the float model")
-            if names:
-                groups.append((group, names))
-        summary = []
-        refines = hasattr(method, "refine_block")
-        targets = []
-        if refines:
-            tick = time.perf_counter()
-            targets = [_block_output(block(b.hidden, **b.block_kwargs[index])) for b in batches]
-            phases["refine"] += time.perf_counter() - tick
-        starts: dict[str, StartPoint] = {}
-        # true sequential: one pass per group, stopped at its input, after the earlier groups
-        # are quantised; otherwise one pass of the float block feeds every group's statistics
-        rounds = [[g] for g in groups] if true_sequential else [groups]
-        for round_groups in rounds:
-            stats = {g.role: method.statistics(block.get_submodule(names[0]).in_features) for g, names in round_groups}
-            tick = time.perf_counter()
-            phases["accumulate"] += _collect(block, index, batches, [(block.get_submodule(g.linears[0]), stats[g.role]) for g, _ in round_groups])
-            phases["statistics"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            for group, names in round_groups:
-                everyone = {n: block.get_submodule(n) for n in group.linears}
-                for n, module, info in method.quantize_group(block, group, everyone, names, stats[group.role], arch, f"{prefix}."):
-                    full = f"{prefix}.{n}"
-                    set_module(block, n, module)
-                    start_weight = info.pop("start_weight", None)
-                    if refines:
-                        starts[n] = StartPoint.of(module, everyone[n].weight, start_weight)
-                    result.layers.append(LayerResult(full, (module.out_features, module.in_features), storage_bytes(module), info))
-                    summary.append(f"{n.rsplit('.', 1)[-1]} {_short(info)}")
-            phases["quantize"] += time.perf_counter() - tick
-        if starts:
-            tick = time.perf_counter()
-            def run(i):
-                return _block_output(block(batches[i].hidden, **batches[i].block_kwargs[index]))
-
-            refined = method.refine_block(block, run, targets, starts)
-            layers = {r.name: r for r in result.layers[-len(starts):]}
-            for n, (module, entries) in refined.items():
-                layer = layers[f"{prefix}.{n}"]
-                layer.nbytes = storage_bytes(module)
-                # the start's layer output errors no longer describe the layer: keep its own as start_output_error
-                info = dict(layer.info)
-                info.pop("baseline_output_error", None)
-                if "output_error" in info:
-                    info["start_output_error"] = info.pop("output_error")
-                layer.info = {**info, **entries}
-            entries = next(iter(refined.values()))[1]
-            summary = [f"block output error {entries['block_error_start']:.4g} -> {entries['block_error']:.4g}"
-                       + ("" if entries["learned_kept"] else " (start kept)")]
-            del targets
-            phases["refine"] += time.perf_counter() - tick
-        tick = time.perf_counter()
-        with dequantized_once(block):  # the block's quantised weights in float32 once, not once per batch
-            for batch in batches:
-                batch.hidden = _block_output(block(batch.hidden, **batch.block_kwargs[index]))
-        phases["outputs"] += time.perf_counter() - tick
+        result.layers += quantize_block(block, index, batches, method, arch, patterns, phases, true_sequential, progress)
         bar.update(1)
-        if progress and summary:
-            tqdm.write(f"block {index}: " + ", ".join(summary))
     bar.close()
     result.seconds = time.perf_counter() - start
     result.phases = phases
     return result
+
+
+def quantize_block(block: nn.Module, index: int, batches: list[CapturedBatch], method: CalibratedMethod, arch: Architecture,
+                   patterns: list[re.Pattern], phases: dict, true_sequential: bool = False, progress: bool = True) -> list[LayerResult]:
+    """Quantise decoder block ``index`` (``block``) in place on the captured ``batches``,
+    whose hidden states are its inputs, and advance them to its quantised outputs (the next
+    block's inputs). Linears whose full name a ``patterns`` regex matches stay float; the
+    seconds of each phase are added to ``phases``; ``true_sequential`` as in
+    `calibrate_and_quantize`. Returns one report per quantised linear."""
+    prefix = f"{arch.blocks}.{index}"
+    layers: list[LayerResult] = []
+    groups = []  # (group, names to quantise)
+    for group in arch.groups:
+        names = [n for n in group.linears if not any(p.search(f"{prefix}.{n}") for p in patterns)]
+        for n in names:
+            linear = block.get_submodule(n)
+            if not isinstance(linear, nn.Linear) or isinstance(linear, tuple(QUANTIZED_MODULES.values())):
+                raise LowbitError(f"{prefix}.{n} is not a float nn.Linear (already quantised?); quantise the float model")
+        if names:
+            groups.append((group, names))
+    summary = []
+    refines = hasattr(method, "refine_block")
+    targets = []
+    if refines:
+        tick = time.perf_counter()
+        targets = [_block_output(block(b.hidden, **b.block_kwargs[index])) for b in batches]
+        phases["refine"] += time.perf_counter() - tick
+    starts: dict[str, StartPoint] = {}
+    # true sequential: one pass per group, stopped at its input, after the earlier groups
+    # are quantised; otherwise one pass of the float block feeds every group's statistics
+    rounds = [[g] for g in groups] if true_sequential else [groups]
+    for round_groups in rounds:
+        stats = {g.role: method.statistics(block.get_submodule(names[0]).in_features) for g, names in round_groups}
+        tick = time.perf_counter()
+        phases["accumulate"] += _collect(block, index, batches, [(block.get_submodule(g.linears[0]), stats[g.role]) for g, _ in round_groups])
+        phases["statistics"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        for group, names in round_groups:
+            everyone = {n: block.get_submodule(n) for n in group.linears}
+            for n, module, info in method.quantize_group(block, group, everyone, names, stats[group.role], arch, f"{prefix}."):
+                full = f"{prefix}.{n}"
+                set_module(block, n, module)
+                start_weight = info.pop("start_weight", None)
+                if refines:
+                    starts[n] = StartPoint.of(module, everyone[n].weight, start_weight)
+                layers.append(LayerResult(full, (module.out_features, module.in_features), storage_bytes(module), info))
+                summary.append(f"{n.rsplit('.', 1)[-1]} {_short(info)}")
+        phases["quantize"] += time.perf_counter() - tick
+    if starts:
+        tick = time.perf_counter()
+        def run(i):
+            return _block_output(block(batches[i].hidden, **batches[i].block_kwargs[index]))
+
+        refined = method.refine_block(block, run, targets, starts)
+        by_name = {r.name: r for r in layers[-len(starts):]}
+        for n, (module, entries) in refined.items():
+            layer = by_name[f"{prefix}.{n}"]
+            layer.nbytes = storage_bytes(module)
+            # the start's layer output errors no longer describe the layer: keep its own as start_output_error
+            info = dict(layer.info)
+            info.pop("baseline_output_error", None)
+            if "output_error" in info:
+                info["start_output_error"] = info.pop("output_error")
+            layer.info = {**info, **entries}
+        entries = next(iter(refined.values()))[1]
+        summary = [f"block output error {entries['block_error_start']:.4g} -> {entries['block_error']:.4g}"
+                   + ("" if entries["learned_kept"] else " (start kept)")]
+        del targets
+        phases["refine"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    with dequantized_once(block):  # the block's quantised weights in float32 once, not once per batch
+        for batch in batches:
+            batch.hidden = _block_output(block(batch.hidden, **batch.block_kwargs[index]))
+    phases["outputs"] += time.perf_counter() - tick
+    if progress and summary:
+        tqdm.write(f"block {index}: " + ", ".join(summary))
+    return layers
 
 
 def _collect(block: nn.Module, index: int, batches: list[CapturedBatch], taps: list[tuple[nn.Module, Statistics]]) -> float:

@@ -41,6 +41,9 @@ class LoadedModel:
 
     source: how to load the same model again (a registry name or an absolute path).
     header: for a lowbit checkpoint, its JSON header (see `lowbit.checkpoint`); else None.
+    weights: for a model opened streamed (`lowbit.models.streamed.open_streamed`), where its
+        tensors live on disk: its parameters stay on the meta device until a part is loaded.
+    dtype: the float dtype its weights come in.
     """
 
     model: PreTrainedModel
@@ -48,10 +51,16 @@ class LoadedModel:
     source: str
     arch: Architecture
     header: dict | None = field(default=None)
+    weights: object | None = field(default=None)
+    dtype: torch.dtype = torch.float32
 
     @property
     def is_quantized(self) -> bool:
         return self.header is not None
+
+    @property
+    def is_streamed(self) -> bool:
+        return self.weights is not None
 
 
 def _gguf_cache_path(path: Path) -> Path:

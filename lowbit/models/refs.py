@@ -12,6 +12,9 @@ from lowbit.models.registry import NAMED_MODELS
 
 GGUF_MAGIC = b"GGUF"
 CHECKPOINT_FILE = "lowbit.safetensors"
+# A checkpoint written block by block (`lowbit quantize --low-memory`) holds shards
+# lowbit-00001-of-000NN.safetensors and this index: the header and which shard holds each tensor.
+SHARD_INDEX = "lowbit.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
 REF_KINDS = ("named", "gguf", "lowbit", "hf")
 
@@ -43,7 +46,7 @@ def ref_kind(ref: str) -> str:
     if path.is_file():
         check_gguf_magic(path)
         return "gguf"
-    if (path / CHECKPOINT_FILE).is_file():
+    if (path / CHECKPOINT_FILE).is_file() or (path / SHARD_INDEX).is_file():
         return "lowbit"
     if (path / "config.json").is_file():
         if any(path.glob("*.safetensors")):
@@ -53,4 +56,4 @@ def ref_kind(ref: str) -> str:
             raise LowbitError(f"{path} holds PyTorch pickle weights ({', '.join(pickled[:3])}), which lowbit does not load (unpickling can run "
                               "code); convert them to safetensors (model.save_pretrained(DIR, safe_serialization=True)) and give that directory")
         raise LowbitError(f"{path} has a config.json but no *.safetensors weights; the checkpoint is incomplete")
-    raise LowbitError(f"{path} holds neither {CHECKPOINT_FILE} nor config.json; give {describe_model_ref()}")
+    raise LowbitError(f"{path} holds neither {CHECKPOINT_FILE} ({SHARD_INDEX}) nor config.json; give {describe_model_ref()}")

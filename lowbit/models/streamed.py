@@ -1,0 +1,160 @@
+"""Models opened without their weights, for models larger than memory.
+
+`open_streamed` builds the model from its config on the meta device (names and shapes, no
+memory) and indexes its safetensors files (one file or Hugging Face shards). A part of the
+model (the embeddings, one decoder block) is brought in when work reaches it
+(`WeightFiles.load`: each tensor read from the memory-mapped file into memory it owns) and
+sent back to the meta device after (`release`), so peak memory is that part, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from lowbit.errors import LowbitError, one_line
+from lowbit.models.loading import LoadedModel, read_config, read_tokenizer
+
+HF_INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class WeightFiles:
+    """Where each tensor of a Hugging Face directory lives: name -> safetensors file."""
+
+    directory: Path
+    files: dict[str, Path]
+    ties: dict[str, str]
+
+    @staticmethod
+    def of(directory: Path, ties: dict[str, str]) -> "WeightFiles":
+        """``ties``: the model's `tied_names`, taken before any part is loaded (loading
+        puts new tensors in, which no longer share an identity to find ties by)."""
+        index = directory / HF_INDEX
+        files: dict[str, Path] = {}
+        try:
+            if index.is_file():
+                files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            else:
+                for file in sorted(directory.glob("*.safetensors")):
+                    with safe_open(file, framework="pt") as f:
+                        files.update(dict.fromkeys(f.keys(), file))
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
+            raise LowbitError(f"could not index the weights of {directory}: {one_line(err)}; a file is missing, truncated or corrupted") from None
+        if not files:
+            raise LowbitError(f"{directory} holds no safetensors weights")
+        return WeightFiles(directory, files, dict(ties))
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors, each in memory of its own (float ones cast to ``dtype``)."""
+        missing = [n for n in names if n not in self.files]
+        if missing:
+            raise LowbitError(f"{self.directory}: no stored tensor {missing[0]} (of {len(missing)} missing); the checkpoint does not match its config")
+        out = {}
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        for file, wanted in by_file.items():
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in wanted:
+                        tensor = f.get_tensor(name)
+                        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                            tensor = tensor.to(dtype)
+                        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                            raise LowbitError(f"{file}: tensor {name} holds NaN/Inf values; the checkpoint is corrupted")
+                        out[name] = tensor
+            except (SafetensorError, OSError) as err:
+                raise LowbitError(f"could not read {file}: {one_line(err)}; the file is truncated or corrupted") from None
+        return out
+
+    def nbytes(self, names: list[str]) -> int:
+        """Bytes the named tensors take as stored."""
+        total = 0
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        for file, wanted in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for name in wanted:
+                    piece = f.get_slice(name)
+                    total += torch.Size(piece.get_shape()).numel() * _ITEMSIZE.get(piece.get_dtype(), 4)
+        return total
+
+
+_ITEMSIZE = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
+
+
+def stored_names(model: nn.Module, prefix: str) -> list[str]:
+    """The state-dict names under ``prefix`` (a dotted module path, "" for all) that a
+    checkpoint stores, tied duplicates once (the first name of each tensor)."""
+    seen, names = set(), []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if prefix and not name.startswith(prefix + "."):
+            continue
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        names.append(name)
+    return names
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Each parameter name that shares its tensor with an earlier one -> that earlier name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
+def load_part(loaded: LoadedModel, prefix: str) -> None:
+    """Bring the tensors under ``prefix`` (e.g. ``model.layers.3``, ``model.embed_tokens``;
+    "" for all) into memory from the files, in place of their meta placeholders. A name tied
+    to another (an output head tied to the embeddings) reads the tensor stored for that one;
+    names outside ``prefix`` stay as they are."""
+    model, weights = loaded.model, loaded.weights
+    wanted = [n for n, t in model.state_dict(keep_vars=True).items() if (not prefix or n.startswith(prefix + ".")) and t.is_meta]
+    canonical = {n: weights.ties.get(n, n) for n in wanted}
+    keys = {n: c if c in weights.files else n for n, c in canonical.items()}
+    tensors = weights.read(sorted(set(keys.values())), dtype=loaded.dtype)
+    for name in wanted:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = tensors[keys[name]]
+        if attr not in module._parameters:
+            module._buffers[attr] = value
+            continue
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def release_part(model: nn.Module, prefix: str) -> None:
+    """Send the tensors under ``prefix`` back to the meta device, freeing their memory."""
+    model.get_submodule(prefix).to("meta")
+
+
+def open_streamed(directory: Path, source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A Hugging Face directory as a `LoadedModel` whose parameters stay on the meta device
+    until `load_part` brings a part in (persistent buffers too; non-persistent ones, such
+    as rotary frequencies, are computed from the config as usual)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.models.architectures import architecture_for
+
+    config = read_config(directory)
+    arch = architecture_for(config.model_type)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_config leaves a tied head untied on the meta device
+    weights = WeightFiles.of(directory, tied_names(model))
+    model.eval()
+    return LoadedModel(model=model, tokenizer=read_tokenizer(directory), source=source, arch=arch, weights=weights, dtype=dtype)

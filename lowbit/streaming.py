@@ -1,0 +1,401 @@
+"""Quantise a model larger than memory: block by block from disk to disk, resumable.
+
+`quantize_streamed` runs on a model opened with `lowbit.models.streamed.open_streamed`
+(parameters on the meta device). Calibrated methods first capture block 0's inputs with
+only the embeddings in memory (`capture_block_inputs`); then each decoder block in turn is
+read from disk, quantised by the same `quantize_block` the in-memory engine runs (or, for
+a method without calibration, each of its linears on its own), written as one shard of a
+sharded checkpoint and sent back to the meta device. The tensors outside the blocks
+(embeddings, final norm, head) follow, one shard each. Peak memory is one block, its
+method's workspace and the calibration activations, whatever the model's size
+(`streamed_estimate`).
+
+Everything goes into a partial directory beside the output (``.<name>.lowbit-partial``):
+
+    run.json                     what the run is (method, calibration, source files): a
+                                 different command refuses to continue it
+    report-000II.json            unit II's layers' reports and header entries, written first
+    hidden-000II.safetensors     the calibration hidden states after block II (the next
+                                 block's inputs); only the newest is kept
+    checkpoint/                  the output being built:
+      lowbit-000II-of-000NN.safetensors   each finished unit (block or other tensor),
+                                 written to a temporary name and renamed
+
+A run killed at any point and started again with the same command continues from the
+first unfinished block: every step is deterministic and the saved hidden states are the
+exact float32 values, so the checkpoint is byte-identical to an uninterrupted run's. At
+the end the config, tokenizer and index go into checkpoint/, which is renamed to the
+output (so the output appears whole or not at all), and the partial directory is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lowbit import __version__
+from lowbit.calibration.config import CalibrationConfig
+from lowbit.calibration.engine import LayerResult, capture_block_inputs, quantize_block
+from lowbit.checkpoint import checkpoint_header, layer_record, quantized_layers, shard_name, write_index
+from lowbit.errors import LowbitError
+from lowbit.methods.config import QuantizeConfig
+from lowbit.models.architectures import decoder_blocks
+from lowbit.models.loading import LoadedModel
+from lowbit.models.streamed import load_part, release_part, stored_names
+from lowbit.modules.swap import set_module
+from lowbit.numerics.quantization import weight_sqnr_db
+from lowbit.outputs import check_new_directory, publish_directory
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".lowbit-partial"
+RUN_RECORD = "run.json"
+
+
+def partial_directory(out: Path) -> Path:
+    """Where a streamed run into ``out`` keeps its finished blocks until it completes."""
+    return out.parent / f".{out.name}{PARTIAL_SUFFIX}"
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Unit:
+    """One shard's worth of work: decoder block ``block`` or the non-block module ``module``."""
+
+    index: int
+    module: str
+    block: int | None = None
+
+
+def plan_units(loaded: LoadedModel, config: QuantizeConfig) -> list[Unit]:
+    """The shards of a streamed run: every decoder block, then every other module that holds
+    stored tensors (in state-dict order: embeddings, final norm, head), the output head also
+    where it is tied to the embeddings but ``config`` quantises it."""
+    arch = loaded.arch
+    n_blocks = len(decoder_blocks(loaded.model, arch))
+    units = [Unit(i, f"{arch.blocks}.{i}", i) for i in range(n_blocks)]
+    others: list[str] = []
+    for name in stored_names(loaded.model, ""):
+        if name.startswith(arch.blocks + "."):
+            continue
+        module = name.rpartition(".")[0]
+        if module not in others:
+            others.append(module)
+    head = loaded.model.get_output_embeddings()
+    head_name = next(n for n, m in loaded.model.named_modules() if m is head)
+    if config.head is not None and head_name not in others:
+        others.append(head_name)
+    units += [Unit(n_blocks + i, module) for i, module in enumerate(others)]
+    return units
+
+
+@dataclass
+class Journal:
+    """The partial directory of one streamed run (module docstring)."""
+
+    directory: Path
+    count: int
+
+    @staticmethod
+    def open(out: Path, record: dict, count: int) -> "Journal":
+        """Create the partial directory, or reopen one that the same run left; a partial
+        directory of a different run is refused with what to do."""
+        directory = partial_directory(out)
+        run = directory / RUN_RECORD
+        if directory.exists():
+            try:
+                old = json.loads(run.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old != record:
+                changed = sorted(k for k in set(record) | set(old or {}) if (old or {}).get(k) != record.get(k))
+                raise LowbitError(f"{directory} holds an unfinished run of a different command (it differs in {', '.join(changed) or 'its record'}); "
+                                  f"repeat that command to finish it, or remove {directory} to start again")
+            journal = Journal(directory, count)
+            journal.clean()
+            return journal
+        check_new_directory(out, "--out")
+        (directory / "checkpoint").mkdir(parents=True)
+        _write_atomic(run, lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
+        return Journal(directory, count)
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint being built (shards, then config, tokenizer and index), renamed
+        to the output when complete."""
+        return self.directory / "checkpoint"
+
+    def clean(self) -> None:
+        """Remove what a killed run left half-written: temporary files, and the config,
+        tokenizer and index files of a finish that did not complete."""
+        self.checkpoint.mkdir(exist_ok=True)
+        for folder, keep in ((self.directory, r"run\.json|report-\d{5}\.json|hidden-\d{5}\.safetensors|checkpoint"),
+                             (self.checkpoint, r"lowbit-\d{5}-of-\d{5}\.safetensors")):
+            for path in folder.iterdir():
+                if not re.fullmatch(keep, path.name):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def shard(self, index: int) -> Path:
+        return self.checkpoint / shard_name(index, self.count)
+
+    def report(self, index: int) -> Path:
+        return self.directory / f"report-{index + 1:05d}.json"
+
+    def hidden(self, index: int) -> Path:
+        return self.directory / f"hidden-{index + 1:05d}.safetensors"
+
+    def finished(self, unit: Unit, last_block: int, calibrated: bool) -> bool:
+        """Whether ``unit`` is committed: its shard is in place and, for a calibrated
+        block before the last, the next block's inputs too (or the next block is done)."""
+        if not self.shard(unit.index).is_file() or not self.report(unit.index).is_file():
+            return False
+        if unit.block is None or not calibrated or unit.block == last_block:
+            return True
+        return self.hidden(unit.index).is_file() or self.shard(unit.index + 1).is_file()
+
+    def commit(self, unit: Unit, tensors: dict[str, torch.Tensor], report: dict) -> None:
+        _write_atomic(self.report(unit.index), lambda tmp: tmp.write_text(json.dumps(report)))
+        _write_atomic(self.shard(unit.index), lambda tmp: save_file(tensors, tmp))
+
+    def save_hidden(self, index: int, hidden: list[torch.Tensor]) -> None:
+        _write_atomic(self.hidden(index), lambda tmp: save_file({f"batch.{i}": h.contiguous() for i, h in enumerate(hidden)}, tmp))
+        for stale in self.directory.glob("hidden-*.safetensors"):
+            if stale != self.hidden(index):
+                stale.unlink()
+
+    def load_hidden(self, index: int) -> list[torch.Tensor]:
+        tensors = load_file(self.hidden(index))
+        return [tensors[f"batch.{i}"] for i in range(len(tensors))]
+
+
+def source_record(loaded: LoadedModel) -> dict:
+    """The source files a streamed run reads (path, size, modification time): a changed
+    source must not be mixed into an unfinished run."""
+    files = sorted({str(f) for f in loaded.weights.files.values()})
+    return {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+
+
+@dataclass
+class StreamedResult:
+    """What `quantize_streamed` did: per-layer reports (all blocks, resumed ones included),
+    this process's wall seconds, the blocks it found finished, the estimate, phases."""
+
+    layers: list[LayerResult] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_units: int = 0
+    estimate: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
+
+
+def available_memory() -> int:
+    """Bytes of memory free for a new allocation now (MemAvailable of /proc/meminfo)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise LowbitError("/proc/meminfo has no MemAvailable; give --max-memory")
+
+
+def in_memory_peak(model) -> int:
+    """A quick bound on the peak of quantising ``model`` (built on the meta device) in
+    memory: this process, the float32 weights and a quarter more for quantised copies and
+    a method's workspace."""
+    weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
+    return _rss_bytes() + weights * 5 // 4
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: CalibrationConfig | None) -> dict:
+    """Peak memory (bytes) of a streamed run, by phase, before any weight is read: this
+    process now (interpreter, libraries, tokenizer), plus the largest of
+    - capture: the non-block tensors the embedding forward needs (all but the head);
+    - a block: its float weights, their quantised copies, the float copy the block's outputs
+      are computed with, the statistics of its widest group (a Hessian, its inverse factor
+      and a working copy), the calibration hidden states (inputs, outputs and, for learned
+      rounding, the float targets) and one batch's intermediate activations;
+    - another unit: its float tensors and their quantised copy."""
+    model, arch = loaded.model, loaded.arch
+    blocks = decoder_blocks(model, arch)
+    block0 = blocks[0]
+    dtype_bytes = torch.empty(0, dtype=loaded.dtype).element_size()
+    nbytes = {n: t.numel() * dtype_bytes if t.is_floating_point() else t.numel() * t.element_size()
+              for n, t in model.state_dict(keep_vars=True).items()}
+    block_bytes = sum(nbytes[n] for n in stored_names(model, f"{arch.blocks}.0"))
+    head = model.get_output_embeddings()
+    head_names = {n for n, m in model.named_modules() if m is head}
+    others = {u.module: sum(nbytes[n] for n in stored_names(model, u.module)) for u in plan_units(loaded, config) if u.block is None}
+    capture = sum(v for k, v in others.items() if k not in head_names) if config.calibrated else 0
+    hidden = model.config.get_text_config(decoder=True).hidden_size
+    in_dims = [block0.get_submodule(n).in_features for n in arch.block_linears]
+    out_dims = [block0.get_submodule(n).out_features for n in arch.block_linears]
+    block = 2 * block_bytes + block_bytes // 4
+    if config.calibrated:
+        tokens = calibration.samples * calibration.ctx
+        copies = 3 if hasattr(config, "refine_block") else 2
+        batch_tokens = min(calibration.batch_size, calibration.samples) * calibration.ctx
+        block += 3 * max(in_dims) ** 2 * 4 + copies * tokens * hidden * 4 + 4 * batch_tokens * max(out_dims) * 4
+    other = max(others.values(), default=0) * 2
+    base = _rss_bytes()
+    peak = base + max(capture, block, other)
+    return {"peak_mb": peak / 1e6, "process_mb": base / 1e6, "capture_mb": capture / 1e6, "block_mb": block / 1e6,
+            "other_mb": other / 1e6, "model_mb": sum(nbytes[n] for n in stored_names(model, "")) / 1e6}
+
+
+def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Path, calibration: CalibrationConfig | None = None,
+                      progress: bool = True) -> StreamedResult:
+    """Quantise the streamed ``loaded`` (`open_streamed`) with ``config`` and write the
+    sharded checkpoint ``out`` as it goes (module docstring); an unfinished run of the same
+    command into ``out`` is continued. Returns the layers' reports; the model is left on
+    the meta device."""
+    from safetensors import safe_open
+
+    from lowbit.pipeline import check_arguments, plan_layers, quantize_head
+
+    if not loaded.is_streamed:
+        raise LowbitError("quantize_streamed takes a model opened with lowbit.models.streamed.open_streamed; use quantize_model for one in memory")
+    check_arguments(loaded, config, calibration, streamed=True)
+    out = Path(out)
+    model, arch = loaded.model, loaded.arch
+    layers = dict(plan_layers(model, arch, config))
+    calibration = (calibration or CalibrationConfig()) if config.calibrated else None
+    units = plan_units(loaded, config)
+    last_block = max(u.block for u in units if u.block is not None)
+    record = {"method": config.to_dict(), "calibration": calibration.to_dict() if calibration else None, "source": loaded.source,
+              "source_files": source_record(loaded), "units": len(units), "dtype": str(loaded.dtype), "lowbit_version": __version__}
+    journal = Journal.open(out, record, len(units))
+    result = StreamedResult(estimate=streamed_estimate(loaded, config, calibration))
+    phases = dict.fromkeys(("read", "capture", "statistics", "accumulate", "quantize", "refine", "outputs", "write"), 0.0)
+    start = time.perf_counter()
+    done = [u for u in units if journal.finished(u, last_block, calibration is not None)]
+    first = next((u.index for u in units if u not in done), len(units))
+    result.resumed_units = first
+    if first:
+        log.warning("continuing the unfinished run in %s: %d of %d units are done", journal.directory, first, len(units))
+    batches = None
+    patterns = [re.compile(p) for p in config.skip]
+    first_block = min(first, last_block + 1)
+    if calibration is not None and first_block <= last_block:
+        tick = time.perf_counter()
+        samples = calibration.tokens(loaded.tokenizer)
+        outside = [u.module for u in units if u.block is None]
+        head = model.get_output_embeddings()
+        needed = [m for m in outside if model.get_submodule(m) is not head]
+        for module in needed:
+            load_part(loaded, module)
+        phases["read"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        batches = capture_block_inputs(model, arch, samples, calibration.batch_size)
+        phases["capture"] += time.perf_counter() - tick
+        for module in needed:
+            release_part(model, module)
+        if first_block > 0:
+            for batch, hidden in zip(batches, journal.load_hidden(first_block - 1), strict=True):
+                batch.hidden = hidden
+    blocks = decoder_blocks(model, arch)
+    bar = tqdm(total=len(units), initial=first, desc=f"{config.name} (streamed)", unit="unit", disable=not progress)
+    for unit in units[first:]:
+        tick = time.perf_counter()
+        load_part(loaded, unit.module)
+        phases["read"] += time.perf_counter() - tick
+        if unit.block is not None and calibration is not None:
+            reports = quantize_block(blocks[unit.block], unit.block, batches, config, arch, patterns, phases,
+                                     calibration.true_sequential, progress)
+        else:
+            tick = time.perf_counter()
+            reports = _quantize_each(model, unit.module, layers, config)
+            if config.head is not None and model.get_submodule(unit.module) is model.get_output_embeddings():
+                reports.append(quantize_head(model, config.head))
+            phases["quantize"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        tensors = {n: t.contiguous() for n, t in model.state_dict().items() if n.startswith(unit.module + ".") and n in _stored(model, unit.module)}
+        entries = {n: layer_record(m) for n, m in quantized_layers(model.get_submodule(unit.module)).items()}
+        report = {"layers": [[r.name, list(r.shape), r.nbytes, r.info] for r in reports],
+                  "records": {f"{unit.module}.{n}".rstrip("."): entry for n, entry in entries.items()}}  # n is "" for the unit itself
+        journal.commit(unit, tensors, report)
+        if unit.block is not None and calibration is not None and unit.block < last_block:
+            journal.save_hidden(unit.index, [b.hidden for b in batches])
+        phases["write"] += time.perf_counter() - tick
+        release_part(model, unit.module)
+        bar.update(1)
+    bar.close()
+    tied = _tied_record(loaded, config)
+    header_layers, weight_map = {}, {}
+    for unit in units:
+        report = json.loads(journal.report(unit.index).read_text())
+        result.layers += [LayerResult(name, tuple(shape), nbytes, info) for name, shape, nbytes, info in report["layers"]]
+        header_layers.update(report["records"])
+        with safe_open(journal.shard(unit.index), framework="pt") as f:
+            weight_map.update(dict.fromkeys(f.keys(), journal.shard(unit.index).name))
+    header = checkpoint_header(loaded.source, model.config.model_type, config.to_dict(), calibration.to_dict() if calibration else None,
+                               dict(sorted(header_layers.items(), key=lambda kv: _order(kv[0], units))), tied)
+    if config.head is not None and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+    write_index(journal.checkpoint, header, weight_map)
+    model.config.to_json_file(journal.checkpoint / "config.json")
+    loaded.tokenizer.save_pretrained(journal.checkpoint)
+    publish_directory(journal.checkpoint, check_new_directory(out, "--out"))
+    shutil.rmtree(journal.directory)
+    result.seconds = time.perf_counter() - start
+    result.phases = phases
+    return result
+
+
+def _stored(model, prefix: str) -> set[str]:
+    return set(stored_names(model, prefix))
+
+
+def _order(name: str, units: list[Unit]) -> int:
+    return next((u.index for u in units if name.startswith(u.module + ".")), len(units))
+
+
+def _tied_record(loaded: LoadedModel, config: QuantizeConfig) -> dict[str, str]:
+    """The header's "tied" map, as `save_quantized` writes it for the same model in memory:
+    a tied head that stays float is stored once, under the embeddings' name."""
+    ties = loaded.weights.ties
+    if config.head is not None:
+        head = next(n for n, m in loaded.model.named_modules() if m is loaded.model.get_output_embeddings())
+        ties = {k: v for k, v in ties.items() if not k.startswith(head + ".")}
+    return dict(ties)
+
+
+def _quantize_each(model, module: str, layers: dict, config: QuantizeConfig) -> list[LayerResult]:
+    """Every planned linear under ``module``, each on its own (methods without calibration)."""
+    results = []
+    for name in [n for n in layers if n == module or n.startswith(module + ".")]:
+        linear = model.get_submodule(name)
+        with torch.no_grad():
+            qweight = config.quantize_weight(linear.weight, name)
+            sqnr = weight_sqnr_db(linear.weight, qweight.dequantize())
+        set_module(model, name, config.module(qweight, linear.bias))
+        results.append(LayerResult(name, qweight.shape, qweight.nbytes, {"weight_sqnr_db": sqnr}))
+    return results
+
+
+def remove_partial(out: Path) -> None:
+    """Drop the unfinished run into ``out`` (its partial directory), if any."""
+    shutil.rmtree(partial_directory(Path(out)), ignore_errors=True)
+
+
+__all__ = ["StreamedResult", "partial_directory", "quantize_streamed", "remove_partial", "streamed_estimate"]
