@@ -554,7 +554,8 @@ def cmd_quantize(args, derived) -> int:
             calibration.tokens(skeleton.tokenizer)
     split = _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)[0] if args.eval else None
 
-    from lowbit.streaming import available_memory, in_memory_peak, partial_directory
+    from lowbit.streaming import in_memory_peak, partial_directory
+    from lowbit.system import available_memory
 
     cap = args.max_memory or available_memory()
     streamed = args.low_memory or partial_directory(out).exists()
@@ -954,6 +955,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lowbit: error: {one_line(err)}", file=sys.stderr)
             return EXIT_USER_ERROR
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lowbit: %(message)s")
+        if getattr(args, "low_memory", False):  # before torch allocates anything (lowbit.system says why)
+            from lowbit.system import return_freed_memory
+
+            return_freed_memory()
         if args.command != "methods":
             _import_heavy_libraries()
         start = time.perf_counter()

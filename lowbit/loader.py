@@ -36,17 +36,20 @@ def open_streamed(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """``ref`` (a float model: packaged, GGUF or Hugging Face directory) opened without its
     weights, for `lowbit.streaming.quantize_streamed`: the parameters stay on the meta
     device and each part is read from disk when it is needed
-    (`lowbit.models.streamed.open_streamed`). A GGUF file goes through the conversion cache."""
+    (`lowbit.models.streamed.open_streamed`). A GGUF file already in the conversion cache
+    streams from its conversion; any other is dequantised tensor by tensor as it is read
+    (no float copy of the whole model is ever made, on disk or in memory)."""
     from lowbit.models import streamed
+    from lowbit.models.loading import gguf_cache_path
 
     kind = ref_kind(ref)
     if kind == "lowbit":
         raise LowbitError(f"{ref} is already quantised; stream its float source instead")
-    if kind == "named":
-        return streamed.open_streamed(convert_gguf(NAMED_MODELS[ref].locate()), source=ref, dtype=dtype)
-    path = Path(ref)
-    directory = convert_gguf(path) if kind == "gguf" else path
-    return streamed.open_streamed(directory, source=str(path.resolve()), dtype=dtype)
+    path = NAMED_MODELS[ref].locate() if kind == "named" else Path(ref)
+    source = ref if kind == "named" else str(path.resolve())
+    if kind in ("named", "gguf") and (gguf_cache_path(path) / "config.json").is_file():
+        path = gguf_cache_path(path)
+    return streamed.open_streamed(path, source=source, dtype=dtype)
 
 
 @dataclass

@@ -55,6 +55,7 @@ from lowbit.models.streamed import load_part, release_part, stored_names
 from lowbit.modules.swap import set_module
 from lowbit.numerics.quantization import weight_sqnr_db
 from lowbit.outputs import check_new_directory, publish_directory
+from lowbit.system import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +206,10 @@ class StreamedResult:
     phases: dict = field(default_factory=dict)
 
 
-def available_memory() -> int:
-    """Bytes of memory free for a new allocation now (MemAvailable of /proc/meminfo)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise LowbitError("/proc/meminfo has no MemAvailable; give --max-memory")
+# What a streamed run's resident memory grows by as it goes, beyond the part in hand, in
+# units of one decoder block's float bytes: pages of the allocator and of torch's and
+# safetensors' buffers that stay mapped (measured: about one block on a 1.1B Llama).
+RUN_GROWTH = 1
 
 
 def in_memory_peak(model) -> int:
@@ -228,14 +226,18 @@ def _rss_bytes() -> int:
 
 
 def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: CalibrationConfig | None) -> dict:
-    """Peak memory (bytes) of a streamed run, by phase, before any weight is read: this
-    process now (interpreter, libraries, tokenizer), plus the largest of
+    """Peak memory (MB) of a streamed run, by phase, before any weight is read: this process
+    now (interpreter, libraries, tokenizer) plus what a run adds to it as it goes (allocator
+    and library caches, `RUN_GROWTH` of the block's float bytes), plus the largest of
     - capture: the non-block tensors the embedding forward needs (all but the head);
-    - a block: its float weights, their quantised copies, the float copy the block's outputs
-      are computed with, the statistics of its widest group (a Hessian, its inverse factor
-      and a working copy), the calibration hidden states (inputs, outputs and, for learned
-      rounding, the float targets) and one batch's intermediate activations;
-    - another unit: its float tensors and their quantised copy."""
+    - a block: its float weights as read, the float copy the block's outputs are computed
+      with (calibrated methods), the widest linear's rounding workspace (four float copies),
+      the quantised shard and its serialised copy, and for calibrated methods the statistics
+      of its widest group (a Hessian, its inverse factor and a working copy), the calibration
+      hidden states (inputs, outputs and, for learned rounding, the float targets) and one
+      batch's intermediate activations;
+    - another unit: its float tensors as read, the finiteness check's mask, the serialised
+      copy of what it writes (its quantised form when it is the quantised head)."""
     model, arch = loaded.model, loaded.arch
     blocks = decoder_blocks(model, arch)
     block0 = blocks[0]
@@ -248,16 +250,18 @@ def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: 
     others = {u.module: sum(nbytes[n] for n in stored_names(model, u.module)) for u in plan_units(loaded, config) if u.block is None}
     capture = sum(v for k, v in others.items() if k not in head_names) if config.calibrated else 0
     hidden = model.config.get_text_config(decoder=True).hidden_size
-    in_dims = [block0.get_submodule(n).in_features for n in arch.block_linears]
-    out_dims = [block0.get_submodule(n).out_features for n in arch.block_linears]
-    block = 2 * block_bytes + block_bytes // 4
+    linears = [block0.get_submodule(n) for n in arch.block_linears]
+    widest = max(m.in_features * m.out_features for m in linears) * 4
+    quantised = block_bytes // 4  # codes and scales at up to 8 bits, both copies
+    block = block_bytes + 4 * widest + quantised
     if config.calibrated:
         tokens = calibration.samples * calibration.ctx
         copies = 3 if hasattr(config, "refine_block") else 2
         batch_tokens = min(calibration.batch_size, calibration.samples) * calibration.ctx
-        block += 3 * max(in_dims) ** 2 * 4 + copies * tokens * hidden * 4 + 4 * batch_tokens * max(out_dims) * 4
-    other = max(others.values(), default=0) * 2
-    base = _rss_bytes()
+        block += block_bytes + 3 * max(m.in_features for m in linears) ** 2 * 4 + copies * tokens * hidden * 4
+        block += 4 * batch_tokens * max(m.out_features for m in linears) * 4
+    other = max(others.values(), default=0) * 9 // 4
+    base = _rss_bytes() + RUN_GROWTH * block_bytes
     peak = base + max(capture, block, other)
     return {"peak_mb": peak / 1e6, "process_mb": base / 1e6, "capture_mb": capture / 1e6, "block_mb": block / 1e6,
             "other_mb": other / 1e6, "model_mb": sum(nbytes[n] for n in stored_names(model, "")) / 1e6}
@@ -278,13 +282,14 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
     check_arguments(loaded, config, calibration, streamed=True)
     out = Path(out)
     model, arch = loaded.model, loaded.arch
-    layers = dict(plan_layers(model, arch, config))
+    layers = [name for name, _ in plan_layers(model, arch, config)]  # names only: a module kept here would keep its weights
     calibration = (calibration or CalibrationConfig()) if config.calibrated else None
     units = plan_units(loaded, config)
     last_block = max(u.block for u in units if u.block is not None)
     record = {"method": config.to_dict(), "calibration": calibration.to_dict() if calibration else None, "source": loaded.source,
               "source_files": source_record(loaded), "units": len(units), "dtype": str(loaded.dtype), "lowbit_version": __version__}
     journal = Journal.open(out, record, len(units))
+    return_freed_memory()  # the CLI also sets it before anything is allocated, where it works best
     result = StreamedResult(estimate=streamed_estimate(loaded, config, calibration))
     phases = dict.fromkeys(("read", "capture", "statistics", "accumulate", "quantize", "refine", "outputs", "write"), 0.0)
     start = time.perf_counter()
@@ -380,7 +385,7 @@ def _tied_record(loaded: LoadedModel, config: QuantizeConfig) -> dict[str, str]:
     return dict(ties)
 
 
-def _quantize_each(model, module: str, layers: dict, config: QuantizeConfig) -> list[LayerResult]:
+def _quantize_each(model, module: str, layers: list[str], config: QuantizeConfig) -> list[LayerResult]:
     """Every planned linear under ``module``, each on its own (methods without calibration)."""
     results = []
     for name in [n for n in layers if n == module or n.startswith(module + ".")]:

@@ -380,12 +380,12 @@ def test_conversion_cache_is_keyed_by_the_file_and_drops_stale_entries(tmp_path,
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
     source = tmp_path / "m.gguf"
     source.write_bytes(b"GGUF" + b"\0" * 64)
-    first = loading._gguf_cache_path(source)
+    first = loading.gguf_cache_path(source)
     first.mkdir(parents=True)
     (first / loading.SOURCE_RECORD).write_text(json.dumps({"gguf": str(source.resolve())}))
     stat = source.stat()
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed
-    second = loading._gguf_cache_path(source)
+    second = loading.gguf_cache_path(source)
     assert second != first
     second.mkdir()
     loading._remove_stale_conversions(source, second)

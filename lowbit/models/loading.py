@@ -63,7 +63,8 @@ class LoadedModel:
         return self.weights is not None
 
 
-def _gguf_cache_path(path: Path) -> Path:
+def gguf_cache_path(path: Path) -> Path:
+    """Where the float conversion of the GGUF file ``path`` is cached (it may not exist yet)."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir() / "converted" / f"{path.stem}-{key}"
@@ -126,7 +127,7 @@ def convert_gguf(path: Path) -> Path:
     interrupted or failed conversion leaves nothing that a later run would mistake for a
     finished one; a conversion with NaN or Inf weights is refused, not cached.
     """
-    target = _gguf_cache_path(path)
+    target = gguf_cache_path(path)
     if (target / "config.json").is_file():
         return target
     gguf_architecture(path)

@@ -87,6 +87,59 @@ class WeightFiles:
         return total
 
 
+@dataclass
+class GGUFWeights:
+    """The tensors of a GGUF file by their Hugging Face names, each dequantised to float when
+    read (`gguf.dequantize`, then the architecture's fix-ups: the Llama q/k row order, Gemma's
+    norm offset, as transformers' GGUF loader applies them), so a model in a GGUF file larger
+    than memory in float streams straight from it.
+
+    files: Hugging Face name -> the GGUF file (every name), for `WeightFiles`' interface.
+    tensors: Hugging Face name -> the reader's tensor.
+    """
+
+    directory: Path
+    files: dict[str, Path]
+    ties: dict[str, str]
+    tensors: dict[str, object]
+    processor: object
+
+    @staticmethod
+    def of(path: Path, model: nn.Module, ties: dict[str, str]) -> "GGUFWeights":
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+        from lowbit.models.loading import gguf_reader
+
+        reader = gguf_reader(path)
+        arch = reader.fields["general.architecture"].contents()
+        processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+        names = get_gguf_hf_weights_map(model, processor)
+        tensors = {names[t.name]: t for t in reader.tensors if t.name in names}
+        return GGUFWeights(path, dict.fromkeys(tensors, path), dict(ties), tensors, processor)
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors dequantised, in memory of their own (cast to ``dtype``)."""
+        from gguf import dequantize
+
+        missing = [n for n in names if n not in self.tensors]
+        if missing:
+            raise LowbitError(f"{self.directory}: no tensor for {missing[0]} (of {len(missing)} missing); the file does not match its architecture")
+        out = {}
+        for name in names:
+            tensor = self.tensors[name]
+            try:
+                values = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
+            except (ValueError, IndexError, NotImplementedError) as err:
+                raise LowbitError(f"could not dequantise {tensor.name} of {self.directory}: {one_line(err)}; the file is truncated or corrupted") from None
+            value = torch.from_numpy(values.copy())
+            if dtype is not None and value.dtype != dtype:
+                value = value.to(dtype)
+            if not torch.isfinite(value).all():
+                raise LowbitError(f"{self.directory}: tensor {tensor.name} dequantises to NaN/Inf; the file is corrupted")
+            out[name] = value
+        return out
+
+
 _ITEMSIZE = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
 
 
@@ -141,20 +194,34 @@ def release_part(model: nn.Module, prefix: str) -> None:
     model.get_submodule(prefix).to("meta")
 
 
-def open_streamed(directory: Path, source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A Hugging Face directory as a `LoadedModel` whose parameters stay on the meta device
-    until `load_part` brings a part in (persistent buffers too; non-persistent ones, such
-    as rotary frequencies, are computed from the config as usual)."""
+def open_streamed(path: Path, source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A Hugging Face directory or a GGUF file as a `LoadedModel` whose parameters stay on
+    the meta device until `load_part` brings a part in (persistent buffers too;
+    non-persistent ones, such as rotary frequencies, are computed from the config as usual).
+    A GGUF file's tensors are dequantised as they are read (`GGUFWeights`)."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from lowbit.models.architectures import architecture_for
+    from lowbit.models.loading import gguf_architecture
 
-    config = read_config(directory)
+    gguf = path.is_file()
+    if gguf:
+        gguf_architecture(path)  # a clear error for a family lowbit lacks, before transformers parses it
+        try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        except (ValueError, KeyError, IndexError, OSError) as err:
+            raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
+    else:
+        config, tokenizer = read_config(path), read_tokenizer(path)
     arch = architecture_for(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # from_config leaves a tied head untied on the meta device
-    weights = WeightFiles.of(directory, tied_names(model))
+    if hasattr(model.config, "quantization_config"):  # the GGUF marker: what streams out is float
+        del model.config.quantization_config
+    ties = tied_names(model)
+    weights = GGUFWeights.of(path, model, ties) if gguf else WeightFiles.of(path, ties)
     model.eval()
-    return LoadedModel(model=model, tokenizer=read_tokenizer(directory), source=source, arch=arch, weights=weights, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, arch=arch, weights=weights, dtype=dtype)
