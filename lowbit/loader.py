@@ -13,9 +13,11 @@ from torch import nn
 from lowbit.checkpoint import load_quantized, read_header
 from lowbit.errors import LowbitError
 from lowbit.models.architectures import Architecture, architecture_for
-from lowbit.models.loading import LoadedModel, convert_gguf, load_gguf, load_hf_dir, read_config, read_tokenizer
+from lowbit.models.loading import (LoadedModel, convert_gguf, gguf_cache_path, gguf_config_and_tokenizer, gguf_float_bytes, load_gguf,
+                                   load_hf_dir, read_config, read_tokenizer)
 from lowbit.models.refs import ref_kind
 from lowbit.models.registry import NAMED_MODELS
+from lowbit.system import available_memory
 
 
 def load_model(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -40,7 +42,6 @@ def open_streamed(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     streams from its conversion; any other is dequantised tensor by tensor as it is read
     (no float copy of the whole model is ever made, on disk or in memory)."""
     from lowbit.models import streamed
-    from lowbit.models.loading import gguf_cache_path
 
     kind = ref_kind(ref)
     if kind == "lowbit":
@@ -86,22 +87,24 @@ class Skeleton:
 
 def open_skeleton(ref: str) -> Skeleton:
     """``ref``'s config, tokenizer and structure, in a second or two (a packaged or GGUF model
-    is converted into the cache first, once)."""
+    is converted into the cache first, once, unless in float it would not fit in the memory
+    free now: then config and tokenizer come from the GGUF file, and the model streams)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     kind = ref_kind(ref)
-    if kind == "named":
-        directory = convert_gguf(NAMED_MODELS[ref].locate())
-    elif kind == "gguf":
-        directory = convert_gguf(Path(ref))
-    else:
-        directory = Path(ref)
+    directory = Path(ref)
+    if kind in ("named", "gguf"):
+        directory = NAMED_MODELS[ref].locate() if kind == "named" else Path(ref)
+        if (gguf_cache_path(directory) / "config.json").is_file() or gguf_float_bytes(directory) * 5 // 4 < available_memory():
+            directory = convert_gguf(directory)
     header = read_header(directory) if kind == "lowbit" else None
-    config = read_config(directory)
+    if directory.is_file():  # a GGUF larger than memory in float: read as it is, never converted whole
+        config, tokenizer = gguf_config_and_tokenizer(directory)
+    else:
+        config, tokenizer = read_config(directory), read_tokenizer(directory)
     stored, source = stored_form(ref, kind, header, config)
     arch = architecture_for(config.model_type)
-    tokenizer = read_tokenizer(directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     return Skeleton(ref=ref, kind=kind, config=config, tokenizer=tokenizer, model=model, arch=arch, header=header, stored=stored,

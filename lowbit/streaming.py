@@ -398,9 +398,4 @@ def _quantize_each(model, module: str, layers: list[str], config: QuantizeConfig
     return results
 
 
-def remove_partial(out: Path) -> None:
-    """Drop the unfinished run into ``out`` (its partial directory), if any."""
-    shutil.rmtree(partial_directory(Path(out)), ignore_errors=True)
-
-
-__all__ = ["StreamedResult", "partial_directory", "quantize_streamed", "remove_partial", "streamed_estimate"]
+__all__ = ["StreamedResult", "partial_directory", "quantize_streamed", "streamed_estimate"]

@@ -4,7 +4,6 @@ resumable after SIGKILL byte for byte, refusals, and the estimate against a meas
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -159,6 +158,13 @@ def test_the_memory_cap_refuses_before_any_work(tmp_path):
     assert bad.returncode == 2 and "is not a memory size" in bad.stderr
 
 
+# The child's peak RSS as wait4 reports it, measured from a small process: the kernel counts
+# the memory a process had when it exec'd into its peak, so a child of the test process
+# (gigabytes after the models earlier tests loaded) would report the test process's size.
+PEAK_RSS = ("import os, subprocess, sys; proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+            "_, status, usage = os.wait4(proc.pid, 0); print(usage.ru_maxrss); sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def _write_random_llama(directory: Path, hidden: int, intermediate: int, layers: int, vocab: int, seed: int = 0) -> int:
     """A random Llama written block by block as float32 safetensors shards with an index
     (never whole in memory); returns its bytes."""
@@ -201,11 +207,10 @@ def test_a_1b_model_streams_under_half_its_size(tmp_path):
     out = tmp_path / "streamed"
     argv = _cli("quantize", "--model", str(tmp_path / "src"), "--method", "rtn", "--bits", "4", "--group-size", "128", "--low-memory",
                 "--max-memory", str(cap), "--out", str(out))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    stderr = proc.stderr.read()
-    assert os.waitstatus_to_exitcode(status) == 0, stderr[-2000:]
-    peak = usage.ru_maxrss * 1024
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], capture_output=True, text=True, cwd=ROOT)
+    stderr = done.stderr
+    assert done.returncode == 0, stderr[-2000:]
+    peak = int(done.stdout.strip().splitlines()[-1]) * 1024
     estimate = float(re.search(r"estimated peak memory (\d+) MB", stderr)[1]) * 1e6
     assert peak < cap, f"peak RSS {peak / 1e6:.0f} MB is over the cap {cap / 1e6:.0f} MB"
     assert abs(estimate - peak) <= 0.25 * peak, f"estimate {estimate / 1e6:.0f} MB, measured peak {peak / 1e6:.0f} MB"
@@ -234,3 +239,31 @@ def test_a_gguf_streams_the_tensors_its_conversion_holds(packaged_gguf, name):
         chunk = names[start : start + 16]
         for key, value in model.weights.read(chunk).items():
             assert torch.equal(value, reference[key]), key
+
+
+def test_a_gguf_split_across_packages_joins_once(tmp_path, monkeypatch, packaged_gguf):
+    """A model shipped as numbered part packages: the number of parts comes from the GGUF
+    header in part 0 alone, the parts join into the cache byte for byte, and a missing part
+    is named with the install command."""
+    from lowbit.models.registry import NamedModel, gguf_end
+
+    whole = packaged_gguf("smollm2").read_bytes()
+    size = 40 << 20
+    parts = [whole[i : i + size] for i in range(0, len(whole), size)]
+    assert len(parts) == 3
+    for i, part in enumerate(parts):
+        package = tmp_path / "site" / f"split_part_{i:04d}"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / f"model_part_{i:04d}").write_bytes(part)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    assert gguf_end(tmp_path / "site" / "split_part_0000" / "model_part_0000") == len(whole)
+    model = NamedModel(name="split", pip_name="split-part-0000", module="split_part_0000", gguf_file="split.gguf", description="",
+                       install="pip install split-part-0000 ... split-part-0002", part_file=("split_part_{:04d}", "model_part_{:04d}"))
+    assert model.locate().read_bytes() == whole
+    (tmp_path / "cache" / "gguf" / "split.gguf").unlink()
+    (tmp_path / "site" / "split_part_0002" / "model_part_0002").unlink()
+    with pytest.raises(LowbitError, match=r"split into 3 packages and 1 are not installed \(part 0002 first\); install them with: pip install split"):
+        model.locate()
+    assert not (tmp_path / "cache" / "gguf" / "split.gguf").exists()

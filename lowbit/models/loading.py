@@ -98,6 +98,29 @@ def gguf_architecture(path: Path) -> Architecture:
     return architecture_for_gguf(name, path)
 
 
+def gguf_float_bytes(path: Path) -> int:
+    """Bytes of the GGUF file's tensors once dequantised to float32 (from its metadata)."""
+    check_gguf_magic(path)
+    try:
+        return sum(int(t.n_elements) for t in gguf_reader(path).tensors) * 4
+    except (ValueError, KeyError, IndexError, OSError) as err:
+        raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
+
+
+def gguf_config_and_tokenizer(path: Path):
+    """The Hugging Face config and tokenizer transformers builds from a GGUF file's
+    metadata (no tensor is read)."""
+    gguf_architecture(path)  # a clear error for a family lowbit lacks, before transformers parses it
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except (ValueError, KeyError, IndexError, OSError) as err:
+        raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
+    if hasattr(config, "quantization_config"):  # the GGUF marker: lowbit's float view of it is float
+        del config.quantization_config
+    return config, tokenizer
+
+
 def non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
     """The first float tensor holding NaN or Inf, and how many such values it holds; None
     if every one is finite."""

