@@ -67,6 +67,11 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, method):
     _same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
     assert all(p.device.type == "meta" for p in streamed.model.parameters())  # nothing left in memory
     assert not partial_directory(tmp_path / "streamed").exists()
+    if method == "gptq":
+        from lowbit.info import describe_path
+
+        text = describe_path(tmp_path / "streamed")
+        assert " in 5 shards" in text and "21 quantised linears" in text
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
