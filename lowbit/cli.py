@@ -559,8 +559,9 @@ def cmd_quantize(args, derived) -> int:
 
     cap = args.max_memory or available_memory()
     streamed = args.low_memory or partial_directory(out).exists()
-    if not streamed and in_memory_peak(skeleton.model) > cap:
-        print(f"{args.model} needs about {in_memory_peak(skeleton.model) / 1e9:.1f} GB in memory, more than {cap / 1e9:.1f} GB "
+    need = 0 if streamed else in_memory_peak(skeleton.model)
+    if need > cap:
+        print(f"{args.model} needs about {need / 1e9:.1f} GB in memory, more than {cap / 1e9:.1f} GB "
               f"({'--max-memory' if args.max_memory else 'free now'}): streaming it from disk block by block (--low-memory)", file=sys.stderr)
         streamed = True
     if streamed:

@@ -151,18 +151,24 @@ def quantize_model(loaded: LoadedModel, config: QuantizeConfig, calibration: Cal
                                         true_sequential=calibration.true_sequential, progress=progress)
         results, estimate, phases = engine.layers, engine.estimate, engine.phases
     else:
-        results = []
-        for name, linear in tqdm(layers, desc=config.describe(), disable=not progress, unit="layer"):
-            with torch.no_grad():
-                qweight = config.quantize_weight(linear.weight, name)
-                sqnr = weight_sqnr_db(linear.weight, qweight.dequantize())
-            set_module(loaded.model, name, config.module(qweight, linear.bias))
-            results.append(LayerResult(name, qweight.shape, qweight.nbytes, {"weight_sqnr_db": sqnr}))
+        results = [quantize_linear(loaded.model, name, config)
+                   for name, _ in tqdm(layers, desc=config.describe(), disable=not progress, unit="layer")]
     if config.head is not None:
         results.append(quantize_head(loaded.model, config.head))
     loaded.header = {"method": config.to_dict(), "calibration": calibration.to_dict() if config.calibrated else None, "source": loaded.source}
     return QuantizeResult(config=config, seconds=time.perf_counter() - start, layers=results, estimate=estimate, phases=phases,
                           budget=plan)
+
+
+def quantize_linear(model: nn.Module, name: str, config: QuantizeConfig) -> LayerResult:
+    """Quantise the linear ``name`` of ``model`` on its own with ``config.quantize_weight``
+    (a method without calibration) and swap the result in, in place."""
+    linear = model.get_submodule(name)
+    with torch.no_grad():
+        qweight = config.quantize_weight(linear.weight, name)
+        sqnr = weight_sqnr_db(linear.weight, qweight.dequantize())
+    set_module(model, name, config.module(qweight, linear.bias))
+    return LayerResult(name, qweight.shape, qweight.nbytes, {"weight_sqnr_db": sqnr})
 
 
 def quantize_head(model: nn.Module, spec: QuantSpec) -> LayerResult:

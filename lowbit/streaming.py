@@ -14,7 +14,8 @@ Everything goes into a partial directory beside the output (``.<name>.lowbit-par
 
     run.json                     what the run is (method, calibration, source files): a
                                  different command refuses to continue it
-    report-000II.json            unit II's layers' reports and header entries, written first
+    report-000II.json            unit II's layers' reports, header entries and tensor names,
+                                 written first
     hidden-000II.safetensors     the calibration hidden states after block II (the next
                                  block's inputs); only the newest is kept
     checkpoint/                  the output being built:
@@ -52,10 +53,9 @@ from lowbit.methods.config import QuantizeConfig
 from lowbit.models.architectures import decoder_blocks
 from lowbit.models.loading import LoadedModel
 from lowbit.models.streamed import load_part, release_part, stored_names
-from lowbit.modules.swap import set_module
-from lowbit.numerics.quantization import weight_sqnr_db
 from lowbit.outputs import check_new_directory, publish_directory
-from lowbit.system import return_freed_memory
+from lowbit.pipeline import check_arguments, head_name, plan_layers, quantize_head, quantize_linear
+from lowbit.system import resident_bytes, return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,8 @@ def plan_units(loaded: LoadedModel, config: QuantizeConfig) -> list[Unit]:
         module = name.rpartition(".")[0]
         if module not in others:
             others.append(module)
-    head = loaded.model.get_output_embeddings()
-    head_name = next(n for n, m in loaded.model.named_modules() if m is head)
-    if config.head is not None and head_name not in others:
-        others.append(head_name)
+    if config.head is not None and head_name(loaded.model) not in others:
+        others.append(head_name(loaded.model))
     units += [Unit(n_blocks + i, module) for i, module in enumerate(others)]
     return units
 
@@ -217,12 +215,7 @@ def in_memory_peak(model) -> int:
     memory: this process, the float32 weights and a quarter more for quantised copies and
     a method's workspace."""
     weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
-    return _rss_bytes() + weights * 5 // 4
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resident_bytes() + weights * 5 // 4
 
 
 def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: CalibrationConfig | None) -> dict:
@@ -246,9 +239,8 @@ def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: 
               for n, t in model.state_dict(keep_vars=True).items()}
     block_bytes = sum(nbytes[n] for n in stored_names(model, f"{arch.blocks}.0"))
     head = model.get_output_embeddings()
-    head_names = {n for n, m in model.named_modules() if m is head}
     others = {u.module: sum(nbytes[n] for n in stored_names(model, u.module)) for u in plan_units(loaded, config) if u.block is None}
-    capture = sum(v for k, v in others.items() if k not in head_names) if config.calibrated else 0
+    capture = sum(v for k, v in others.items() if model.get_submodule(k) is not head) if config.calibrated else 0
     hidden = model.config.get_text_config(decoder=True).hidden_size
     linears = [block0.get_submodule(n) for n in arch.block_linears]
     widest = max(m.in_features * m.out_features for m in linears) * 4
@@ -261,7 +253,7 @@ def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: 
         block += block_bytes + 3 * max(m.in_features for m in linears) ** 2 * 4 + copies * tokens * hidden * 4
         block += 4 * batch_tokens * max(m.out_features for m in linears) * 4
     other = max(others.values(), default=0) * 9 // 4
-    base = _rss_bytes() + RUN_GROWTH * block_bytes
+    base = resident_bytes() + RUN_GROWTH * block_bytes
     peak = base + max(capture, block, other)
     return {"peak_mb": peak / 1e6, "process_mb": base / 1e6, "capture_mb": capture / 1e6, "block_mb": block / 1e6,
             "other_mb": other / 1e6, "model_mb": sum(nbytes[n] for n in stored_names(model, "")) / 1e6}
@@ -273,10 +265,6 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
     sharded checkpoint ``out`` as it goes (module docstring); an unfinished run of the same
     command into ``out`` is continued. Returns the layers' reports; the model is left on
     the meta device."""
-    from safetensors import safe_open
-
-    from lowbit.pipeline import check_arguments, plan_layers, quantize_head
-
     if not loaded.is_streamed:
         raise LowbitError("quantize_streamed takes a model opened with lowbit.models.streamed.open_streamed; use quantize_model for one in memory")
     check_arguments(loaded, config, calibration, streamed=True)
@@ -285,6 +273,7 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
     layers = [name for name, _ in plan_layers(model, arch, config)]  # names only: a module kept here would keep its weights
     calibration = (calibration or CalibrationConfig()) if config.calibrated else None
     units = plan_units(loaded, config)
+    tied = _tied_record(loaded, config)  # before the head is swapped for its quantised module
     last_block = max(u.block for u in units if u.block is not None)
     record = {"method": config.to_dict(), "calibration": calibration.to_dict() if calibration else None, "source": loaded.source,
               "source_files": source_record(loaded), "units": len(units), "dtype": str(loaded.dtype), "lowbit_version": __version__}
@@ -293,8 +282,7 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
     result = StreamedResult(estimate=streamed_estimate(loaded, config, calibration))
     phases = dict.fromkeys(("read", "capture", "statistics", "accumulate", "quantize", "refine", "outputs", "write"), 0.0)
     start = time.perf_counter()
-    done = [u for u in units if journal.finished(u, last_block, calibration is not None)]
-    first = next((u.index for u in units if u not in done), len(units))
+    first = next((u.index for u in units if not journal.finished(u, last_block, calibration is not None)), len(units))
     result.resumed_units = first
     if first:
         log.warning("continuing the unfinished run in %s: %d of %d units are done", journal.directory, first, len(units))
@@ -329,14 +317,15 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
                                      calibration.true_sequential, progress)
         else:
             tick = time.perf_counter()
-            reports = _quantize_each(model, unit.module, layers, config)
+            reports = [quantize_linear(model, name, config) for name in layers if name == unit.module or name.startswith(unit.module + ".")]
             if config.head is not None and model.get_submodule(unit.module) is model.get_output_embeddings():
                 reports.append(quantize_head(model, config.head))
             phases["quantize"] += time.perf_counter() - tick
         tick = time.perf_counter()
-        tensors = {n: t.contiguous() for n, t in model.state_dict().items() if n.startswith(unit.module + ".") and n in _stored(model, unit.module)}
+        state = model.state_dict()
+        tensors = {n: state[n].contiguous() for n in stored_names(model, unit.module)}
         entries = {n: layer_record(m) for n, m in quantized_layers(model.get_submodule(unit.module)).items()}
-        report = {"layers": [[r.name, list(r.shape), r.nbytes, r.info] for r in reports],
+        report = {"layers": [[r.name, list(r.shape), r.nbytes, r.info] for r in reports], "tensors": sorted(tensors),
                   "records": {f"{unit.module}.{n}".rstrip("."): entry for n, entry in entries.items()}}  # n is "" for the unit itself
         journal.commit(unit, tensors, report)
         if unit.block is not None and calibration is not None and unit.block < last_block:
@@ -345,14 +334,12 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
         release_part(model, unit.module)
         bar.update(1)
     bar.close()
-    tied = _tied_record(loaded, config)
     header_layers, weight_map = {}, {}
     for unit in units:
         report = json.loads(journal.report(unit.index).read_text())
         result.layers += [LayerResult(name, tuple(shape), nbytes, info) for name, shape, nbytes, info in report["layers"]]
         header_layers.update(report["records"])
-        with safe_open(journal.shard(unit.index), framework="pt") as f:
-            weight_map.update(dict.fromkeys(f.keys(), journal.shard(unit.index).name))
+        weight_map.update(dict.fromkeys(report["tensors"], journal.shard(unit.index).name))
     header = checkpoint_header(loaded.source, model.config.model_type, config.to_dict(), calibration.to_dict() if calibration else None,
                                dict(sorted(header_layers.items(), key=lambda kv: _order(kv[0], units))), tied)
     if config.head is not None and getattr(model.config, "tie_word_embeddings", False):
@@ -367,10 +354,6 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
     return result
 
 
-def _stored(model, prefix: str) -> set[str]:
-    return set(stored_names(model, prefix))
-
-
 def _order(name: str, units: list[Unit]) -> int:
     return next((u.index for u in units if name.startswith(u.module + ".")), len(units))
 
@@ -380,22 +363,9 @@ def _tied_record(loaded: LoadedModel, config: QuantizeConfig) -> dict[str, str]:
     a tied head that stays float is stored once, under the embeddings' name."""
     ties = loaded.weights.ties
     if config.head is not None:
-        head = next(n for n, m in loaded.model.named_modules() if m is loaded.model.get_output_embeddings())
+        head = head_name(loaded.model)
         ties = {k: v for k, v in ties.items() if not k.startswith(head + ".")}
     return dict(ties)
-
-
-def _quantize_each(model, module: str, layers: list[str], config: QuantizeConfig) -> list[LayerResult]:
-    """Every planned linear under ``module``, each on its own (methods without calibration)."""
-    results = []
-    for name in [n for n in layers if n == module or n.startswith(module + ".")]:
-        linear = model.get_submodule(name)
-        with torch.no_grad():
-            qweight = config.quantize_weight(linear.weight, name)
-            sqnr = weight_sqnr_db(linear.weight, qweight.dequantize())
-        set_module(model, name, config.module(qweight, linear.bias))
-        results.append(LayerResult(name, qweight.shape, qweight.nbytes, {"weight_sqnr_db": sqnr}))
-    return results
 
 
 __all__ = ["StreamedResult", "partial_directory", "quantize_streamed", "streamed_estimate"]

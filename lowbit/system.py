@@ -29,6 +29,14 @@ def return_freed_memory() -> None:
         log.info("could not set the allocator's mmap threshold (not glibc); freed blocks may stay resident")
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now, in bytes (/proc/self/statm)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def available_memory() -> int:
     """Bytes of memory free for a new allocation now (MemAvailable of /proc/meminfo)."""
     with open("/proc/meminfo") as f:

@@ -1,10 +1,11 @@
 """Models opened without their weights, for models larger than memory.
 
 `open_streamed` builds the model from its config on the meta device (names and shapes, no
-memory) and indexes its safetensors files (one file or Hugging Face shards). A part of the
-model (the embeddings, one decoder block) is brought in when work reaches it
-(`WeightFiles.load`: each tensor read from the memory-mapped file into memory it owns) and
-sent back to the meta device after (`release`), so peak memory is that part, not the model.
+memory) and indexes its safetensors files (one file or Hugging Face shards) or its GGUF
+file. A part of the model (the embeddings, one decoder block) is brought in when work
+reaches it (`load_part`: each tensor read from its file, or dequantised from the GGUF) and
+sent back to the meta device after (`release_part`), so peak memory is that part, not the
+model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lowbit.errors import LowbitError, one_line
-from lowbit.models.loading import LoadedModel, read_config, read_tokenizer
+from lowbit.models.loading import LoadedModel, non_finite, read_config, read_tokenizer
 
 HF_INDEX = "model.safetensors.index.json"
 
@@ -66,8 +67,6 @@ class WeightFiles:
                         tensor = f.get_tensor(name)
                         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                             tensor = tensor.to(dtype)
-                        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                            raise LowbitError(f"{file}: tensor {name} holds NaN/Inf values; the checkpoint is corrupted")
                         out[name] = tensor
             except (SafetensorError, OSError) as err:
                 raise LowbitError(f"could not read {file}: {one_line(err)}; the file is truncated or corrupted") from None
@@ -119,14 +118,8 @@ class GGUFWeights:
             except (ValueError, IndexError, NotImplementedError) as err:
                 raise LowbitError(f"could not dequantise {tensor.name} of {self.directory}: {one_line(err)}; the file is truncated or corrupted") from None
             value = torch.from_numpy(values.copy())
-            if dtype is not None and value.dtype != dtype:
-                value = value.to(dtype)
-            if not torch.isfinite(value).all():
-                raise LowbitError(f"{self.directory}: tensor {tensor.name} dequantises to NaN/Inf; the file is corrupted")
-            out[name] = value
+            out[name] = value if dtype is None or value.dtype == dtype else value.to(dtype)
         return out
-
-
 
 
 def stored_names(model: nn.Module, prefix: str) -> list[str]:
@@ -165,6 +158,9 @@ def load_part(loaded: LoadedModel, prefix: str) -> None:
     canonical = {n: weights.ties.get(n, n) for n in wanted}
     keys = {n: c if c in weights.files else n for n, c in canonical.items()}
     tensors = weights.read(sorted(set(keys.values())), dtype=loaded.dtype)
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise LowbitError(f"{weights.directory}: tensor {bad[0]} holds {bad[1]} NaN/Inf values; the model is corrupted")
     for name in wanted:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
