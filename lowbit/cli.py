@@ -228,6 +228,12 @@ def _add_eval_args(p: argparse.ArgumentParser, suppress: bool = False) -> None:
                    + (f"(default with --eval: {DEFAULT_PROMPT!r})" if suppress else "(default: none)"))
 
 
+def _add_memory_args(group, low_memory_help: str) -> None:
+    group.add_argument("--low-memory", action="store_true", help=low_memory_help)
+    group.add_argument("--max-memory", type=memory_size, metavar="SIZE",
+                       help="refuse to start when the estimated peak exceeds this, e.g. 8GB or 900MB (default: the memory free now)")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     """The parser, and the derived flags of each command that has them."""
     from lowbit.calibration.config import CalibrationConfig
@@ -250,13 +256,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         p.add_argument("--method", default=default, choices=list(methods), help=f"the method (default {default})")
         p.add_argument("--out", required=True, help="new directory to write")
         p.add_argument("--eval", action="store_true", help="then evaluate against the source model: the before/after table and generated text from both")
-        memory = p.add_argument_group("memory (models larger than RAM)")
-        memory.add_argument("--low-memory", action="store_true",
-                            help="stream the model from disk one decoder block at a time and write the checkpoint in shards as it goes "
-                                 "(peak: one block plus the calibration activations); chosen by itself when the model does not fit "
-                                 "--max-memory. A killed run continues where it stopped when the same command is given again")
-        memory.add_argument("--max-memory", type=memory_size, metavar="SIZE",
-                            help="refuse to start when the estimated peak exceeds this, e.g. 8GB or 900MB (default: the memory free now)")
+        _add_memory_args(p.add_argument_group("memory (models larger than RAM)"),
+                         "stream the model from disk one decoder block at a time and write the checkpoint in shards as it goes "
+                         "(peak: one block plus the calibration activations; --eval streams too); chosen by itself when the model "
+                         "does not fit --max-memory. A killed run continues where it stopped when the same command is given again")
         _add_eval_args(p.add_argument_group("evaluation (with --eval)"), suppress=True)
         derived[command] = add_setting_flags(p, list(methods.values()))
         calibrated = [n for n, c in methods.items() if c.calibrated]
@@ -275,6 +278,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     e.add_argument("--reference", help="model to compare with (default: the float source a quantised checkpoint records; none for a float "
                    "model or another tool's file)")
     _add_eval_args(e)
+    _add_memory_args(e.add_argument_group("memory (models larger than RAM)"),
+                     "run every window through one decoder block at a time, read from disk and released after (peak: one block "
+                     "plus the windows' hidden states; quantised linears stay packed); chosen by itself when the models do not "
+                     "fit --max-memory")
 
     trainers = training_methods()
     f = sub.add_parser("finetune", help="QLoRA (NF4 base + LoRA adapters) or QAT (straight-through estimator) fine-tuning")
@@ -459,13 +466,15 @@ def _announce(skeleton, loaded) -> None:
               "pack-quantized directories as quantised)", file=sys.stderr)
 
 
-def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | None, split=None, quantize_info: dict | None = None) -> int:
+def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | None, split=None, quantize_info: dict | None = None,
+              streamed: bool = False) -> int:
     """Check everything, then score ``model_ref`` (against ``reference_ref``, or a quantised
     model's source) and print the table (and the generated text with ``prompt``). ``split``:
     the evaluation text already tokenised with this model's tokenizer (tokenising
-    Shakespeare takes 5 s)."""
+    Shakespeare takes 5 s). ``streamed``: one block at a time (`_run_eval_streamed`), as
+    after a streamed quantisation; also chosen by --low-memory or by size."""
     from lowbit.data.corpora import eval_windows
-    from lowbit.evaluation import evaluate, results_table, write_json
+    from lowbit.evaluation import evaluate, results_table
     from lowbit.loader import load_model, open_checkpoint
     from lowbit.outputs import check_output_file
 
@@ -488,6 +497,8 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
         if reference_skeleton.model.get_output_embeddings().out_features != skeleton.model.get_output_embeddings().out_features:
             raise LowbitError(f"{model_ref} and the reference {reference_ref} have different vocabularies; compare models of one family")
 
+    if _eval_streamed(args, skeleton, reference_skeleton, streamed):
+        return _run_eval_streamed(model_ref, reference_ref, args, skeleton, split, windows, quantize_info)
     loaded = open_checkpoint(model_ref)
     reference = load_model(reference_ref) if reference_ref else None
     models = {}
@@ -501,6 +512,66 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
     print(results_table(results, baseline=next(iter(models)) if reference is not None else None))
     if prompt:
         _print_samples(models, loaded.tokenizer, prompt)
+    _write_eval_json(args, model_ref, reference_ref, split, windows, loaded.header, results, quantize_info)
+    return 0
+
+
+def _eval_streamed(args, skeleton, reference_skeleton, streamed: bool) -> bool:
+    """Whether `lowbit eval` streams (--low-memory, a streamed quantisation before it, or
+    models whose in-memory evaluation would not fit --max-memory), said on stderr when
+    chosen by size."""
+    from lowbit.streaming import in_memory_peak
+    from lowbit.system import available_memory
+
+    if streamed or getattr(args, "low_memory", False):
+        return True
+    cap = getattr(args, "max_memory", None) or available_memory()
+    need = in_memory_peak(skeleton.model) + (0 if reference_skeleton is None else in_memory_peak(reference_skeleton.model))
+    if need <= cap:
+        return False
+    print(f"evaluating in memory needs about {need / 1e9:.1f} GB, more than {cap / 1e9:.1f} GB "
+          f"({'--max-memory' if getattr(args, 'max_memory', None) else 'free now'}): streaming block by block (--low-memory)", file=sys.stderr)
+    return True
+
+
+def _run_eval_streamed(model_ref: str, reference_ref: str | None, args, skeleton, split, windows, quantize_info: dict | None) -> int:
+    """`lowbit eval --low-memory` (`lowbit.evaluation.streamed`): the estimate printed and
+    held to --max-memory, then the models scored one block at a time."""
+    from lowbit.evaluation import results_table
+    from lowbit.evaluation.streamed import evaluate_streamed, streamed_eval_estimate
+    from lowbit.loader import open_streamed
+    from lowbit.system import available_memory
+
+    if skeleton.stored == "compressed-tensors":
+        raise LowbitError(f"{model_ref} is a compressed-tensors directory, which lowbit evaluates in memory only; drop --low-memory")
+    loaded = open_streamed(model_ref)
+    reference = open_streamed(reference_ref) if reference_ref else None
+    models = {}
+    if reference is not None:
+        models[f"{Path(reference_ref).name} (reference)"] = reference
+    models[Path(model_ref).name if skeleton.stored else model_ref] = loaded
+    est = streamed_eval_estimate(list(models.values()), len(windows), windows.shape[1])
+    cap = getattr(args, "max_memory", None) or available_memory()
+    print(f"streamed evaluation: estimated peak memory {est['peak_mb']:.0f} MB (hidden states {est['hidden_mb']:.0f}, plus at most: "
+          f"a block {est['block_mb']:.0f}, the tensors outside the blocks {est['head_mb']:.0f})", file=sys.stderr)
+    if est["peak_mb"] * 1e6 > cap:
+        raise LowbitError(f"the streamed evaluation needs about {est['peak_mb']:.0f} MB, more than the {cap / 1e6:.0f} MB "
+                          f"{'--max-memory allows' if getattr(args, 'max_memory', None) else 'free now'}; free memory, raise --max-memory, "
+                          "or score fewer --windows")
+    print(f"evaluating on {split.label}: {len(windows)} windows of {args.ctx} tokens{' (BOS first)' if split.bos_id is not None else ''}, "
+          "one block at a time", file=sys.stderr)
+    results = evaluate_streamed(models, windows, reference=reference)
+    print(results_table(results, baseline=next(iter(models)) if reference is not None else None))
+    if args.prompt:
+        print(f"(no continuation of --prompt: generating token by token re-reads every block; run lowbit generate --model {model_ref}, "
+              "which keeps quantised linears packed)", file=sys.stderr)
+    _write_eval_json(args, model_ref, reference_ref, split, windows, loaded.header, results, quantize_info)
+    return 0
+
+
+def _write_eval_json(args, model_ref, reference_ref, split, windows, header, results, quantize_info) -> None:
+    from lowbit.evaluation import write_json
+
     if args.json:
         payload = {
             **results[-1].to_dict(),
@@ -509,13 +580,12 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
             "corpus": split.label,
             "ctx": args.ctx,
             "windows": len(windows),
-            "method": loaded.header["method"] if loaded.is_quantized else None,
+            "method": header["method"] if header is not None else None,
             "results": [r.to_dict() for r in results],
             **(quantize_info or {}),
         }
         write_json(args.json, payload)
         print(f"wrote {args.json}", file=sys.stderr)
-    return 0
 
 
 def cmd_quantize(args, derived) -> int:
@@ -582,7 +652,7 @@ def cmd_quantize(args, derived) -> int:
         print(describe_phases(result.phases))
     if args.eval:  # the checkpoint keeps the source's tokenizer, so the text tokenised above serves
         return _run_eval(str(out), None, args, args.prompt, split=split,
-                         quantize_info={"quantize_seconds": result.seconds, "quantize_phases": result.phases})
+                         quantize_info={"quantize_seconds": result.seconds, "quantize_phases": result.phases}, streamed=streamed)
     return 0
 
 

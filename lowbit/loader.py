@@ -35,17 +35,16 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
 
 
 def open_streamed(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """``ref`` (a float model: packaged, GGUF or Hugging Face directory) opened without its
-    weights, for `lowbit.streaming.quantize_streamed`: the parameters stay on the meta
-    device and each part is read from disk when it is needed
-    (`lowbit.models.streamed.open_streamed`). A GGUF file already in the conversion cache
-    streams from its conversion; any other is dequantised tensor by tensor as it is read
-    (no float copy of the whole model is ever made, on disk or in memory)."""
+    """``ref`` (packaged, GGUF, Hugging Face or lowbit directory) opened without its weights,
+    for `lowbit.streaming.quantize_streamed` (float sources) and
+    `lowbit.evaluation.streamed.evaluate_streamed`: the parameters stay on the meta device
+    and each part is read from disk when it is needed (`lowbit.models.streamed.open_streamed`;
+    a lowbit checkpoint's quantised linears come in packed). A GGUF file already in the
+    conversion cache streams from its conversion; any other is dequantised tensor by tensor
+    as it is read (no float copy of the whole model is ever made, on disk or in memory)."""
     from lowbit.models import streamed
 
     kind = ref_kind(ref)
-    if kind == "lowbit":
-        raise LowbitError(f"{ref} is already quantised; stream its float source instead")
     path = NAMED_MODELS[ref].locate() if kind == "named" else Path(ref)
     source = ref if kind == "named" else str(path.resolve())
     if kind in ("named", "gguf") and (gguf_cache_path(path) / "config.json").is_file():

@@ -52,7 +52,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods.config import QuantizeConfig
 from lowbit.models.architectures import decoder_blocks
 from lowbit.models.loading import LoadedModel
-from lowbit.models.streamed import load_part, release_part, stored_names
+from lowbit.models.streamed import load_part, outside_modules, release_part, stored_names
 from lowbit.outputs import check_new_directory, publish_directory
 from lowbit.pipeline import check_arguments, head_name, plan_layers, quantize_head, quantize_linear
 from lowbit.system import resident_bytes, return_freed_memory
@@ -93,13 +93,7 @@ def plan_units(loaded: LoadedModel, config: QuantizeConfig) -> list[Unit]:
     arch = loaded.arch
     n_blocks = len(decoder_blocks(loaded.model, arch))
     units = [Unit(i, f"{arch.blocks}.{i}", i) for i in range(n_blocks)]
-    others: list[str] = []
-    for name in stored_names(loaded.model, ""):
-        if name.startswith(arch.blocks + "."):
-            continue
-        module = name.rpartition(".")[0]
-        if module not in others:
-            others.append(module)
+    others = outside_modules(loaded.model, arch.blocks)
     if config.head is not None and head_name(loaded.model) not in others:
         others.append(head_name(loaded.model))
     units += [Unit(n_blocks + i, module) for i, module in enumerate(others)]

@@ -275,13 +275,52 @@ def test_a_gguf_split_across_packages_joins_once(tmp_path, monkeypatch, packaged
 
 
 def test_a_streamed_checkpoint_evaluates_like_any_other(tmp_path):
+    """quantize --low-memory --eval scores one block at a time; lowbit eval of the same
+    checkpoint in memory prints the same numbers."""
     source = _write(tiny_llama(seed=7, layers=2), tmp_path / "src")
     text = _text(tmp_path)
+    scoring = ("--text", str(text), "--windows", "2", "--ctx", "32")
     done = subprocess.run(_cli("quantize", "--model", str(source), "--method", "gptq", "--group-size", "32", "--calib-text", str(text),
                                "--calib-samples", "4", "--calib-ctx", "32", "--low-memory", "--out", str(tmp_path / "q"), "--eval",
-                               "--text", str(text), "--windows", "2", "--ctx", "32", "--json", str(tmp_path / "eval.json")),
+                               *scoring, "--json", str(tmp_path / "eval.json")),
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "one block at a time" in done.stderr and "streamed evaluation: estimated peak memory" in done.stderr
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert results[0]["kld"] == 0.0 and 0.0 < results[-1]["kld"] < 1.0
     assert results[-1]["bits_per_weight"] < 5.0
+    again = subprocess.run(_cli("eval", str(tmp_path / "q"), *scoring, "--json", str(tmp_path / "memory.json")),
+                           capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "one block at a time" not in again.stderr
+    in_memory = json.loads((tmp_path / "memory.json").read_text())["results"]
+    for streamed, whole in zip(results, in_memory, strict=True):
+        for key in ("perplexity", "kld", "top1_percent", "bits_per_weight", "model_bytes", "tokens"):
+            assert streamed[key] == whole[key], key
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_streamed_evaluation_gives_the_in_memory_numbers(tmp_path, family):
+    """evaluate_streamed (every window through one block at a time) scores a streamed float
+    source and a streamed checkpoint (Gemma's with an int8 head) exactly as evaluate does
+    with both in memory, and leaves nothing in memory."""
+    from lowbit.evaluation import evaluate
+    from lowbit.evaluation.streamed import evaluate_streamed
+
+    model = tiny_llama(seed=8, layers=3) if family == "llama" else tiny_model(family, seed=8)
+    source = _write(model, tmp_path / "src")
+    head = QuantSpec(bits=8, granularity="channel", group_size=None) if family == "gemma3" else None
+    quantize_streamed(open_streamed(str(source)), RTNConfig(spec=QuantSpec(bits=4, group_size=32), head=head), tmp_path / "q", progress=False)
+    windows = torch.randint(0, 250, (5, 33), generator=torch.Generator().manual_seed(0))
+    float_model, quantised = load_model(str(source)), load_quantized(tmp_path / "q")
+    whole = evaluate({"float": float_model.model, "w4": quantised.model}, windows, reference=float_model.model, progress=False)
+    streamed_source, streamed_quantised = open_streamed(str(source)), open_streamed(str(tmp_path / "q"))
+    assert streamed_quantised.is_quantized and streamed_quantised.is_streamed
+    parts = evaluate_streamed({"float": streamed_source, "w4": streamed_quantised}, windows, reference=streamed_source, batch_size=2,
+                              progress=False)
+    for mine, theirs in zip(parts, whole, strict=True):
+        assert (mine.perplexity, mine.kld, mine.top1_percent, mine.tokens) == (theirs.perplexity, theirs.kld, theirs.top1_percent, theirs.tokens)
+        assert (mine.bits_per_weight, mine.model_bytes) == (theirs.bits_per_weight, theirs.model_bytes)
+    assert parts[1].kld > 0
+    for loaded in (streamed_source, streamed_quantised):
+        assert all(t.is_meta for t in loaded.model.state_dict().values())

@@ -62,10 +62,10 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def linear_bits_per_weight(model: nn.Module) -> float:
-    """Storage bits per weight over the model's linear layers, float or quantised, leaving
-    out the output head (`get_output_embeddings`) and everything inside it (the QuantLinear
-    a kernel wraps, ``lm_head.reference``, goes with its ``lm_head``)."""
+def linear_storage(model: nn.Module) -> tuple[int, int]:
+    """(storage bytes, weights) of the model's linear layers, float or quantised, leaving
+    out the output head (`get_output_embeddings`, where ``model`` has one) and everything
+    inside it (the QuantLinear a kernel wraps, ``lm_head.reference``, goes with its ``lm_head``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inside_head = set() if head is None else {id(m) for m in head.modules()}
     nbytes = count = 0
@@ -78,6 +78,12 @@ def linear_bits_per_weight(model: nn.Module) -> float:
         elif isinstance(module, nn.Linear):
             nbytes += module.weight.numel() * module.weight.element_size()
             count += module.weight.numel()
+    return nbytes, count
+
+
+def linear_bits_per_weight(model: nn.Module) -> float:
+    """Storage bits per weight over the model's linear layers (`linear_storage`)."""
+    nbytes, count = linear_storage(model)
     return bits_per_weight(nbytes, count) if count else float("nan")
 
 
@@ -94,6 +100,13 @@ def final_hidden_states(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     materialising the full logits (``logits_to_keep=1``)."""
     out = model(inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1][0]
+
+
+def last_hidden_state(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The same hidden states from the base model's own output (after its final norm), for
+    a model whose blocks are stand-ins that transformers' hidden-state recording does not
+    see (`lowbit.evaluation.streamed`)."""
+    return model.base_model(inputs, use_cache=False).last_hidden_state[0]
 
 
 def log_probs_into(model: nn.Module, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -151,7 +164,7 @@ def evaluate(
     with ExitStack() as stack:
         for model in {id(m): m for m in [*models.values(), *([reference] if reference is not None else [])]}.values():
             stack.enter_context(dequantized_once(model))
-        return _evaluate(models, windows, reference, progress)
+        return _evaluate(models, windows, reference, progress, final_hidden_states)
 
 
 def _check_inputs(models, windows, reference) -> None:
@@ -169,7 +182,8 @@ def _check_inputs(models, windows, reference) -> None:
         raise LowbitError(f"evaluate: the windows hold token ids outside [0, {vocab}) (the model's vocabulary); tokenise with the model's own tokenizer")
 
 
-def _evaluate(models: dict[str, nn.Module], windows: torch.Tensor, reference: nn.Module | None, progress: bool) -> list[EvalResult]:
+def _evaluate(models: dict[str, nn.Module], windows: torch.Tensor, reference: nn.Module | None, progress: bool,
+              hidden_of=final_hidden_states) -> list[EvalResult]:
     ref_label = next((label for label, m in models.items() if m is reference), "__reference__")
     runs = {label: m for label, m in models.items() if m is not reference}  # each model run once
     if reference is not None:
@@ -187,7 +201,7 @@ def _evaluate(models: dict[str, nn.Module], windows: torch.Tensor, reference: nn
         hidden = {}
         for label, model in runs.items():
             start = time.perf_counter()
-            hidden[label] = final_hidden_states(model, inputs)
+            hidden[label] = hidden_of(model, inputs)
             seconds[label] += time.perf_counter() - start
             if index == 0:
                 _check_chunked_head(model, inputs, hidden[label])

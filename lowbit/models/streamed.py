@@ -1,11 +1,12 @@
 """Models opened without their weights, for models larger than memory.
 
 `open_streamed` builds the model from its config on the meta device (names and shapes, no
-memory) and indexes its safetensors files (one file or Hugging Face shards) or its GGUF
-file. A part of the model (the embeddings, one decoder block) is brought in when work
-reaches it (`load_part`: each tensor read from its file, or dequantised from the GGUF) and
-sent back to the meta device after (`release_part`), so peak memory is that part, not the
-model.
+memory) and indexes its safetensors files (one file or Hugging Face shards), its GGUF file,
+or a lowbit checkpoint (one file or shards). A part of the model (the embeddings, one
+decoder block) is brought in when work reaches it (`load_part`: each tensor read from its
+file, or dequantised from the GGUF; a lowbit checkpoint's quantised linears rebuilt as
+their packed modules) and sent back to the meta device after (`release_part`), so peak
+memory is that part, not the model.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ class WeightFiles:
     def of(directory: Path, ties: dict[str, str]) -> "WeightFiles":
         """``ties``: the model's `tied_names`, taken before any part is loaded (loading
         puts new tensors in, which no longer share an identity to find ties by)."""
-        index = directory / HF_INDEX
+        from lowbit.models.refs import SHARD_INDEX
+
+        index = next((directory / name for name in (HF_INDEX, SHARD_INDEX) if (directory / name).is_file()), None)
         files: dict[str, Path] = {}
         try:
-            if index.is_file():
+            if index is not None:
                 files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
             else:
                 for file in sorted(directory.glob("*.safetensors")):
@@ -136,6 +139,20 @@ def stored_names(model: nn.Module, prefix: str) -> list[str]:
     return names
 
 
+def outside_modules(model: nn.Module, blocks: str) -> list[str]:
+    """The modules outside the decoder blocks (``blocks``: their list's path, e.g.
+    ``model.layers``) that hold stored tensors, in state-dict order: the embeddings, the
+    final norm and an untied output head."""
+    modules: list[str] = []
+    for name in stored_names(model, ""):
+        if name.startswith(blocks + "."):
+            continue
+        module = name.rpartition(".")[0]
+        if module not in modules:
+            modules.append(module)
+    return modules
+
+
 def tied_names(model: nn.Module) -> dict[str, str]:
     """Each parameter name that shares its tensor with an earlier one -> that earlier name."""
     first: dict[int, str] = {}
@@ -152,12 +169,18 @@ def load_part(loaded: LoadedModel, prefix: str) -> None:
     """Bring the tensors under ``prefix`` (e.g. ``model.layers.3``, ``model.embed_tokens``;
     "" for all) into memory from the files, in place of their meta placeholders. A name tied
     to another (an output head tied to the embeddings) reads the tensor stored for that one;
-    names outside ``prefix`` stay as they are."""
+    names outside ``prefix`` stay as they are. In a lowbit checkpoint, each quantised linear
+    under ``prefix`` is rebuilt from its stored codes as the module its header names."""
     model, weights = loaded.model, loaded.weights
+    if loaded.is_quantized:
+        _load_quantized_layers(loaded, prefix)
     wanted = [n for n, t in model.state_dict(keep_vars=True).items() if (not prefix or n.startswith(prefix + ".")) and t.is_meta]
     canonical = {n: weights.ties.get(n, n) for n in wanted}
     keys = {n: c if c in weights.files else n for n, c in canonical.items()}
-    tensors = weights.read(sorted(set(keys.values())), dtype=loaded.dtype)
+    present = model.state_dict(keep_vars=True)
+    # a tied name whose tensor is already in memory (the embeddings, loaded earlier) shares it
+    tensors = {key: present[key] for key in set(keys.values()) if key in present and not present[key].is_meta}
+    tensors.update(weights.read(sorted(set(keys.values()) - set(tensors)), dtype=loaded.dtype))
     bad = non_finite(tensors)
     if bad is not None:
         raise LowbitError(f"{weights.directory}: tensor {bad[0]} holds {bad[1]} NaN/Inf values; the model is corrupted")
@@ -168,19 +191,59 @@ def load_part(loaded: LoadedModel, prefix: str) -> None:
         if attr not in module._parameters:
             module._buffers[attr] = value
             continue
-        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+        setattr(module, attr, value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False))
+
+
+def _load_quantized_layers(loaded: LoadedModel, prefix: str) -> None:
+    from lowbit.modules import QUANTIZED_MODULES
+    from lowbit.modules.swap import set_module
+
+    model, weights = loaded.model, loaded.weights
+    for name, info in loaded.header["layers"].items():
+        if prefix and not (name == prefix or name.startswith(prefix + ".")):
+            continue
+        try:
+            model.get_submodule(name)
+        except AttributeError:  # under a module taken out of the tree (a block stood in for)
+            continue
+        kind = QUANTIZED_MODULES.get(info.get("module", "QuantLinear"))
+        if kind is None:
+            raise LowbitError(f"{name}: module type {info['module']!r} is unknown to this lowbit; upgrade lowbit")
+        own = weights.read(sorted(n for n in weights.files if n.startswith(name + ".")))  # codes and scales as stored
+        if info["bias"] and f"{name}.bias" not in own:
+            raise LowbitError(f"{name}: the checkpoint lacks its bias; it is incomplete, re-quantise it")
+        if f"{name}.bias" in own:
+            own[f"{name}.bias"] = own[f"{name}.bias"].to(loaded.dtype)
+        bad = non_finite(own)
+        if bad is not None:
+            raise LowbitError(f"{weights.directory}: tensor {bad[0]} holds {bad[1]} NaN/Inf values; the checkpoint is corrupted, quantise its source again")
+        set_module(model, name, kind.from_state(info, {key[len(name) + 1:]: value for key, value in own.items()}, name))
 
 
 def release_part(model: nn.Module, prefix: str) -> None:
-    """Send the tensors under ``prefix`` back to the meta device, freeing their memory."""
-    model.get_submodule(prefix).to("meta")
+    """Send the stored tensors under ``prefix`` ("" for all) back to the meta device,
+    freeing their memory. Buffers a checkpoint does not store (rotary frequencies, Gemma's
+    embedding scale: computed from the config when the model was built) stay, as load_part
+    could not bring them back."""
+    for module in model.get_submodule(prefix).modules():
+        for name, param in module._parameters.items():
+            if param is not None and not param.is_meta:
+                module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = buffer.to("meta")
 
 
 def open_streamed(path: Path, source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A Hugging Face directory or a GGUF file as a `LoadedModel` whose parameters stay on
-    the meta device until `load_part` brings a part in (persistent buffers too;
-    non-persistent ones, such as rotary frequencies, are computed from the config as usual).
-    A GGUF file's tensors are dequantised as they are read (`GGUFWeights`)."""
+    """A Hugging Face directory, a GGUF file or a lowbit checkpoint as a `LoadedModel` whose
+    parameters stay on the meta device until `load_part` brings a part in (persistent
+    buffers too; non-persistent ones, such as rotary frequencies, are computed from the
+    config as usual). A GGUF file's tensors are dequantised as they are read
+    (`GGUFWeights`); a lowbit checkpoint keeps its header, and its quantised linears come in
+    packed."""
+    from lowbit.checkpoint import read_header
+    from lowbit.models.refs import CHECKPOINT_FILE, SHARD_INDEX
+
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -193,7 +256,12 @@ def open_streamed(path: Path, source: str, dtype: torch.dtype = torch.float32) -
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # from_config leaves a tied head untied on the meta device
-    ties = tied_names(model)
+    header = None
+    if not gguf and ((path / CHECKPOINT_FILE).is_file() or (path / SHARD_INDEX).is_file()):
+        header = read_header(path)
+        ties = dict(header["tied"])
+    else:
+        ties = tied_names(model)
     weights = GGUFWeights.of(path, model, ties) if gguf else WeightFiles.of(path, ties)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, arch=arch, weights=weights, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, arch=arch, header=header, weights=weights, dtype=dtype)
