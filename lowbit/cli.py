@@ -664,6 +664,13 @@ def _quantize_streamed(args, config, calibration, out: Path, cap: int):
 
     loaded = open_streamed(args.model)
     est = streamed_estimate(loaded, config, calibration)
+    offload = False
+    if est["peak_mb"] * 1e6 > cap and est["activations_mb"] > 0:
+        lighter = streamed_estimate(loaded, config, calibration, offload_activations=True)
+        if lighter["peak_mb"] * 1e6 <= cap:
+            print(f"the calibration activations ({est['activations_mb']:.0f} MB) do not fit beside the rest: keeping them on disk, "
+                  "one batch in memory at a time", file=sys.stderr)
+            est, offload = lighter, True
     print(f"streaming {args.model} ({est['model_mb']:.0f} MB of weights) block by block: estimated peak memory {est['peak_mb']:.0f} MB "
           f"(this process {est['process_mb']:.0f} MB, plus at most: embeddings for the capture {est['capture_mb']:.0f}, "
           f"a block's work {est['block_mb']:.0f}, another tensor {est['other_mb']:.0f})", file=sys.stderr)
@@ -671,7 +678,7 @@ def _quantize_streamed(args, config, calibration, out: Path, cap: int):
         raise LowbitError(f"the streamed run needs about {est['peak_mb']:.0f} MB, more than the {cap / 1e6:.0f} MB "
                           f"{'--max-memory allows' if args.max_memory else 'free now'}; free memory, raise --max-memory, or calibrate on fewer "
                           "--calib-samples")
-    result = quantize_streamed(loaded, config, out, calibration)
+    result = quantize_streamed(loaded, config, out, calibration, offload_activations=offload)
     if result.resumed_units:
         print(f"continued an unfinished run: {result.resumed_units} units were already done", file=sys.stderr)
     return result

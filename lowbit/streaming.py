@@ -16,8 +16,10 @@ Everything goes into a partial directory beside the output (``.<name>.lowbit-par
                                  different command refuses to continue it
     report-000II.json            unit II's layers' reports, header entries and tensor names,
                                  written first
-    hidden-000II.safetensors     the calibration hidden states after block II (the next
-                                 block's inputs); only the newest is kept
+    hidden-000II/                the calibration hidden states after block II (the next
+                                 block's inputs), one file per batch; only the newest is kept
+    activations/                 with offload_activations, each batch's current hidden
+                                 states (calibration activations larger than memory)
     checkpoint/                  the output being built:
       lowbit-000II-of-000NN.safetensors   each finished unit (block or other tensor),
                                  written to a temporary name and renamed
@@ -140,7 +142,7 @@ class Journal:
         """Remove what a killed run left half-written: temporary files, and the config,
         tokenizer and index files of a finish that did not complete."""
         self.checkpoint.mkdir(exist_ok=True)
-        for folder, keep in ((self.directory, r"run\.json|report-\d{5}\.json|hidden-\d{5}\.safetensors|checkpoint"),
+        for folder, keep in ((self.directory, r"run\.json|report-\d{5}\.json|hidden-\d{5}|checkpoint"),
                              (self.checkpoint, r"lowbit-\d{5}-of-\d{5}\.safetensors")):
             for path in folder.iterdir():
                 if not re.fullmatch(keep, path.name):
@@ -153,7 +155,7 @@ class Journal:
         return self.directory / f"report-{index + 1:05d}.json"
 
     def hidden(self, index: int) -> Path:
-        return self.directory / f"hidden-{index + 1:05d}.safetensors"
+        return self.directory / f"hidden-{index + 1:05d}"
 
     def finished(self, unit: Unit, last_block: int, calibrated: bool) -> bool:
         """Whether ``unit`` is committed: its shard is in place and, for a calibrated
@@ -162,21 +164,35 @@ class Journal:
             return False
         if unit.block is None or not calibrated or unit.block == last_block:
             return True
-        return self.hidden(unit.index).is_file() or self.shard(unit.index + 1).is_file()
+        return self.hidden(unit.index).is_dir() or self.shard(unit.index + 1).is_file()
 
     def commit(self, unit: Unit, tensors: dict[str, torch.Tensor], report: dict) -> None:
         _write_atomic(self.report(unit.index), lambda tmp: tmp.write_text(json.dumps(report)))
         _write_atomic(self.shard(unit.index), lambda tmp: save_file(tensors, tmp))
 
-    def save_hidden(self, index: int, hidden: list[torch.Tensor]) -> None:
-        _write_atomic(self.hidden(index), lambda tmp: save_file({f"batch.{i}": h.contiguous() for i, h in enumerate(hidden)}, tmp))
-        for stale in self.directory.glob("hidden-*.safetensors"):
-            if stale != self.hidden(index):
-                stale.unlink()
+    def save_hidden(self, index: int, batches: list) -> None:
+        """The calibration batches' hidden states after unit ``index``: one file per batch
+        (one batch in memory at a time), in a directory renamed into place when complete."""
+        final = self.hidden(index)
+        tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            tmp.mkdir()
+            for i, batch in enumerate(batches):
+                save_file({"hidden": batch.hidden.contiguous()}, tmp / f"batch-{i:05d}.safetensors")
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for stale in self.directory.glob("hidden-*"):
+            if stale != final:
+                shutil.rmtree(stale)
 
-    def load_hidden(self, index: int) -> list[torch.Tensor]:
-        tensors = load_file(self.hidden(index))
-        return [tensors[f"batch.{i}"] for i in range(len(tensors))]
+    def restore_hidden(self, index: int, batches: list) -> None:
+        """Set the batches' hidden states to those saved after unit ``index``, one at a time."""
+        files = sorted(self.hidden(index).glob("batch-*.safetensors"))
+        if len(files) != len(batches):
+            raise LowbitError(f"{self.hidden(index)} holds {len(files)} batches, the run has {len(batches)}; remove {self.directory} to start again")
+        for batch, file in zip(batches, files):
+            batch.hidden = load_file(file)["hidden"]
 
 
 def source_record(loaded: LoadedModel) -> dict:
@@ -212,7 +228,8 @@ def in_memory_peak(model) -> int:
     return resident_bytes() + weights * 5 // 4
 
 
-def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: CalibrationConfig | None) -> dict:
+def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: CalibrationConfig | None,
+                      offload_activations: bool = False) -> dict:
     """Peak memory (MB) of a streamed run, by phase, before any weight is read: this process
     now (interpreter, libraries, tokenizer) plus what a run adds to it as it goes (allocator
     and library caches, `RUN_GROWTH` of the block's float bytes), plus the largest of
@@ -222,7 +239,8 @@ def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: 
       the quantised shard and its serialised copy, and for calibrated methods the statistics
       of its widest group (a Hessian, its inverse factor and a working copy), the calibration
       hidden states (inputs, outputs and, for learned rounding, the float targets) and one
-      batch's intermediate activations;
+      batch's intermediate activations (with ``offload_activations``, the hidden states
+      are one batch in and one out, the learned-rounding targets staying in memory);
     - another unit: its float tensors as read, the finiteness check's mask, the serialised
       copy of what it writes (its quantised form when it is the quantised head)."""
     model, arch = loaded.model, loaded.arch
@@ -240,25 +258,32 @@ def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: 
     widest = max(m.in_features * m.out_features for m in linears) * 4
     quantised = block_bytes // 4  # codes and scales at up to 8 bits, both copies
     block = block_bytes + 4 * widest + quantised
+    activations = 0
     if config.calibrated:
         tokens = calibration.samples * calibration.ctx
         copies = 3 if hasattr(config, "refine_block") else 2
         batch_tokens = min(calibration.batch_size, calibration.samples) * calibration.ctx
-        block += block_bytes + 3 * max(m.in_features for m in linears) ** 2 * 4 + copies * tokens * hidden * 4
+        activations = copies * tokens * hidden * 4
+        if offload_activations:
+            activations = (copies - 2) * tokens * hidden * 4 + 2 * batch_tokens * hidden * 4
+        block += block_bytes + 3 * max(m.in_features for m in linears) ** 2 * 4 + activations
         block += 4 * batch_tokens * max(m.out_features for m in linears) * 4
     other = max(others.values(), default=0) * 9 // 4
     base = resident_bytes() + RUN_GROWTH * block_bytes
     peak = base + max(capture, block, other)
     return {"peak_mb": peak / 1e6, "process_mb": base / 1e6, "capture_mb": capture / 1e6, "block_mb": block / 1e6,
+            "activations_mb": activations / 1e6,
             "other_mb": other / 1e6, "model_mb": sum(nbytes[n] for n in stored_names(model, "")) / 1e6}
 
 
 def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Path, calibration: CalibrationConfig | None = None,
-                      progress: bool = True) -> StreamedResult:
+                      progress: bool = True, offload_activations: bool = False) -> StreamedResult:
     """Quantise the streamed ``loaded`` (`open_streamed`) with ``config`` and write the
     sharded checkpoint ``out`` as it goes (module docstring); an unfinished run of the same
-    command into ``out`` is continued. Returns the layers' reports; the model is left on
-    the meta device."""
+    command into ``out`` is continued. ``offload_activations``: keep each calibration
+    batch's hidden states in a file in the partial directory (`CapturedBatch.offload`),
+    for calibration sets whose activations do not fit in memory; the checkpoint is the same
+    bytes. Returns the layers' reports; the model is left on the meta device."""
     if not loaded.is_streamed:
         raise LowbitError("quantize_streamed takes a model opened with lowbit.models.streamed.open_streamed; use quantize_model for one in memory")
     check_arguments(loaded, config, calibration, streamed=True)
@@ -273,7 +298,7 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
               "source_files": source_record(loaded), "units": len(units), "dtype": str(loaded.dtype), "lowbit_version": __version__}
     journal = Journal.open(out, record, len(units))
     return_freed_memory()  # the CLI also sets it before anything is allocated, where it works best
-    result = StreamedResult(estimate=streamed_estimate(loaded, config, calibration))
+    result = StreamedResult(estimate=streamed_estimate(loaded, config, calibration, offload_activations))
     phases = dict.fromkeys(("read", "capture", "statistics", "accumulate", "quantize", "refine", "outputs", "write"), 0.0)
     start = time.perf_counter()
     first = next((u.index for u in units if not journal.finished(u, last_block, calibration is not None)), len(units))
@@ -293,13 +318,13 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
             load_part(loaded, module)
         phases["read"] += time.perf_counter() - tick
         tick = time.perf_counter()
-        batches = capture_block_inputs(model, arch, samples, calibration.batch_size)
+        offload = journal.directory / "activations" if offload_activations else None
+        batches = capture_block_inputs(model, arch, samples, calibration.batch_size, offload)
         phases["capture"] += time.perf_counter() - tick
         for module in needed:
             release_part(model, module)
         if first_block > 0:
-            for batch, hidden in zip(batches, journal.load_hidden(first_block - 1), strict=True):
-                batch.hidden = hidden
+            journal.restore_hidden(first_block - 1, batches)
     blocks = decoder_blocks(model, arch)
     bar = tqdm(total=len(units), initial=first, desc=f"{config.name} (streamed)", unit="unit", disable=not progress)
     for unit in units[first:]:
@@ -323,7 +348,7 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
                   "records": {f"{unit.module}.{n}".rstrip("."): entry for n, entry in entries.items()}}  # n is "" for the unit itself
         journal.commit(unit, tensors, report)
         if unit.block is not None and calibration is not None and unit.block < last_block:
-            journal.save_hidden(unit.index, [b.hidden for b in batches])
+            journal.save_hidden(unit.index, batches)
         phases["write"] += time.perf_counter() - tick
         release_part(model, unit.module)
         bar.update(1)

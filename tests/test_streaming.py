@@ -17,6 +17,7 @@ import torch
 from conftest import TEXT, byte_tokenizer, tiny_llama, tiny_model
 from lowbit import (AWQConfig, CalibrationConfig, GPTQConfig, QuantSpec, RTNConfig, SignRoundConfig, W8A8Config, load_model,
                     open_streamed, quantize_model, quantize_streamed, save_quantized)
+from lowbit.calibration.engine import CapturedBatch
 from lowbit.checkpoint import checkpoint_files, load_quantized, read_header
 from lowbit.errors import LowbitError
 from lowbit.streaming import partial_directory
@@ -127,6 +128,51 @@ def test_a_killed_run_continues_to_a_byte_identical_checkpoint(tmp_path):
     assert not partial.exists()
 
 
+@pytest.mark.parametrize("method", ["gptq", "signround"])
+def test_offloaded_activations_give_the_same_checkpoint(tmp_path, method):
+    """Calibration hidden states kept on disk, one batch in memory at a time: the same
+    checkpoint, byte for byte, as with them in memory; the files go with the partial
+    directory."""
+    source = _write(tiny_llama(seed=9, layers=3), tmp_path / "src")
+    calibration = CalibrationConfig(samples=6, ctx=32, batch_size=2, text_file=str(_text(tmp_path)))
+    config = METHODS[method]()
+    quantize_streamed(open_streamed(str(source)), config, tmp_path / "memory", calibration, progress=False)
+    seen = []
+    original = CapturedBatch.offload
+
+    def spy(self, file):
+        seen.append(Path(file))
+        original(self, file)
+
+    try:
+        CapturedBatch.offload = spy
+        quantize_streamed(open_streamed(str(source)), config, tmp_path / "disk", calibration, progress=False, offload_activations=True)
+    finally:
+        CapturedBatch.offload = original
+    assert len(seen) == 3 and all(partial_directory(tmp_path / "disk") in f.parents for f in seen)
+    assert not partial_directory(tmp_path / "disk").exists()
+    for name in sorted(p.name for p in (tmp_path / "memory").iterdir()):
+        assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "disk" / name).read_bytes(), name
+
+
+def test_activations_go_to_disk_when_they_alone_do_not_fit(tmp_path):
+    """Under a cap that the run fits only with its calibration activations on disk, the
+    CLI says so and keeps them there; under a cap that not even that fits, it refuses."""
+    source = _write(tiny_llama(seed=10, layers=2), tmp_path / "src")
+    text = tmp_path / "long.txt"
+    text.write_text(TEXT * 200)
+    flags = ["quantize", "--model", str(source), "--method", "gptq", "--group-size", "32", "--calib-text", str(text), "--calib-samples", "512",
+             "--calib-ctx", "256", "--calib-batch", "8", "--low-memory"]
+    first = subprocess.run(_cli(*flags, "--max-memory", "1MB", "--out", str(tmp_path / "refused")), capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 2 and "more than the 1 MB --max-memory allows" in first.stderr
+    in_memory = float(re.search(r"estimated peak memory (\d+) MB", first.stderr)[1])  # offloading does not fit 1 MB either
+    cap = f"{in_memory - 30:.0f}MB"  # the activations (512 x 256 x 64 floats, inputs and outputs: 67 MB) must leave memory
+    done = subprocess.run(_cli(*flags, "--max-memory", cap, "--out", str(tmp_path / "q")), capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "keeping them on disk, one batch in memory at a time" in done.stderr
+    assert load_quantized(tmp_path / "q").is_quantized
+
+
 def test_a_changed_command_refuses_the_unfinished_run(tmp_path):
     source = _write(tiny_llama(seed=4, layers=2), tmp_path / "src")
     text = _text(tmp_path)
@@ -173,30 +219,14 @@ PEAK_RSS = ("import os, subprocess, sys; proc = subprocess.Popen(sys.argv[1:], s
 def _write_random_llama(directory: Path, hidden: int, intermediate: int, layers: int, vocab: int, seed: int = 0) -> int:
     """A random Llama written block by block as float32 safetensors shards with an index
     (never whole in memory); returns its bytes."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
+
+    from lowbit.models.synthetic import write_random_model
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256, max_position_embeddings=2048,
                          tie_word_embeddings=False)
-    with init_empty_weights():
-        shapes = {n: t.shape for n, t in LlamaForCausalLM(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
-    groups: dict[str, list[str]] = {}
-    for name in shapes:
-        groups.setdefault(".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name, []).append(name)
-    directory.mkdir(parents=True)
-    weight_map, total = {}, 0
-    for i, names in enumerate(groups.values()):
-        tensors = {n: torch.ones(shapes[n]) if n.endswith("norm.weight") else torch.randn(shapes[n], generator=generator) * 0.02 for n in names}
-        save_file(tensors, directory / f"model-{i:05d}.safetensors", metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, f"model-{i:05d}.safetensors"))
-        total += sum(t.numel() * 4 for t in tensors.values())
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config.save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
-    return total
+    return write_random_model(directory, config, byte_tokenizer(), seed=seed)
 
 
 def test_a_1b_model_streams_under_half_its_size(tmp_path):

@@ -22,13 +22,16 @@ Algorithms know nothing about models: they see a weight and its statistics.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -83,16 +86,40 @@ class BlockRefiner(CalibratedMethod, Protocol):
         in block -> (module now in the block, report entries to merge) for each linear."""
 
 
-@dataclass
 class CapturedBatch:
     """One mini-batch of calibration samples at the input of the current block.
 
-    hidden: float (batch, seq, hidden_size).
+    hidden: float (batch, seq, hidden_size); in memory, or, after `offload`, in a file of
+        its own: read back on every access and written on every assignment, so that only
+        the batch in use is in memory (calibration activations larger than memory).
     block_kwargs: for every block, the keyword arguments the model passes it.
     """
 
-    hidden: torch.Tensor
-    block_kwargs: list[dict]
+    def __init__(self, hidden: torch.Tensor, block_kwargs: list[dict]):
+        self._hidden: torch.Tensor | None = hidden
+        self.block_kwargs = block_kwargs
+        self.file: Path | None = None
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        if self.file is None:
+            return self._hidden
+        return load_file(self.file)["hidden"]
+
+    @hidden.setter
+    def hidden(self, value: torch.Tensor) -> None:
+        if self.file is None:
+            self._hidden = value
+            return
+        tmp = self.file.with_name(self.file.name + ".tmp")
+        save_file({"hidden": value.contiguous()}, tmp)
+        os.replace(tmp, self.file)
+
+    def offload(self, file: Path) -> None:
+        """Keep the hidden states in ``file`` from now on (written now)."""
+        value, self._hidden = self.hidden, None
+        self.file = Path(file)
+        self.hidden = value
 
 
 @dataclass
@@ -162,10 +189,13 @@ def _block_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, arch: Architecture, samples: torch.Tensor, batch_size: int) -> list[CapturedBatch]:
+def capture_block_inputs(model: nn.Module, arch: Architecture, samples: torch.Tensor, batch_size: int,
+                         offload: Path | None = None) -> list[CapturedBatch]:
     """Block 0's input hidden states and every block's keyword arguments, per mini-batch.
 
     samples: int64 (n_samples, ctx) token ids. Only the embedding layers compute.
+    offload: a directory (created) to keep each batch's hidden states in, as it is
+    captured (`CapturedBatch.offload`), instead of memory.
     """
     blocks = decoder_blocks(model, arch)
     originals = list(blocks)
@@ -182,6 +212,9 @@ def capture_block_inputs(model: nn.Module, arch: Architecture, samples: torch.Te
             if record["hidden"] is None or any(k is None for k in record["kwargs"]):
                 raise LowbitError(f"the model did not call all {len(originals)} blocks of {arch.blocks}; the architecture table does not fit this model")
             captured.append(CapturedBatch(hidden=record["hidden"], block_kwargs=record["kwargs"]))
+            if offload is not None:
+                offload.mkdir(parents=True, exist_ok=True)
+                captured[-1].offload(offload / f"batch-{len(captured) - 1:05d}.safetensors")
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
