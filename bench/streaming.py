@@ -65,11 +65,11 @@ ROWS = {
     "llama-1.1b gptq | streamed": ["quantize", "--model", str(RANDOM_1B), *GPTQ, "--low-memory"],
     "llama-1.1b eval | in memory": ["eval", output("llama-1.1b rtn | streamed"), *SCORE],
     "llama-1.1b eval | streamed": ["eval", output("llama-1.1b rtn | streamed"), *SCORE, "--low-memory"],
-    "llama-1.1b generate | packed": ["generate", "--model", output("llama-1.1b rtn | streamed"), *PROMPT],
+    "llama-1.1b generate | packed": ["generate", output("llama-1.1b rtn | streamed"), *PROMPT],
     # no --low-memory: the plain command finds that 30 GB of float32 does not fit and streams by itself
     "qwen2-7b rtn | streamed": ["quantize", "--model", str(RANDOM_7B), *RTN],
     "qwen2-7b eval | streamed": ["eval", output("qwen2-7b rtn | streamed"), *SCORE],
-    "qwen2-7b generate | packed": ["generate", "--model", output("qwen2-7b rtn | streamed"), *PROMPT],
+    "qwen2-7b generate | packed": ["generate", output("qwen2-7b rtn | streamed"), *PROMPT],
     "qwen2-7b gptq | streamed": ["quantize", "--model", str(RANDOM_7B), *GPTQ_7B],
 }
 ESTIMATE = re.compile(r"estimated peak memory (\d+) MB")

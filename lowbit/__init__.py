@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **dict.fromkeys(["load_quantized", "read_header", "save_quantized"], "lowbit.checkpoint"),
     "evaluate": "lowbit.evaluation.metrics",
+    "evaluate_streamed": "lowbit.evaluation.streamed",
     **dict.fromkeys(["load_model", "open_streamed"], "lowbit.loader"),
     "quantize_streamed": "lowbit.streaming",
     "QuantSpec": "lowbit.numerics.spec",

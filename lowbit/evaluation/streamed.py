@@ -12,14 +12,15 @@ block, which is then released:
    dequantised once for the block, as `evaluate` does for the model), and goes back to
    the meta device;
 3. the blocks are replaced by stand-ins that hand the model the stored output of the last
-   block for the window it is given, the tensors outside the blocks are read, and
+   block for the window it is given (and the input embeddings by one that reads nothing),
+   the final norm and the output head are read, and
    `evaluate`'s own loop runs: final norm, output head, log-softmax, KLD and top-1,
    exactly as for a model in memory. (A quantised output head computes from its float
    copy in memory at this step; the decoder blocks' linears stayed packed.)
 
 Peak memory is the largest block (in float, twice for a quantised block: codes and their
 dequantised copy), plus every model's hidden states for all windows (n × ctx × hidden
-float32 each), plus the tensors outside the blocks of all models at once in step 3.
+float32 each), or in step 3 the final norms and heads of all models at once.
 """
 
 from __future__ import annotations
@@ -39,7 +40,20 @@ from lowbit.models.architectures import decoder_blocks
 from lowbit.models.loading import LoadedModel
 from lowbit.models.streamed import load_part, outside_modules, release_part, stored_names
 from lowbit.modules.quant_linear import dequantized_once
+from lowbit.modules.swap import set_module
 from lowbit.packed.qweight import bits_per_weight
+
+
+class _NoEmbedding(nn.Module):
+    """Stands in for the input embeddings in step 3: the stand-in blocks ignore what enters
+    the first of them, so the embedding table (as large as the head) is not read again."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.hidden_size, self.dtype = hidden_size, dtype
+
+    def forward(self, input_ids):
+        return torch.zeros(*input_ids.shape, self.hidden_size, dtype=self.dtype)
 
 
 class _Replay(nn.Module):
@@ -59,15 +73,22 @@ class _Replay(nn.Module):
         return self.outputs[self.current["window"]][None]
 
 
+def _input_embeddings(model: nn.Module) -> tuple[str, nn.Module]:
+    embedding = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embedding), embedding
+
+
 @dataclasses.dataclass
 class _BlockPass:
     """One model's pass through its blocks: the last block's outputs (n, ctx - 1, hidden)
-    float32, the blocks' linear storage and tensor bytes, and the seconds spent."""
+    float32, the blocks' linear storage and tensor bytes, the input embeddings' bytes, and
+    the seconds spent."""
 
     outputs: torch.Tensor
     linear_bytes: int
     linear_weights: int
     tensor_bytes: int
+    embedding_bytes: int
     seconds: float
 
 
@@ -78,6 +99,7 @@ def _through_blocks(loaded: LoadedModel, inputs: torch.Tensor, batch_size: int, 
     needed = [m for m in outside_modules(model, arch.blocks) if model.get_submodule(m) is not head]
     for module in needed:
         load_part(loaded, module)
+    embedding_bytes = model_bytes(model.get_input_embeddings())
     batches = capture_block_inputs(model, arch, inputs, batch_size)
     for module in needed:
         release_part(model, module)
@@ -95,7 +117,7 @@ def _through_blocks(loaded: LoadedModel, inputs: torch.Tensor, batch_size: int, 
         tensor_bytes += model_bytes(block)
         release_part(model, prefix)
     outputs = torch.cat([b.hidden for b in batches])
-    return _BlockPass(outputs, linear_bytes, linear_weights, tensor_bytes, time.perf_counter() - start)
+    return _BlockPass(outputs, linear_bytes, linear_weights, tensor_bytes, embedding_bytes, time.perf_counter() - start)
 
 
 def streamed_eval_estimate(models: list[LoadedModel], windows: int, ctx: int) -> dict:
@@ -103,8 +125,8 @@ def streamed_eval_estimate(models: list[LoadedModel], windows: int, ctx: int) ->
     ``windows`` windows of ``ctx`` tokens, by phase (module docstring), before any weight is
     read: the largest block in float twice over (read, and the float copy it computes
     with); every model's hidden states twice (inputs and outputs of a block); and, for the
-    head phase, every model's tensors outside the blocks, the evaluation's three chunk
-    buffers and one window's full logits three times over (its head check)."""
+    head phase, every model's final norm and head, the evaluation's three chunk buffers and
+    one window's full logits three times over (its head check)."""
     from lowbit.system import resident_bytes
 
     hidden = sum(windows * (ctx - 1) * m.model.config.get_text_config(decoder=True).hidden_size * 4 for m in models)
@@ -114,7 +136,8 @@ def streamed_eval_estimate(models: list[LoadedModel], windows: int, ctx: int) ->
         params = model.state_dict(keep_vars=True)
         float_bytes = {n: t.numel() * 4 for n, t in params.items()}
         block = max(block, sum(float_bytes[n] for n in stored_names(model, f"{arch.blocks}.0")))
-        outside += sum(float_bytes[n] for n in stored_names(model, "") if not n.startswith(arch.blocks + "."))
+        embedding = _input_embeddings(model)[0]
+        outside += sum(float_bytes[n] for n in params if not n.startswith((arch.blocks + ".", embedding + ".")))  # norm, head (tied or not)
     vocab = models[0].model.get_output_embeddings().out_features
     base = resident_bytes() + 2 * hidden
     blocks = 2 * block
@@ -149,7 +172,7 @@ def evaluate_streamed(models: dict[str, LoadedModel], windows: torch.Tensor, ref
         ids = kwargs.get("input_ids", args[0] if args else None)
         current["window"] = lookup[ids[0].numpy().tobytes()]
 
-    originals, hooks = {}, []
+    originals, embeddings, hooks = {}, {}, []
     try:
         for key, loaded in everyone.items():
             blocks = decoder_blocks(loaded.model, loaded.arch)
@@ -157,7 +180,10 @@ def evaluate_streamed(models: dict[str, LoadedModel], windows: torch.Tensor, ref
             last = len(blocks) - 1
             for i, block in enumerate(originals[key]):
                 blocks[i] = _Replay(block, passes[key].outputs if i == last else None, current)
-            load_part(loaded, "")  # with the blocks out of the tree: everything outside them
+            embeddings[key] = _input_embeddings(loaded.model)
+            name, module = embeddings[key]
+            set_module(loaded.model, name, _NoEmbedding(loaded.model.config.get_text_config(decoder=True).hidden_size, loaded.dtype))
+            load_part(loaded, "")  # with the blocks and the embeddings out of the tree: the final norm and the head
             hooks.append(loaded.model.base_model.register_forward_pre_hook(select_window, with_kwargs=True))
         with ExitStack() as stack:
             for loaded in everyone.values():
@@ -169,8 +195,11 @@ def evaluate_streamed(models: dict[str, LoadedModel], windows: torch.Tensor, ref
             done = passes[id(loaded)]
             nbytes, count = linear_storage(loaded.model)
             nbytes, count = nbytes + done.linear_bytes, count + done.linear_weights
+            embedding = embeddings[id(loaded)][0]
+            tied = any(target.startswith(embedding + ".") for target in loaded.weights.ties.values())  # then counted with the head
+            total = model_bytes(loaded.model) + done.tensor_bytes + (0 if tied else done.embedding_bytes)
             results.append(dataclasses.replace(result, bits_per_weight=bits_per_weight(nbytes, count) if count else float("nan"),
-                                               model_bytes=model_bytes(loaded.model) + done.tensor_bytes,
+                                               model_bytes=total,
                                                seconds=result.seconds + done.seconds))
         return results
     finally:
@@ -181,6 +210,8 @@ def evaluate_streamed(models: dict[str, LoadedModel], windows: torch.Tensor, ref
                 blocks = decoder_blocks(loaded.model, loaded.arch)
                 for i, block in enumerate(originals[key]):
                     blocks[i] = block
+            if key in embeddings:
+                set_module(loaded.model, *embeddings[key])
             release_part(loaded.model, "")
 
 
