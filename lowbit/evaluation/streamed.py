@@ -181,8 +181,7 @@ def evaluate_streamed(models: dict[str, LoadedModel], windows: torch.Tensor, ref
             for i, block in enumerate(originals[key]):
                 blocks[i] = _Replay(block, passes[key].outputs if i == last else None, current)
             embeddings[key] = _input_embeddings(loaded.model)
-            name, module = embeddings[key]
-            set_module(loaded.model, name, _NoEmbedding(loaded.model.config.get_text_config(decoder=True).hidden_size, loaded.dtype))
+            set_module(loaded.model, embeddings[key][0], _NoEmbedding(loaded.model.config.get_text_config(decoder=True).hidden_size, loaded.dtype))
             load_part(loaded, "")  # with the blocks and the embeddings out of the tree: the final norm and the head
             hooks.append(loaded.model.base_model.register_forward_pre_hook(select_window, with_kwargs=True))
         with ExitStack() as stack:
