@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -188,13 +187,13 @@ def _file_header(file: Path) -> dict:
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of the lowbit directory ``path`` (every shard) in memory they own (not
-    views of a memory map that would stay resident as long as any tensor lives)."""
+    views of a memory map that would stay resident as long as any tensor lives), each
+    read once into its place (`read_safetensors`: no second copy of a file in memory)."""
+    from lowbit.models.streamed import read_safetensors
+
     tensors = {}
     for file in checkpoint_files(path):
-        try:
-            tensors.update(load_safetensors(file.read_bytes()))
-        except (SafetensorError, OSError) as err:
-            raise LowbitError(f"could not read the tensors of {file}: {one_line(err)}; the file is truncated or corrupted") from None
+        tensors.update(read_safetensors(file))
     return tensors
 
 

@@ -553,7 +553,7 @@ def _run_eval_streamed(model_ref: str, reference_ref: str | None, args, skeleton
     est = streamed_eval_estimate(list(models.values()), len(windows), windows.shape[1])
     cap = getattr(args, "max_memory", None) or available_memory()
     print(f"streamed evaluation: estimated peak memory {est['peak_mb']:.0f} MB (hidden states {est['hidden_mb']:.0f}, plus at most: "
-          f"a block {est['block_mb']:.0f}, the tensors outside the blocks {est['head_mb']:.0f})", file=sys.stderr)
+          f"the embeddings {est['capture_mb']:.0f}, a block {est['block_mb']:.0f}, the heads and final norms {est['head_mb']:.0f})", file=sys.stderr)
     if est["peak_mb"] * 1e6 > cap:
         raise LowbitError(f"the streamed evaluation needs about {est['peak_mb']:.0f} MB, more than the {cap / 1e6:.0f} MB "
                           f"{'--max-memory allows' if getattr(args, 'max_memory', None) else 'free now'}; free memory, raise --max-memory, "

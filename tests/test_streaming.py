@@ -128,6 +128,37 @@ def test_a_killed_run_continues_to_a_byte_identical_checkpoint(tmp_path):
     assert not partial.exists()
 
 
+def test_safetensors_read_without_a_memory_map_equals_the_library(tmp_path):
+    """read_safetensors (plain reads into each tensor's own memory, casts in chunks) gives
+    the safetensors library's tensors, cast the same way; a truncated file is one line."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.models import streamed
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(300, 7, generator=generator), "bf16": torch.randn(1000, 33, generator=generator).bfloat16(),
+               "f16": torch.randn(5, generator=generator).half(), "i8": torch.randint(-128, 127, (64, 3), dtype=torch.int8, generator=generator),
+               "u8": torch.randint(0, 255, (17,), dtype=torch.uint8, generator=generator), "empty": torch.empty(0, 4), "scalar": torch.tensor(3.5)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    reference = load_file(tmp_path / "t.safetensors")
+    mine = streamed.read_safetensors(tmp_path / "t.safetensors", list(tensors))
+    for name, value in reference.items():
+        assert mine[name].dtype == value.dtype and torch.equal(mine[name], value), name
+    original = streamed.CAST_CHUNK_BYTES
+    try:
+        streamed.CAST_CHUNK_BYTES = 1000  # many chunks, the last one short
+        cast = streamed.read_safetensors(tmp_path / "t.safetensors", list(tensors), dtype=torch.float32)
+    finally:
+        streamed.CAST_CHUNK_BYTES = original
+    for name, value in reference.items():
+        expected = value.float() if value.is_floating_point() else value
+        assert cast[name].dtype == expected.dtype and torch.equal(cast[name], expected), name
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(LowbitError, match="cut.safetensors.*truncated or corrupted"):
+        streamed.read_safetensors(tmp_path / "cut.safetensors", list(tensors))
+
+
 @pytest.mark.parametrize("method", ["gptq", "signround"])
 def test_offloaded_activations_give_the_same_checkpoint(tmp_path, method):
     """Calibration hidden states kept on disk, one batch in memory at a time: the same

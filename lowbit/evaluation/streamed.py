@@ -123,14 +123,14 @@ def _through_blocks(loaded: LoadedModel, inputs: torch.Tensor, batch_size: int, 
 def streamed_eval_estimate(models: list[LoadedModel], windows: int, ctx: int) -> dict:
     """Peak memory (MB) of `evaluate_streamed` on ``models`` (opened streamed) over
     ``windows`` windows of ``ctx`` tokens, by phase (module docstring), before any weight is
-    read: the largest block in float twice over (read, and the float copy it computes
-    with); every model's hidden states twice (inputs and outputs of a block); and, for the
+    read: the largest input embeddings in float (the capture); the largest block in float
+    twice over (read, and the float copy it computes with); every model's hidden states twice (inputs and outputs of a block); and, for the
     head phase, every model's final norm and head, the evaluation's three chunk buffers and
     one window's full logits three times over (its head check)."""
     from lowbit.system import resident_bytes
 
     hidden = sum(windows * (ctx - 1) * m.model.config.get_text_config(decoder=True).hidden_size * 4 for m in models)
-    block = outside = 0
+    block = outside = capture = 0
     for loaded in models:
         model, arch = loaded.model, loaded.arch
         params = model.state_dict(keep_vars=True)
@@ -138,11 +138,13 @@ def streamed_eval_estimate(models: list[LoadedModel], windows: int, ctx: int) ->
         block = max(block, sum(float_bytes[n] for n in stored_names(model, f"{arch.blocks}.0")))
         embedding = _input_embeddings(model)[0]
         outside += sum(float_bytes[n] for n in params if not n.startswith((arch.blocks + ".", embedding + ".")))  # norm, head (tied or not)
+        capture = max(capture, sum(float_bytes[n] for n in params if n.startswith(embedding + ".")))
     vocab = models[0].model.get_output_embeddings().out_features
     base = resident_bytes() + 2 * hidden
     blocks = 2 * block
     head = outside + 3 * CHUNK_ELEMENTS * 4 + 3 * ctx * vocab * 4
-    return {"peak_mb": (base + max(blocks, head)) / 1e6, "hidden_mb": 2 * hidden / 1e6, "block_mb": blocks / 1e6, "head_mb": head / 1e6}
+    return {"peak_mb": (base + max(capture, blocks, head)) / 1e6, "hidden_mb": 2 * hidden / 1e6, "capture_mb": capture / 1e6,
+            "block_mb": blocks / 1e6, "head_mb": head / 1e6}
 
 
 @torch.no_grad()

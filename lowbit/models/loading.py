@@ -125,8 +125,13 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
     """The first float tensor holding NaN or Inf, and how many such values it holds; None
     if every one is finite."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return name, int((~torch.isfinite(tensor)).sum())
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.reshape(-1)
+        # in slices of 16 M values: a mask of a 7B model's whole head would be 545 MB
+        for lo in range(0, flat.numel(), 1 << 24):
+            if not torch.isfinite(flat[lo : lo + (1 << 24)]).all():
+                return name, int(sum(int((~torch.isfinite(flat[i : i + (1 << 24)])).sum()) for i in range(0, flat.numel(), 1 << 24)))
     return None
 
 
