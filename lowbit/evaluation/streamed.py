@@ -164,6 +164,9 @@ def evaluate_streamed(models: dict[str, LoadedModel], windows: torch.Tensor, ref
             raise LowbitError("evaluate_streamed takes models opened with lowbit.loader.open_streamed; use evaluate for models in memory")
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long or windows.shape[1] < 2:
         raise LowbitError("evaluate_streamed takes windows as an int64 (n, ctx >= 2) tensor; build them with lowbit.data.eval_windows")
+    from lowbit.system import return_freed_memory
+
+    return_freed_memory()  # as quantize_streamed: freed blocks go back to the system, not to the heap
     inputs = windows[:, :-1]
     lookup = {row.numpy().tobytes(): i for i, row in enumerate(inputs)}
     labels = {id(m): label for label, m in models.items()}
