@@ -238,7 +238,7 @@ def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: 
       is the quantised head).
     Tensors are read into their own memory, not through a memory map (`read_safetensors`):
     with safetensors' map, a run grew by about a block as it went and a unit cost up to
-    twice its size more; measured since: a 1.1B Llama's RTN run 766 MB, estimated 757; a
+    twice its size more; measured since: a 1.1B Llama's RTN run 740 MB, estimated 776; a
     7B Qwen2's 2,736 MB, estimated 3,132 (docs/results.md)."""
     model, arch = loaded.model, loaded.arch
     blocks = decoder_blocks(model, arch)
