@@ -198,6 +198,19 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 
+def quantized_module(name: str, info: dict, own: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
+    """The quantised module ``name`` rebuilt from its header entry ``info`` and its stored
+    tensors ``own`` (keys without the ``name.`` prefix; a bias is cast to ``dtype``)."""
+    if info["bias"] and "bias" not in own:
+        raise LowbitError(f"{name}: the checkpoint lacks its bias; it is incomplete, re-quantise it")
+    if "bias" in own:
+        own["bias"] = own["bias"].to(dtype)
+    kind = QUANTIZED_MODULES.get(info.get("module", "QuantLinear"))
+    if kind is None:
+        raise LowbitError(f"{name}: module type {info['module']!r} is unknown to this lowbit; upgrade lowbit")
+    return kind.from_state(info, own, name)
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Rebuild a working model from a lowbit directory alone.
 
@@ -220,14 +233,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> Load
     for name, info in header["layers"].items():
         prefix = name + "."
         own = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-        if info["bias"] and "bias" not in own:
-            raise LowbitError(f"{name}: the checkpoint lacks its bias; it is incomplete, re-quantise it")
-        if "bias" in own:
-            own["bias"] = own["bias"].to(dtype)
-        kind = QUANTIZED_MODULES.get(info.get("module", "QuantLinear"))
-        if kind is None:
-            raise LowbitError(f"{name}: module type {info['module']!r} is unknown to this lowbit; upgrade lowbit")
-        set_module(model, name, kind.from_state(info, own, name))
+        set_module(model, name, quantized_module(name, info, own, dtype))
     floats = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     result = model.load_state_dict(floats, strict=False, assign=True)
     quantized_prefixes = tuple(name + "." for name in header["layers"])

@@ -54,7 +54,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods.config import QuantizeConfig
 from lowbit.models.architectures import decoder_blocks
 from lowbit.models.loading import LoadedModel
-from lowbit.models.streamed import load_part, outside_modules, release_part, stored_names
+from lowbit.models.streamed import embeddings_loaded, load_part, outside_modules, release_part, stored_names
 from lowbit.outputs import check_new_directory, publish_directory
 from lowbit.pipeline import check_arguments, head_name, plan_layers, quantize_head, quantize_linear
 from lowbit.system import resident_bytes, return_freed_memory
@@ -308,18 +308,12 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
     if calibration is not None and first_block <= last_block:
         tick = time.perf_counter()
         samples = calibration.tokens(loaded.tokenizer)
-        outside = [u.module for u in units if u.block is None]
-        head = model.get_output_embeddings()
-        needed = [m for m in outside if model.get_submodule(m) is not head]
-        for module in needed:
-            load_part(loaded, module)
-        phases["read"] += time.perf_counter() - tick
-        tick = time.perf_counter()
-        offload = journal.directory / "activations" if offload_activations else None
-        batches = capture_block_inputs(model, arch, samples, calibration.batch_size, offload)
-        phases["capture"] += time.perf_counter() - tick
-        for module in needed:
-            release_part(model, module)
+        with embeddings_loaded(loaded):
+            phases["read"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            offload = journal.directory / "activations" if offload_activations else None
+            batches = capture_block_inputs(model, arch, samples, calibration.batch_size, offload)
+            phases["capture"] += time.perf_counter() - tick
         if first_block > 0:
             journal.restore_hidden(first_block - 1, batches)
     blocks = decoder_blocks(model, arch)

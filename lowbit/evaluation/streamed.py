@@ -38,7 +38,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluation.metrics import CHUNK_ELEMENTS, EvalResult, _evaluate, last_hidden_state, linear_storage, model_bytes
 from lowbit.models.architectures import decoder_blocks
 from lowbit.models.loading import LoadedModel
-from lowbit.models.streamed import load_part, outside_modules, release_part, stored_names
+from lowbit.models.streamed import embeddings_loaded, load_part, release_part, stored_names
 from lowbit.modules.quant_linear import dequantized_once
 from lowbit.modules.swap import set_module
 from lowbit.packed.qweight import bits_per_weight
@@ -94,15 +94,10 @@ class _BlockPass:
 
 def _through_blocks(loaded: LoadedModel, inputs: torch.Tensor, batch_size: int, progress: bool, label: str) -> _BlockPass:
     model, arch = loaded.model, loaded.arch
-    head = model.get_output_embeddings()
     start = time.perf_counter()
-    needed = [m for m in outside_modules(model, arch.blocks) if model.get_submodule(m) is not head]
-    for module in needed:
-        load_part(loaded, module)
-    embedding_bytes = model_bytes(model.get_input_embeddings())
-    batches = capture_block_inputs(model, arch, inputs, batch_size)
-    for module in needed:
-        release_part(model, module)
+    with embeddings_loaded(loaded):
+        embedding_bytes = model_bytes(model.get_input_embeddings())
+        batches = capture_block_inputs(model, arch, inputs, batch_size)
     linear_bytes = linear_weights = tensor_bytes = 0
     blocks = decoder_blocks(model, arch)
     for index in tqdm(range(len(blocks)), desc=f"{label} (streamed)", unit="block", disable=not progress):

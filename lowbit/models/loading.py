@@ -127,11 +127,9 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
             continue
-        flat = tensor.reshape(-1)
-        # in slices of 16 M values: a mask of a 7B model's whole head would be 545 MB
-        for lo in range(0, flat.numel(), 1 << 24):
-            if not torch.isfinite(flat[lo : lo + (1 << 24)]).all():
-                return name, int(sum(int((~torch.isfinite(flat[i : i + (1 << 24)])).sum()) for i in range(0, flat.numel(), 1 << 24)))
+        chunks = tensor.reshape(-1).split(1 << 24)  # a mask of a 7B model's whole head at once would be 545 MB
+        if not all(torch.isfinite(chunk).all() for chunk in chunks):
+            return name, sum(int((~torch.isfinite(chunk)).sum()) for chunk in chunks)
     return None
 
 

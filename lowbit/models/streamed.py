@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,6 +216,22 @@ def outside_modules(model: nn.Module, blocks: str) -> list[str]:
     return modules
 
 
+@contextmanager
+def embeddings_loaded(loaded: LoadedModel) -> Iterator[None]:
+    """Inside, the tensors outside the decoder blocks are in memory except the output
+    head's: what the forward up to block 0 reads (`capture_block_inputs`)."""
+    model = loaded.model
+    head = model.get_output_embeddings()
+    needed = [m for m in outside_modules(model, loaded.arch.blocks) if model.get_submodule(m) is not head]
+    try:
+        for module in needed:
+            load_part(loaded, module)
+        yield
+    finally:
+        for module in needed:
+            release_part(model, module)
+
+
 def tied_names(model: nn.Module) -> dict[str, str]:
     """Each parameter name that shares its tensor with an earlier one -> that earlier name."""
     first: dict[int, str] = {}
@@ -235,10 +253,10 @@ def load_part(loaded: LoadedModel, prefix: str) -> None:
     model, weights = loaded.model, loaded.weights
     if loaded.is_quantized:
         _load_quantized_layers(loaded, prefix)
-    wanted = [n for n, t in model.state_dict(keep_vars=True).items() if (not prefix or n.startswith(prefix + ".")) and t.is_meta]
+    present = model.state_dict(keep_vars=True)
+    wanted = [n for n, t in present.items() if (not prefix or n.startswith(prefix + ".")) and t.is_meta]
     canonical = {n: weights.ties.get(n, n) for n in wanted}
     keys = {n: c if c in weights.files else n for n, c in canonical.items()}
-    present = model.state_dict(keep_vars=True)
     # a tied name whose tensor is already in memory (the embeddings, loaded earlier) shares it
     tensors = {key: present[key] for key in set(keys.values()) if key in present and not present[key].is_meta}
     tensors.update(weights.read(sorted(set(keys.values()) - set(tensors)), dtype=loaded.dtype))
@@ -256,10 +274,11 @@ def load_part(loaded: LoadedModel, prefix: str) -> None:
 
 
 def _load_quantized_layers(loaded: LoadedModel, prefix: str) -> None:
-    from lowbit.modules import QUANTIZED_MODULES
+    from lowbit.checkpoint import quantized_module
     from lowbit.modules.swap import set_module
 
     model, weights = loaded.model, loaded.weights
+    layers = {}
     for name, info in loaded.header["layers"].items():
         if prefix and not (name == prefix or name.startswith(prefix + ".")):
             continue
@@ -267,18 +286,17 @@ def _load_quantized_layers(loaded: LoadedModel, prefix: str) -> None:
             model.get_submodule(name)
         except AttributeError:  # under a module taken out of the tree (a block stood in for)
             continue
-        kind = QUANTIZED_MODULES.get(info.get("module", "QuantLinear"))
-        if kind is None:
-            raise LowbitError(f"{name}: module type {info['module']!r} is unknown to this lowbit; upgrade lowbit")
-        own = weights.read(sorted(n for n in weights.files if n.startswith(name + ".")))  # codes and scales as stored
-        if info["bias"] and f"{name}.bias" not in own:
-            raise LowbitError(f"{name}: the checkpoint lacks its bias; it is incomplete, re-quantise it")
-        if f"{name}.bias" in own:
-            own[f"{name}.bias"] = own[f"{name}.bias"].to(loaded.dtype)
-        bad = non_finite(own)
-        if bad is not None:
-            raise LowbitError(f"{weights.directory}: tensor {bad[0]} holds {bad[1]} NaN/Inf values; the checkpoint is corrupted, quantise its source again")
-        set_module(model, name, kind.from_state(info, {key[len(name) + 1:]: value for key, value in own.items()}, name))
+        layers[name] = info
+    if not layers:
+        return
+    owner = {n: layer for n in weights.files for layer in layers if n.startswith(layer + ".")}
+    stored = weights.read(sorted(owner))  # codes and scales as stored, in one read
+    bad = non_finite(stored)
+    if bad is not None:
+        raise LowbitError(f"{weights.directory}: tensor {bad[0]} holds {bad[1]} NaN/Inf values; the checkpoint is corrupted, quantise its source again")
+    for name, info in layers.items():
+        own = {key[len(name) + 1:]: value for key, value in stored.items() if owner[key] == name}
+        set_module(model, name, quantized_module(name, info, own, loaded.dtype))
 
 
 def release_part(model: nn.Module, prefix: str) -> None:
