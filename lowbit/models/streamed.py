@@ -25,6 +25,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError, one_line
 from lowbit.models.loading import LoadedModel, non_finite, read_config, read_tokenizer
+from lowbit.system import trim_heap
 
 HF_INDEX = "model.safetensors.index.json"
 
@@ -311,6 +312,7 @@ def release_part(model: nn.Module, prefix: str) -> None:
         for name, buffer in module._buffers.items():
             if buffer is not None and not buffer.is_meta and name not in module._non_persistent_buffers_set:
                 module._buffers[name] = buffer.to("meta")
+    trim_heap()  # the freed block's pages back to the system (lowbit.system.trim_heap says why)
 
 
 def open_streamed(path: Path, source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
