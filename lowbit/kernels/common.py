@@ -72,14 +72,16 @@ def scales_and_zeros(module: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's scales S and zero-points Z in code units, float32 (out_features, n_groups),
     so that W = S (q - Z) for every integer format (Eq. 3.2): symmetric codes c stand for
     c + q_min (Z = -q_min); a float offset m (x = S q + m) is Z = -m / S."""
-    q = module.qweight.to_quantized()
-    scale = q.scale.float().expand(module.out_features, -1).contiguous()
-    if q.zero is None:
+    stored_scale, stored_zero = module.qweight.scale_and_zero()  # float32 for lowbit packing; GGUF blocks: as unpacked
+    stored_scale = stored_scale.float()
+    stored_zero = None if stored_zero is None else stored_zero.float()
+    scale = stored_scale.expand(module.out_features, -1).contiguous()
+    if stored_zero is None:
         zero = torch.full_like(scale, float(-module.spec.number_format.qmin))
     elif module.spec.zero_point == "float":
-        zero = (-q.zero.float() / q.scale.float()).expand_as(scale).contiguous()
+        zero = (-stored_zero / stored_scale).expand_as(scale).contiguous()
     else:
-        zero = q.zero.float().expand_as(scale).contiguous()
+        zero = stored_zero.expand_as(scale).contiguous()
     return scale, zero
 
 
