@@ -62,6 +62,7 @@ ROWS = {
     "smollm2 rtn | streamed": ["quantize", "--model", "smollm2", *RTN, "--low-memory"],
     "smollm2 gptq | in memory": ["quantize", "--model", "smollm2", *GPTQ],
     "smollm2 gptq | streamed": ["quantize", "--model", "smollm2", *GPTQ, "--low-memory"],
+    "llama-1.1b gptq | in memory": ["quantize", "--model", str(RANDOM_1B), *GPTQ],
     "llama-1.1b gptq | streamed": ["quantize", "--model", str(RANDOM_1B), *GPTQ, "--low-memory"],
     "llama-1.1b eval | in memory": ["eval", output("llama-1.1b rtn | streamed"), *SCORE],
     "llama-1.1b eval | streamed": ["eval", output("llama-1.1b rtn | streamed"), *SCORE, "--low-memory"],
