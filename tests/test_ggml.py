@@ -97,6 +97,8 @@ def test_quantised_weight_is_stored_as_the_types_blocks(name, range_):
     assert same_bits(qw.dequantize().numpy(), reference(qw.qdata.reshape(-1, t.type_size), name).reshape(48, 512))
     back = qw.to_quantized()
     assert torch.equal(back.codes, q.codes) and torch.equal(back.scale, q.scale)
+    scale, zero = qw.scale_and_zero()  # the kernels' way in: the same scale and zero
+    assert torch.equal(scale, back.scale) and ((zero is None and back.zero is None) or torch.equal(zero, back.zero))
     floor = {2: 8.0, 3: 13.0, 4: 19.0, 5: 25.0, 6: 31.0, 8: 42.0}[t.bits]
     assert weight_sqnr_db(w, qw.dequantize()) > floor
 

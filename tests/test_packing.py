@@ -82,6 +82,12 @@ def test_quantized_weight_round_trip_and_storage(spec):
     assert qw.bits_per_weight == pytest.approx(8 * expected / w.numel())
     rebuilt = QuantizedWeight.from_tensors(qw.tensors(), qw.shape, qw.group_size, spec)
     assert torch.equal(rebuilt.dequantize(), qw.dequantize())
+    # what the kernels read without unpacking the codes: to_quantized's scale and zero exactly
+    scale, zero = qw.scale_and_zero()
+    assert torch.equal(scale, back.scale)
+    assert (zero is None) == (back.zero is None)
+    if zero is not None:
+        assert torch.equal(zero, back.zero)
 
 
 def test_bits_per_weight_of_common_settings():
