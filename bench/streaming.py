@@ -41,9 +41,6 @@ OUTPUTS = WORK / "out"
 RANDOM_1B = WORK / "llama-1.1b"
 RANDOM_7B = WORK / "qwen2-7b"
 GPTQ = ["--method", "gptq", "--bits", "4", "--group-size", "128", "--asym", "--calib-samples", "32", "--calib-corpus", "pydoc"]
-# the 7B's GPTQ calibrates on 8 x 512 tokens: its calibration forwards and 18944-wide
-# Hessians at 32 x 512 would take hours on two cores
-GPTQ_7B = ["--method", "gptq", "--bits", "4", "--group-size", "128", "--asym", "--calib-samples", "8", "--calib-corpus", "pydoc"]
 RTN = ["--method", "rtn", "--bits", "4", "--group-size", "128"]
 SCORE = ["--corpus", "pydoc", "--windows", "4"]
 PROMPT = ["--prompt", "The quick brown fox", "--max-new-tokens", "16"]
@@ -71,9 +68,12 @@ ROWS = {
     "qwen2-7b rtn | streamed": ["quantize", "--model", str(RANDOM_7B), *RTN],
     "qwen2-7b eval | streamed": ["eval", output("qwen2-7b rtn | streamed"), *SCORE],
     "qwen2-7b generate | packed": ["generate", output("qwen2-7b rtn | streamed"), *PROMPT],
-    "qwen2-7b gptq | streamed": ["quantize", "--model", str(RANDOM_7B), *GPTQ_7B],
+    # hours on two cores: a session that ends mid-run leaves the journal, and the same row run
+    # again continues it (its log gains one section per process)
+    "qwen2-7b gptq | streamed": ["quantize", "--model", str(RANDOM_7B), *GPTQ],
 }
 ESTIMATE = re.compile(r"estimated peak memory (\d+) MB")
+CONTINUED = re.compile(r"(\d+) of \d+ units are done")
 # what each command reports as its speed, kept with the row
 SPEED = re.compile(r"decode [\d.]+ tokens/s[^;\n]*|\d+ prompt tokens in [\d.]+ s")
 
@@ -106,18 +106,23 @@ def run(name: str, argv: list[str]) -> dict:
         argv = [*argv, "--out", str(out)]
     full = [sys.executable, "-m", "lowbit.cli", *argv]
     log = OUTPUTS / f"{Path(output(name)).name}.log"
-    with log.open("w") as sink:
+    partial = Path(output(name)).with_name(f".{Path(output(name)).name}.lowbit-partial")
+    resuming = argv[0] == "quantize" and partial.is_dir()  # a killed run's journal: the log keeps the earlier processes' sections
+    with log.open("a" if resuming else "w") as sink:
+        sink.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'continuing' if resuming else 'starting'}: lowbit {' '.join(argv)}\n")
+        sink.flush()
         start = time.perf_counter()
         proc = subprocess.Popen(full, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
-    text = log.read_text()
+    text = log.read_text().rsplit("\n=== ", 1)[-1]  # this process's section
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"lowbit {' '.join(argv)}: {(text.strip().splitlines() or ['no output'])[-1]}")
     estimate = ESTIMATE.search(text)
     return {"command": " ".join(a for a in argv if not a.startswith(str(OUTPUTS))), "wall_seconds": round(seconds, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "estimate_mb": int(estimate[1]) if estimate else None,
-            "speed": "; ".join(SPEED.findall(text)) or None}
+            "speed": "; ".join(SPEED.findall(text)) or None,
+            "continued_from_unit": int(done[1]) if (done := CONTINUED.search(text)) else None}
 
 
 def markdown(rows: dict) -> str:
@@ -157,7 +162,9 @@ def main() -> None:
     OUTPUTS.mkdir(parents=True, exist_ok=True)
     random_models(todo)
     for name in todo:
-        stored["rows"][name] = row = run(name, ROWS[name])
+        row = run(name, ROWS[name])
+        stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}  # rows another run stored meanwhile
+        stored["rows"][name] = row
         RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
         print(f"{name}: peak {row['peak_rss_mb']} MB (estimate {row['estimate_mb']}), {row['wall_seconds']} s"
               + (f", {row['speed']}" if row["speed"] else ""), flush=True)
