@@ -25,6 +25,7 @@ from lowbit.modules.swap import linear_layers, set_module
 from lowbit.numerics.quantization import weight_sqnr_db
 from lowbit.numerics.spec import QuantSpec
 from lowbit.packed.qweight import bits_per_weight
+from lowbit.system import trim_heap
 
 
 @dataclass
@@ -153,6 +154,7 @@ def quantize_model(loaded: LoadedModel, config: QuantizeConfig, calibration: Cal
     else:
         results = [quantize_linear(loaded.model, name, config)
                    for name, _ in tqdm(layers, desc=config.describe(), disable=not progress, unit="layer")]
+        trim_heap()  # the dropped float weights back to the system, not kept by the allocator
     if config.head is not None:
         results.append(quantize_head(loaded.model, config.head))
     loaded.header = {"method": config.to_dict(), "calibration": calibration.to_dict() if config.calibrated else None, "source": loaded.source}

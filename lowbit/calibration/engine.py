@@ -42,6 +42,7 @@ from lowbit.modules import QUANTIZED_MODULES, storage_bytes
 from lowbit.modules.quant_linear import dequantized_once
 from lowbit.modules.swap import set_module
 from lowbit.packed.qweight import bits_per_weight
+from lowbit.system import resident_bytes, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,10 @@ def _matmul_gflops() -> float:
 
 
 def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor, true_sequential: bool = False) -> dict:
-    """Rough peak memory (MB) and time (s) of a calibration run, printed before it starts."""
+    """Rough peak memory (MB) and time (s) of a calibration run, printed before it starts:
+    this process now (the loaded model included), plus both copies of the calibration
+    hidden states and one block's workspace (its float weights' size again for the
+    quantised copies, and the widest group's Hessian, inverse factor and working copy)."""
     blocks = decoder_blocks(model, arch)
     block0 = blocks[0]
     hidden = model.config.hidden_size
@@ -281,11 +285,13 @@ def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor, true_s
     gptq_flops = sum(m.in_features**2 * m.out_features * 4 for m in linears) * len(blocks)
     rate = _matmul_gflops() * 1e9
     seconds = (flops + gptq_flops) / rate + columns * 80e-6  # ~80 µs of Python per weight column
+    process = resident_bytes()
     return {
         "model_mb": model_bytes / 1e6,
+        "process_mb": process / 1e6,
         "activations_mb": activations / 1e6,
         "block_workspace_mb": (block_bytes + stats) / 1e6,
-        "peak_mb": (model_bytes + activations + block_bytes + stats) / 1e6,
+        "peak_mb": (process + activations + block_bytes + stats) / 1e6,
         "seconds": seconds,
         "gflops": rate / 1e9,
     }
@@ -315,9 +321,9 @@ def calibrate_and_quantize(
     result = CalibrationResult(estimate=estimate(model, arch, samples, true_sequential))
     est = result.estimate
     log.warning(
-        "%s on %d blocks with %d samples x %d tokens: estimated peak memory %.0f MB (model %.0f, calibration activations %.0f, "
-        "block workspace %.0f), time ~%.0f s at %.0f GFLOP/s",
-        method.name, len(blocks), samples.shape[0], samples.shape[1], est["peak_mb"], est["model_mb"],
+        "%s on %d blocks with %d samples x %d tokens: estimated peak memory %.0f MB (this process %.0f with the model's %.0f, "
+        "calibration activations %.0f, block workspace %.0f), time ~%.0f s at %.0f GFLOP/s",
+        method.name, len(blocks), samples.shape[0], samples.shape[1], est["peak_mb"], est["process_mb"], est["model_mb"],
         est["activations_mb"], est["block_workspace_mb"], est["seconds"], est["gflops"],
     )
     start = time.perf_counter()
@@ -327,6 +333,7 @@ def calibrate_and_quantize(
     bar = tqdm(total=len(blocks), desc=method.name, unit="block", disable=not progress)
     for index, block in enumerate(blocks):
         result.layers += quantize_block(block, index, batches, method, arch, patterns, phases, true_sequential, progress)
+        trim_heap()  # the block's freed float weights back to the system (SmolLM2 GPTQ: 1,729 MB at the end without, 1,063 with)
         bar.update(1)
     bar.close()
     result.seconds = time.perf_counter() - start
