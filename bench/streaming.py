@@ -40,6 +40,7 @@ WORK = ROOT / "runs" / "bench-streaming"
 OUTPUTS = WORK / "out"
 RANDOM_1B = WORK / "llama-1.1b"
 RANDOM_7B = WORK / "qwen2-7b"
+SLICE_7B = WORK / "qwen2-7b-2-blocks"  # the 7B's first two blocks with its embeddings and head: GPTQ's time per block
 GPTQ = ["--method", "gptq", "--bits", "4", "--group-size", "128", "--asym", "--calib-samples", "32", "--calib-corpus", "pydoc"]
 RTN = ["--method", "rtn", "--bits", "4", "--group-size", "128"]
 SCORE = ["--corpus", "pydoc", "--windows", "4"]
@@ -71,6 +72,9 @@ ROWS = {
     # hours on two cores: a session that ends mid-run leaves the journal, and the same row run
     # again continues it (its log gains one section per process)
     "qwen2-7b gptq | streamed": ["quantize", "--model", str(RANDOM_7B), *GPTQ],
+    # the same work per block and the same peak (one block, the 32 x 512 hidden states, the
+    # embeddings), in the minutes a session has: the whole model's time follows per block
+    "qwen2-7b 2 blocks gptq | streamed": ["quantize", "--model", str(SLICE_7B), *GPTQ, "--low-memory"],
 }
 ESTIMATE = re.compile(r"estimated peak memory (\d+) MB")
 CONTINUED = re.compile(r"(\d+) of \d+ units are done")
@@ -89,13 +93,16 @@ def random_models(names: list[str]) -> None:
                 "num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False); "
                 f"write_random_model(Path({str(RANDOM_1B)!r}), config, open_skeleton('smollm2').tokenizer)")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-    if any("7b" in n for n in names) and not (RANDOM_7B / "config.json").is_file():
+    for directory, blocks in ((RANDOM_7B, 28), (SLICE_7B, 2)):
+        needed = any(n.startswith("qwen2-7b ") and (("2 blocks" in n) == (blocks == 2)) for n in names)
+        if not needed or (directory / "config.json").is_file():
+            continue
         code = ("import torch; from pathlib import Path; from transformers import Qwen2Config; from lowbit.loader import open_skeleton; "
                 "from lowbit.models.synthetic import write_random_model; "
-                "config = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, "
+                f"config = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers={blocks}, "
                 "num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072, rope_theta=10000.0, "
                 "rms_norm_eps=1e-6, tie_word_embeddings=False); "
-                f"write_random_model(Path({str(RANDOM_7B)!r}), config, open_skeleton('smollm2').tokenizer, dtype=torch.bfloat16)")
+                f"write_random_model(Path({str(directory)!r}), config, open_skeleton('smollm2').tokenizer, dtype=torch.bfloat16)")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
