@@ -61,6 +61,7 @@ PRIORITY = [name for spec in ("W4 g128", "W4 g64", "W3 g64", "W2 g64") for name 
 PRIORITY += [name for name in EXTRA if "budget" in name or "25 steps" in name or "100 steps" in name]
 PRIORITY += [name for name in ROWS if name not in PRIORITY]
 QUANTISED = re.compile(r"^(?:quantised|pruned) .* in ([\d.]+) s", re.M)
+GFLOPS = re.compile(r"at (\d+) GFLOP/s")  # the machine's float32 matmul rate, as the calibration estimate measures it
 
 
 def command(flags: list[str]) -> list[str]:
@@ -81,7 +82,9 @@ def quantise(model: str, flags: list[str], out: Path, verb: str = "quantize") ->
     text = log.read_text()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"lowbit {verb} {' '.join(flags)}: {(text.strip().splitlines() or ['no output'])[-1]}")
-    return {"wall_seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "quantise_seconds": float(QUANTISED.findall(text)[-1])}
+    rate = GFLOPS.search(text)  # sessions run on machines of different speed (28 to 224 GFLOP/s measured): times compare at a similar rate only
+    return {"wall_seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "quantise_seconds": float(QUANTISED.findall(text)[-1]),
+            "matmul_gflops": int(rate[1]) if rate else None}
 
 
 def score(checkpoint: Path, corpus: str) -> dict:
