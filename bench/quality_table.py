@@ -91,13 +91,16 @@ def score(checkpoint: Path, corpus: str) -> dict:
     """`lowbit eval` of the checkpoint against its float source on ``corpus``."""
     report = checkpoint.with_suffix(f".{corpus}.json")
     argv = [sys.executable, "-m", "lowbit.cli", "eval", str(checkpoint), "--corpus", corpus, "--windows", str(WINDOWS), "--json", str(report)]
+    start = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"lowbit eval {checkpoint} --corpus {corpus}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
     data = json.loads(report.read_text())
     reference, result = data["results"][0], data["results"][-1]
     return {"perplexity": result["perplexity"], "reference_perplexity": reference["perplexity"], "kld": result["kld"],
-            "top1_percent": result["top1_percent"], "bits_per_weight": result["bits_per_weight"]}
+            "top1_percent": result["top1_percent"], "bits_per_weight": result["bits_per_weight"],
+            "eval_wall_seconds": round(seconds, 1), "reference_seconds": round(reference["seconds"], 1)}  # the latter small when its hidden states were stored
 
 
 def commit() -> str:

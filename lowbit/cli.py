@@ -209,7 +209,7 @@ def build_from_flags(cls, given: dict[str, Any], flags: dict[str, FlagUse], for_
 
 
 # the evaluation flags and their defaults (`quantize --eval` also prints text for DEFAULT_PROMPT)
-EVAL_DEFAULTS = {"text": None, "corpus": None, "windows": 20, "ctx": 512, "json": None, "prompt": None}
+EVAL_DEFAULTS = {"text": None, "corpus": None, "windows": 20, "ctx": 512, "json": None, "prompt": None, "no_reference_cache": False}
 
 
 def _add_eval_args(p: argparse.ArgumentParser, suppress: bool = False) -> None:
@@ -224,6 +224,9 @@ def _add_eval_args(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     p.add_argument("--windows", type=number(int, 1), default=default("windows"), help=f"evaluation windows (default {EVAL_DEFAULTS['windows']})")
     p.add_argument("--ctx", type=number(int, 2), default=default("ctx"), help=f"tokens per window (default {EVAL_DEFAULTS['ctx']})")
     p.add_argument("--json", metavar="FILE", default=default("json"), help="also write the results as JSON")
+    p.add_argument("--no-reference-cache", action="store_true", default=default("no_reference_cache"),
+                   help="run the reference model again instead of reusing its stored hidden states on the same windows "
+                   "(kept in the lowbit cache's eval-reference/; the scores are the same either way)")
     p.add_argument("--prompt", default=default("prompt"), help="also print each model's greedy continuation of this prompt "
                    + (f"(default with --eval: {DEFAULT_PROMPT!r})" if suppress else "(default: none)"))
 
@@ -476,6 +479,7 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
     from lowbit.data.corpora import eval_windows
     from lowbit.evaluation import evaluate, results_table
     from lowbit.loader import load_model, open_checkpoint
+    from lowbit.models.registry import cache_dir
     from lowbit.outputs import check_output_file
 
     if args.json:
@@ -508,7 +512,8 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
     _announce(skeleton, loaded)
     models[label] = loaded.model
     print(f"evaluating on {split.label}: {len(windows)} windows of {args.ctx} tokens{' (BOS first)' if split.bos_id is not None else ''}", file=sys.stderr)
-    results = evaluate(models, windows, reference=None if reference is None else reference.model)
+    cache = None if getattr(args, "no_reference_cache", False) else cache_dir() / "eval-reference"
+    results = evaluate(models, windows, reference=None if reference is None else reference.model, reference_cache=cache)
     print(results_table(results, baseline=next(iter(models)) if reference is not None else None))
     if prompt:
         _print_samples(models, loaded.tokenizer, prompt)
@@ -601,7 +606,7 @@ def cmd_quantize(args, derived) -> int:
         raise LowbitError(f"{', '.join(calibration_given)} {'does' if len(calibration_given) == 1 else 'do'} not apply to --method {args.method} "
                           "(it uses no calibration data); drop it")
     calibration = build_from_flags(CalibrationConfig, calibration_given, calibration_flags, "calibration") if cls.calibrated else None
-    eval_given = [f"--{k}" for k in EVAL_DEFAULTS if hasattr(args, k)]
+    eval_given = [f"--{k.replace('_', '-')}" for k in EVAL_DEFAULTS if hasattr(args, k)]
     if eval_given and not args.eval:
         raise LowbitError(f"{', '.join(eval_given)} apply with --eval; add --eval or drop them")
     for key, value in {**EVAL_DEFAULTS, "prompt": DEFAULT_PROMPT}.items():

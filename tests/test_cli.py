@@ -38,6 +38,24 @@ def test_quantize_eval_info(capsys, tiny_llama_dir, text_file, tmp_path):
     assert code == 0 and "W4 g32 asym" in stdout and "14 quantised linears" in stdout
 
 
+def test_eval_reuses_the_reference_hidden_states_unless_told_not_to(capsys, tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", "--model", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--out", str(out))[0] == 0
+    stored = tmp_path / "cache" / "eval-reference"
+    scores = []
+    for extra in ((), (), ("--no-reference-cache",)):
+        report = tmp_path / f"r{len(scores)}.json"
+        assert run(capsys, "eval", str(out), "--text", str(text_file), "--windows", "2", "--ctx", "64", "--json", str(report), *extra)[0] == 0
+        scores.append({k: json.loads(report.read_text())[k] for k in ("perplexity", "kld", "top1_percent")})
+        if not scores[1:]:
+            assert len(list(stored.glob("*.safetensors"))) == 1
+    assert scores[0] == scores[1] == scores[2]
+    assert len(list(stored.glob("*.safetensors"))) == 1
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--bits", "4", "--out", str(tmp_path / "q2"), "--no-reference-cache")
+    assert code == 2 and "--no-reference-cache apply with --eval" in err
+
+
 def test_quantize_with_an_int8_head(capsys, tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
     code, stdout, _ = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--head-bits", "8", "--out", str(out))

@@ -90,6 +90,32 @@ def test_perplexity_kld_and_top1_match_their_definitions():
     assert 150 < by["other"].perplexity < 400
 
 
+def test_the_reference_cache_gives_the_same_scores_and_misses_on_any_change(tmp_path, monkeypatch):
+    """The stored hidden states stand in for the reference's forward passes: the scores equal
+    an uncached evaluation's exactly, the second run does not call the reference's body, and
+    another weight or other windows get a file of their own."""
+    from lowbit.evaluation import metrics
+
+    ref, other = tiny_llama(seed=1), tiny_llama(seed=2)
+    windows = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
+    plain = evaluate({"ref": ref, "other": other}, windows, reference=ref, progress=False)
+    first = evaluate({"ref": ref, "other": other}, windows, reference=ref, progress=False, reference_cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    forwards = []
+    real = metrics.final_hidden_states
+    monkeypatch.setattr(metrics, "final_hidden_states", lambda model, inputs: forwards.append(model) or real(model, inputs))
+    second = evaluate({"ref": ref, "other": other}, windows, reference=ref, progress=False, reference_cache=tmp_path)
+    assert all(model is other for model in forwards) and len(forwards) == 3  # only the candidate ran
+    for a, b, c in zip(plain, first, second):
+        assert (a.perplexity, a.kld, a.top1_percent) == (b.perplexity, b.kld, b.top1_percent) == (c.perplexity, c.kld, c.top1_percent)
+    evaluate({"other": other}, windows[:2], reference=ref, progress=False, reference_cache=tmp_path)
+    with torch.no_grad():
+        ref.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
+    changed = evaluate({"ref": ref, "other": other}, windows, reference=ref, progress=False, reference_cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    assert changed[1].kld != first[1].kld
+
+
 def test_quantisation_error_grows_as_bits_fall(tiny_llama_dir, text_file):
     ref = load_model(str(tiny_llama_dir))
     split = tokenize_split(ref.tokenizer, text_file=text_file)

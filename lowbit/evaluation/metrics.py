@@ -12,6 +12,7 @@ import math
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
+from lowbit.evaluation.reference_cache import cache_path, load_hidden, store_hidden
 from lowbit.modules import QUANTIZED_MODULES, storage_bytes
 from lowbit.modules.quant_linear import dequantized_once
 from lowbit.packed.qweight import bits_per_weight
@@ -149,6 +151,7 @@ def evaluate(
     windows: torch.Tensor,
     reference: nn.Module | None = None,
     progress: bool = True,
+    reference_cache: str | Path | None = None,
 ) -> list[EvalResult]:
     """Score each model on ``windows`` (int64 (n, ctx)), each against ``reference``.
 
@@ -159,12 +162,25 @@ def evaluate(
     divergences do not cancel away in float32. Quantised layers compute with their weights
     dequantised once for the whole evaluation (`dequantized_once`): the same numbers as
     dequantising on every call, at the float model's speed.
+
+    ``reference_cache``: a directory where the reference's final hidden states on these
+    windows are kept (`lowbit.evaluation.reference_cache`); when they are there the
+    reference runs only its output projection, for the same scores bit for bit, and its
+    ``seconds`` count only that.
     """
     _check_inputs(models, windows, reference)
+    cached = path = None
+    if reference_cache is not None and reference is not None:
+        path = cache_path(Path(reference_cache), reference, windows)
+        cached = load_hidden(path, windows)
     with ExitStack() as stack:
         for model in {id(m): m for m in [*models.values(), *([reference] if reference is not None else [])]}.values():
             stack.enter_context(dequantized_once(model))
-        return _evaluate(models, windows, reference, progress, final_hidden_states)
+        computed = [] if path is not None and cached is None else None
+        results = _evaluate(models, windows, reference, progress, final_hidden_states, cached, computed)
+    if computed:
+        store_hidden(path, torch.stack(computed))
+    return results
 
 
 def _check_inputs(models, windows, reference) -> None:
@@ -183,7 +199,11 @@ def _check_inputs(models, windows, reference) -> None:
 
 
 def _evaluate(models: dict[str, nn.Module], windows: torch.Tensor, reference: nn.Module | None, progress: bool,
-              hidden_of=final_hidden_states) -> list[EvalResult]:
+              hidden_of=final_hidden_states, reference_hidden: torch.Tensor | None = None,
+              keep_reference: list | None = None) -> list[EvalResult]:
+    """`evaluate`'s loop. ``reference_hidden``: the reference's final hidden states on the
+    windows, (n, ctx - 1, hidden), used instead of running it; ``keep_reference``: a list
+    that gets the reference's hidden states of each window as they are computed."""
     ref_label = next((label for label, m in models.items() if m is reference), "__reference__")
     runs = {label: m for label, m in models.items() if m is not reference}  # each model run once
     if reference is not None:
@@ -200,9 +220,14 @@ def _evaluate(models: dict[str, nn.Module], windows: torch.Tensor, reference: nn
         inputs, targets = window[None, :-1], window[1:]
         hidden = {}
         for label, model in runs.items():
+            if label == ref_label and reference_hidden is not None:  # checked against the model when it was stored
+                hidden[label] = reference_hidden[index]
+                continue
             start = time.perf_counter()
             hidden[label] = hidden_of(model, inputs)
             seconds[label] += time.perf_counter() - start
+            if label == ref_label and keep_reference is not None:
+                keep_reference.append(hidden[label].clone())
             if index == 0:
                 _check_chunked_head(model, inputs, hidden[label])
         for lo in range(0, len(targets), step):
