@@ -10,7 +10,7 @@ from lowbit.algorithms import rtn_quantize
 from lowbit.errors import LowbitError
 from lowbit.evaluation.kv import kv_cache_quality
 from lowbit.inference.generate import generate
-from lowbit.inference.kv_cache import KVSpec, QuantizedKVCache, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from lowbit.inference.kv_cache import KVSpec, QuantizedKVCache, QuantizedKVLayer, quantize_keys, quantize_values
 from lowbit.kernels.common import format_support
 from lowbit.kernels.cpu import KernelLinear, kernel_support, quantize_activations_q8, reference_gemm, use_cpu_kernels
 from lowbit.modules import QuantLinear
@@ -151,19 +151,88 @@ def test_model_with_kernels_matches_reference(tiny_llama_dir):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_kv_chunks_round_trip_within_their_error_bound(bits):
+    from lowbit.numerics.quantization import dequantize
+
     g = torch.Generator().manual_seed(bits)
     keys = torch.randn(1, 2, 32, 16, generator=g)
     keys[..., 3] += 8  # an outlier key channel, as KIVI observed
     values = torch.randn(1, 2, 32, 16, generator=g)
     spec = KVSpec(bits=bits, group_size=32, residual=0)
-    qk, qv = quantize_keys(keys, spec), quantize_values(values, spec)
-    k_hat = dequantize_keys(qk, tuple(keys.shape), torch.float32)
-    v_hat = dequantize_values(qv, tuple(values.shape), torch.float32)
+    layer = QuantizedKVLayer(spec)
+    k_hat, v_hat = layer.update(keys, values)
+    assert layer.n_chunks == 1 and layer.keys.shape[2] == 0
+    # the packed buffers hold exactly what the quantiser's own dequantisation gives
+    assert torch.equal(k_hat, dequantize(quantize_keys(keys, spec)).reshape(1, 2, 16, 32).transpose(-1, -2))
+    assert torch.equal(v_hat, dequantize(quantize_values(values, spec)).reshape(values.shape))
     # per key channel over the tokens: |error| <= one step of that channel's range
     k_step = (torch.maximum(keys.amax(2, keepdim=True), torch.zeros(1)) - torch.minimum(keys.amin(2, keepdim=True), torch.zeros(1))) / (2**bits - 1)
     assert ((keys - k_hat).abs() <= k_step * 1.01 + 1e-3).all()
     v_step = (torch.maximum(values.amax(-1, keepdim=True), torch.zeros(1)) - torch.minimum(values.amin(-1, keepdim=True), torch.zeros(1))) / (2**bits - 1)
     assert ((values - v_hat).abs() <= v_step * 1.01 + 1e-3).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_planar_packing_round_trips_and_takes_whole_bytes(bits):
+    from lowbit.inference.kv_attention import pack_planar, unpack_planar
+
+    for n in (5, 16, 24, 33):
+        codes = torch.randint(0, 2**bits, (3, 2, n), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+        packed = pack_planar(codes, bits)
+        assert packed.shape[-1] == -(-n * bits // 8) and torch.equal(unpack_planar(packed, bits, n), codes)
+    # byte j holds codes j and j + m (4 bits): planes of consecutive codes
+    if bits == 4:
+        assert pack_planar(torch.tensor([1, 2, 3, 4], dtype=torch.uint8), 4).tolist() == [1 | 3 << 4, 2 | 4 << 4]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_packed_kv_kernel_equals_attention_over_the_dequantised_cache(bits, head_dim):
+    """The decode-step kernel reads the packed buffers; the reference dequantises them and
+    runs torch's SDPA. Grouped-query heads (4 query heads on 2), a value group that does not
+    divide the head (24 channels in groups of 16), buffers grown twice (9 chunks), a tail."""
+    from lowbit.inference.kv_attention import attend, attend_reference
+
+    g = torch.Generator().manual_seed(bits + head_dim)
+    layer = QuantizedKVLayer(KVSpec(bits=bits, group_size=16, residual=4))
+    for length in (40, 1, 1, 70, 1, 37):
+        layer.update(torch.randn(2, 2, length, head_dim, generator=g) * 2, torch.randn(2, 2, length, head_dim, generator=g))
+    view = layer.view()
+    assert view.n_chunks == 9 and view.k_codes.shape[2] == 16 and 4 <= view.tail_k.shape[2] < 20
+    for _ in range(3):
+        query = torch.randn(2, 4, 1, head_dim, generator=g)
+        torch.testing.assert_close(attend(query, view, head_dim**-0.5), attend_reference(query, view, head_dim**-0.5), rtol=1e-4, atol=1e-5)
+    # one sequence, one key/value head (Gemma 3's shape): the kernel splits the chunks into parts and merges them
+    single = QuantizedKVLayer(KVSpec(bits=bits, group_size=16, residual=4))
+    single.update(torch.randn(1, 1, 200, head_dim, generator=g) * 3, torch.randn(1, 1, 200, head_dim, generator=g))
+    assert single.view().n_chunks == 12
+    query = torch.randn(1, 4, 1, head_dim, generator=g)
+    torch.testing.assert_close(attend(query, single.view(), 0.4), attend_reference(query, single.view(), 0.4), rtol=1e-4, atol=1e-5)
+    empty = QuantizedKVLayer(KVSpec(bits=bits, group_size=16, residual=4))
+    empty.update(torch.randn(2, 2, 5, head_dim, generator=g), torch.randn(2, 2, 5, head_dim, generator=g))
+    query = torch.randn(2, 4, 1, head_dim, generator=g)
+    torch.testing.assert_close(attend(query, empty.view(), 0.3), attend_reference(query, empty.view(), 0.3), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+def test_decoding_through_the_packed_kv_kernel_gives_the_reference_tokens(family):
+    """`generate` with a quantised cache reads it through the kernel on the CPU; with the
+    kernel off every step dequantises the cache. Same greedy tokens, and the kernel ran."""
+    from lowbit.inference import kv_attention
+
+    model = tiny_model(family, seed=4)
+    prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+    spec = KVSpec(bits=4, group_size=16, residual=8)
+    calls = []
+    real = kv_attention.attend
+    kv_attention.attend = lambda *args: calls.append(1) or real(*args)
+    try:
+        fused = generate(model, prompt, max_new_tokens=32, kv=spec)
+    finally:
+        kv_attention.attend = real
+    reference = generate(model, prompt, max_new_tokens=32, kv=spec, kv_kernel=False)
+    assert fused.tokens == reference.tokens and fused.cache_bytes == reference.cache_bytes
+    assert len(calls) >= 31
+    assert model.config._attn_implementation != "lowbit_kv"  # restored after
 
 
 def test_quantized_cache_keeps_a_full_precision_window_and_shrinks():

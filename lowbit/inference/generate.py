@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from transformers.cache_utils import StaticCache
 
 from lowbit.errors import LowbitError
+from lowbit.inference.kv_attention import packed_kv_attention
 from lowbit.inference.kv_cache import KVSpec, QuantizedKVCache, cache_bytes
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,12 @@ class Generation:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
 
 
-def make_cache(model: nn.Module, max_len: int, kv: KVSpec | None):
+def make_cache(model: nn.Module, max_len: int, kv: KVSpec | None, fused: bool = False):
+    """transformers' StaticCache for the float cache, else lowbit's quantised one (``fused``:
+    its layers hand attention the packed view, `lowbit.inference.kv_attention`)."""
     if kv is None:
         return StaticCache(config=model.config, max_cache_len=max_len)
-    return QuantizedKVCache(kv, model.config)
+    return QuantizedKVCache(kv, model.config, fused=fused)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -73,9 +77,12 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, kv: KVSpec | None = None,
-             eos_token_id: int | None = None, cuda_graph: bool | None = None) -> Generation:
+             eos_token_id: int | None = None, cuda_graph: bool | None = None, kv_kernel: bool = True) -> Generation:
     """Greedy decoding of one sequence. input_ids: int64 (1, prompt_len), on any device (moved
-    to the model's). ``cuda_graph``: None = on for CUDA with the float static cache."""
+    to the model's). ``cuda_graph``: None = on for CUDA with the float static cache.
+    ``kv_kernel``: with a quantised cache on the CPU, decode steps attend over the packed
+    cache with lowbit's kernel (`lowbit.inference.kv_attention`); False dequantises the
+    cache at every step (the reference)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise LowbitError("generate takes one prompt: input_ids of shape (1, length)")
     if max_new_tokens < 1:
@@ -88,7 +95,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, kv:
     model.eval()
     input_ids = input_ids.to(device)
     prompt = input_ids.shape[1]
-    cache = make_cache(model, prompt + max_new_tokens, kv)
+    fused = kv is not None and kv_kernel and device.type == "cpu"
+    cache = make_cache(model, prompt + max_new_tokens, kv, fused)
+    with packed_kv_attention(model) if fused else nullcontext():
+        return _generate(model, input_ids, cache, max_new_tokens, eos_token_id, cuda_graph, device)
+
+
+def _generate(model, input_ids, cache, max_new_tokens, eos_token_id, cuda_graph, device) -> Generation:
+    prompt = input_ids.shape[1]
     result = Generation(prompt_tokens=prompt)
     out_tokens = torch.zeros(max_new_tokens, dtype=torch.long, device=device)
     _sync(device)

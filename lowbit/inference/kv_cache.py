@@ -25,9 +25,10 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from lowbit.errors import LowbitError
-from lowbit.numerics.quantization import quantize
+from lowbit.inference.kv_attention import PackedKV, pack_planar
+from lowbit.numerics.packing import pack, packed_length
+from lowbit.numerics.quantization import Quantized, quantize
 from lowbit.numerics.spec import QuantSpec
-from lowbit.packed.qweight import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class KVSpec:
     residual: int = 128
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
+        if self.bits not in (2, 4, 8):  # whole codes per byte: the kernel's planar packing (kv_attention.pack_planar)
             raise LowbitError(f"KV-cache bits {self.bits} unsupported; use 2, 4 or 8")
         if self.group_size < 1 or self.residual < 0:
             raise LowbitError("KV-cache group_size must be >= 1 and residual >= 0")
@@ -53,38 +54,32 @@ class KVSpec:
         return QuantSpec(bits=self.bits, symmetric=False, group_size=min(self.group_size, head_dim))
 
 
-def quantize_keys(chunk: torch.Tensor, spec: KVSpec) -> QuantizedWeight:
-    """Keys (batch, heads, tokens, head_dim) -> one (scale, zero) per channel over the tokens."""
+def quantize_keys(chunk: torch.Tensor, spec: KVSpec) -> Quantized:
+    """Keys (batch, heads, tokens, head_dim) -> codes (batch * heads * head_dim, tokens): one
+    (scale, zero) per channel over the chunk's tokens."""
     b, h, t, d = chunk.shape
-    rows = chunk.permute(0, 1, 3, 2).reshape(b * h * d, t)  # a row per channel
-    return QuantizedWeight.from_quantized(quantize(rows, spec.key_spec, "keys"))
+    return quantize(chunk.permute(0, 1, 3, 2).reshape(b * h * d, t), spec.key_spec, "keys")
 
 
-def dequantize_keys(q: QuantizedWeight, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    b, h, t, d = shape
-    return q.dequantize(dtype).reshape(b, h, d, t).permute(0, 1, 3, 2)
-
-
-def quantize_values(chunk: torch.Tensor, spec: KVSpec) -> QuantizedWeight:
-    """Values (batch, heads, tokens, head_dim) -> per token, in groups of channels."""
+def quantize_values(chunk: torch.Tensor, spec: KVSpec) -> Quantized:
+    """Values (batch, heads, tokens, head_dim) -> codes (batch * heads * tokens, head_dim): per
+    token, in groups of channels."""
     b, h, t, d = chunk.shape
-    return QuantizedWeight.from_quantized(quantize(chunk.reshape(b * h * t, d), spec.value_spec(d), "values"))
-
-
-def dequantize_values(q: QuantizedWeight, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    return q.dequantize(dtype).reshape(shape)
+    return quantize(chunk.reshape(b * h * t, d), spec.value_spec(d), "values")
 
 
 class QuantizedKVLayer(DynamicLayer):
-    """One layer's cache: packed key/value chunks of ``group_size`` tokens, then a
-    full-precision tail (``self.keys`` / ``self.values``)."""
+    """One layer's cache: packed key/value chunks of ``group_size`` tokens in buffers that
+    double when full (`PackedKV` documents their layout), then a full-precision tail
+    (``self.keys`` / ``self.values``). ``fused``: `update` returns the packed view for
+    `lowbit.inference.kv_attention.lowbit_kv_attention` instead of dequantised tensors."""
 
-    def __init__(self, spec: KVSpec):
+    def __init__(self, spec: KVSpec, fused: bool = False):
         super().__init__()
         self.spec = spec
-        self.key_chunks: list[QuantizedWeight] = []
-        self.value_chunks: list[QuantizedWeight] = []
-        self.chunk_shape: tuple[int, int, int, int] | None = None
+        self.fused = fused
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.n_chunks = 0
         self.quantized_tokens = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -96,18 +91,58 @@ class QuantizedKVLayer(DynamicLayer):
             self.values = torch.cat([self.values, value_states], dim=-2)
         g = self.spec.group_size
         while self.keys.shape[-2] >= self.spec.residual + g:
-            old_k, old_v = self.keys[:, :, :g], self.values[:, :, :g]
-            self.chunk_shape = tuple(old_k.shape)
-            self.key_chunks.append(quantize_keys(old_k, self.spec))
-            self.value_chunks.append(quantize_values(old_v, self.spec))
+            self._append_chunk(self.keys[:, :, :g], self.values[:, :, :g])
             self.keys, self.values = self.keys[:, :, g:].contiguous(), self.values[:, :, g:].contiguous()
             self.quantized_tokens += g
-        if not self.key_chunks:
+        if self.fused:
+            return self.view(), self.view()
+        if not self.n_chunks:
             return self.keys, self.values
-        dtype = self.keys.dtype
-        keys = torch.cat([dequantize_keys(q, self.chunk_shape, dtype) for q in self.key_chunks] + [self.keys], dim=-2)
-        values = torch.cat([dequantize_values(q, self.chunk_shape, dtype) for q in self.value_chunks] + [self.values], dim=-2)
-        return keys, values
+        return self.view().dequantize(self.keys.dtype)
+
+    def _append_chunk(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantise ``group_size`` tokens (B, H, G, D) and pack them into the buffers."""
+        b, h, g, d = keys.shape
+        bits = self.spec.bits
+        kq, vq = quantize_keys(keys, self.spec), quantize_values(values, self.spec)
+        chunk = {
+            "k_codes": pack_planar(kq.codes, bits).reshape(b, h, 1, d, -1),
+            "k_scale": kq.scale.reshape(b, h, 1, d).half(),
+            "k_zero": pack(kq.zero.to(torch.uint8).reshape(b, h, 1, d), bits),
+            "v_codes": pack_planar(vq.codes, bits).reshape(b, h, g, -1),
+            "v_scale": vq.scale.reshape(b, h, g, -1).half(),
+            "v_zero": pack(vq.zero.to(torch.uint8).reshape(b, h, g, -1), bits),
+        }
+        if not self.buffers or self.buffers["k_codes"].shape[2] == self.n_chunks:
+            capacity = max(4, 2 * self.n_chunks)
+            grown = {}
+            for name, part in chunk.items():
+                per_chunk = 1 if name.startswith("k_") else g
+                buffer = part.new_empty((b, h, capacity * per_chunk, *part.shape[3:]))
+                if self.buffers:
+                    buffer[:, :, : self.n_chunks * per_chunk] = self.buffers[name][:, :, : self.n_chunks * per_chunk]
+                grown[name] = buffer
+            self.buffers = grown
+        for name, part in chunk.items():
+            per_chunk = 1 if name.startswith("k_") else g
+            self.buffers[name][:, :, self.n_chunks * per_chunk : (self.n_chunks + 1) * per_chunk] = part
+        self.n_chunks += 1
+
+    def view(self) -> PackedKV:
+        """The cache as stored (buffers and tail), for attention or dequantisation."""
+        d = self.keys.shape[-1]
+        if not self.buffers:  # nothing quantised yet: empty buffers of the right shapes
+            b, h = self.keys.shape[:2]
+            planar = lambda n: n if self.spec.bits == 8 else -(-n // (8 // self.spec.bits))  # noqa: E731 (pack_planar's bytes)
+            shapes = {"k_codes": (0, d, planar(self.spec.group_size)), "k_zero": (0, packed_length(d, self.spec.bits)),
+                      "v_codes": (0, planar(d))}
+            groups = -(-d // self.spec.value_spec(d).group_size)
+            shapes |= {"k_scale": (0, d), "v_scale": (0, groups), "v_zero": (0, packed_length(groups, self.spec.bits))}
+            empty = {n: torch.empty((b, h, *shape), dtype=torch.float16 if n.endswith("scale") else torch.uint8) for n, shape in shapes.items()}
+            return PackedKV(**empty, n_chunks=0, group=self.spec.group_size, value_group=self.spec.value_spec(d).group_size,
+                            bits=self.spec.bits, tail_k=self.keys, tail_v=self.values)
+        return PackedKV(**self.buffers, n_chunks=self.n_chunks, group=self.spec.group_size, value_group=self.spec.value_spec(d).group_size,
+                        bits=self.spec.bits, tail_k=self.keys, tail_v=self.values)
 
     def get_seq_length(self) -> int:
         return self.quantized_tokens + (self.keys.shape[-2] if self.is_initialized else 0)
@@ -116,7 +151,11 @@ class QuantizedKVLayer(DynamicLayer):
         return self.get_seq_length() + query_length, 0
 
     def stored_bytes(self) -> int:
-        packed = sum(q.nbytes for q in self.key_chunks + self.value_chunks)
+        """Bytes of the chunks in use (codes, float16 scales, packed zero-points) and the tail."""
+        packed = 0
+        for name, buffer in self.buffers.items():
+            used = self.n_chunks * (1 if name.startswith("k_") else self.spec.group_size)
+            packed += buffer[:, :, :used].numel() * buffer.element_size()
         tail = 0 if not self.is_initialized else (self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size())
         return packed + tail
 
@@ -129,10 +168,10 @@ class QuantizedKVCache(Cache):
     them would save little at long context and complicate their masks.
     """
 
-    def __init__(self, spec: KVSpec, config):
+    def __init__(self, spec: KVSpec, config, fused: bool = False):
         layer_types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         layers = [
-            DynamicSlidingWindowLayer(**kw) if kind == "sliding_attention" else QuantizedKVLayer(spec)
+            DynamicSlidingWindowLayer(**kw) if kind == "sliding_attention" else QuantizedKVLayer(spec, fused)
             for kind, kw in zip(layer_types, kwargs)
         ]
         super().__init__(layers=layers)

@@ -30,20 +30,26 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 MAX_KERNEL_TOKENS = 16
 
 
-@lru_cache(maxsize=1)
-def load_kernels():
-    """Compile (first time on a machine) and load the extension; a clear error if impossible."""
+def build_extension(source: Path, prefix: str):
+    """Compile ``source`` (first time on a machine, into the lowbit cache under a key of its
+    text, torch's version and the flags) and load it; a clear error if impossible."""
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-march=native", "-fopenmp"]
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
+    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
     build = cache_dir() / "kernels" / key
     build.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name=f"lowbit_cpu_{key}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        return cpp_extension.load(name=f"{prefix}_{key}", sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                   build_directory=str(build), verbose=bool(os.environ.get("LOWBIT_VERBOSE_BUILD")))
     except (RuntimeError, OSError, ImportError) as err:
         raise LowbitError(f"could not build lowbit's CPU kernels ({err}); they need a C++ compiler (g++) and ninja (pip install ninja)") from err
+
+
+@lru_cache(maxsize=1)
+def load_kernels():
+    """The W4/W8 GEMM extension (`cpu_kernels.cpp`)."""
+    return build_extension(SOURCE, "lowbit_cpu")
 
 
 def kernel_support(module: QuantLinear, int8_activations: bool = False) -> str | None:
