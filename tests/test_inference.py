@@ -250,6 +250,10 @@ def test_quantized_cache_keeps_a_full_precision_window_and_shrinks():
     assert not torch.equal(k_out[:, :, :32], keys[:, :, :32])
     float_bytes = 2 * keys.numel() * 4
     assert cache.stored_bytes() < 0.5 * float_bytes
+    # per chunk and head: keys 64 channels x 8 bytes of codes, 64 float16 scales, 64 zero-points in 32 bytes;
+    # values 16 tokens x 32 bytes, 16 x 4 groups of float16 scales, 64 zero-points in 32 bytes; then the float tail
+    per_chunk = 2 * (64 * 8 + 64 * 2 + 32 + 16 * 32 + 16 * 4 * 2 + 32)
+    assert cache.stored_bytes() == 2 * per_chunk + 2 * 18 * 2 * 64 * 4
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

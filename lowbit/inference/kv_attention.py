@@ -68,7 +68,8 @@ class PackedKV:
         tokens (`pack_planar`); k_scale: float16 (B, H, capacity, D); k_zero: uint8 (B, H,
         capacity, packed(D)), the integer zero-points in lowbit's packing along the channels.
     v_codes: uint8 (B, H, capacity * G, planar(D)); v_scale: float16 (B, H, capacity * G, NG),
-        one per group of ``value_group`` channels; v_zero: uint8 (B, H, capacity * G, packed(NG)).
+        one per group of ``value_group`` channels; v_zero: uint8 (B, H, capacity, packed(G NG)),
+        a chunk's zero-points token by token in one packed row.
     n_chunks: chunks in use (the buffers may be larger); tail_k, tail_v: (B, H, Tt, D), the
         newest tokens in full precision. Values are S (code - Z) (Eq. 3.2).
     """
@@ -104,7 +105,7 @@ class PackedKV:
         keys = keys.transpose(-1, -2).reshape(b, h, n * g, d)
         groups = self.v_scale.shape[-1]
         value_codes = unpack_planar(self.v_codes[:, :, : n * g], bits, d).to(dtype)  # (B, H, n G, D)
-        value_zero = unpack(self.v_zero[:, :, : n * g], bits, groups).to(dtype)
+        value_zero = unpack(self.v_zero[:, :, :n], bits, g * groups).reshape(b, h, n * g, groups).to(dtype)
         per_channel = lambda t: t.repeat_interleave(self.value_group, -1)[..., :d]  # noqa: E731 (group -> channel)
         values = (value_codes - per_channel(value_zero)) * per_channel(self.v_scale[:, :, : n * g].to(dtype))
         return (torch.cat([keys, self.tail_k.to(dtype)], dim=2), torch.cat([values, self.tail_v.to(dtype)], dim=2))

@@ -111,20 +111,20 @@ class QuantizedKVLayer(DynamicLayer):
             "k_zero": pack(kq.zero.to(torch.uint8).reshape(b, h, 1, d), bits),
             "v_codes": pack_planar(vq.codes, bits).reshape(b, h, g, -1),
             "v_scale": vq.scale.reshape(b, h, g, -1).half(),
-            "v_zero": pack(vq.zero.to(torch.uint8).reshape(b, h, g, -1), bits),
+            "v_zero": pack(vq.zero.to(torch.uint8).reshape(b, h, 1, -1), bits),  # the chunk's G x NG zero-points in one row
         }
         if not self.buffers or self.buffers["k_codes"].shape[2] == self.n_chunks:
             capacity = max(4, 2 * self.n_chunks)
             grown = {}
             for name, part in chunk.items():
-                per_chunk = 1 if name.startswith("k_") else g
+                per_chunk = _rows_per_chunk(name, g)
                 buffer = part.new_empty((b, h, capacity * per_chunk, *part.shape[3:]))
                 if self.buffers:
                     buffer[:, :, : self.n_chunks * per_chunk] = self.buffers[name][:, :, : self.n_chunks * per_chunk]
                 grown[name] = buffer
             self.buffers = grown
         for name, part in chunk.items():
-            per_chunk = 1 if name.startswith("k_") else g
+            per_chunk = _rows_per_chunk(name, g)
             self.buffers[name][:, :, self.n_chunks * per_chunk : (self.n_chunks + 1) * per_chunk] = part
         self.n_chunks += 1
 
@@ -137,7 +137,7 @@ class QuantizedKVLayer(DynamicLayer):
             shapes = {"k_codes": (0, d, planar(self.spec.group_size)), "k_zero": (0, packed_length(d, self.spec.bits)),
                       "v_codes": (0, planar(d))}
             groups = -(-d // self.spec.value_spec(d).group_size)
-            shapes |= {"k_scale": (0, d), "v_scale": (0, groups), "v_zero": (0, packed_length(groups, self.spec.bits))}
+            shapes |= {"k_scale": (0, d), "v_scale": (0, groups), "v_zero": (0, packed_length(self.spec.group_size * groups, self.spec.bits))}
             empty = {n: torch.empty((b, h, *shape), dtype=torch.float16 if n.endswith("scale") else torch.uint8) for n, shape in shapes.items()}
             return PackedKV(**empty, n_chunks=0, group=self.spec.group_size, value_group=self.spec.value_spec(d).group_size,
                             bits=self.spec.bits, tail_k=self.keys, tail_v=self.values)
@@ -154,10 +154,16 @@ class QuantizedKVLayer(DynamicLayer):
         """Bytes of the chunks in use (codes, float16 scales, packed zero-points) and the tail."""
         packed = 0
         for name, buffer in self.buffers.items():
-            used = self.n_chunks * (1 if name.startswith("k_") else self.spec.group_size)
+            used = self.n_chunks * _rows_per_chunk(name, self.spec.group_size)
             packed += buffer[:, :, :used].numel() * buffer.element_size()
         tail = 0 if not self.is_initialized else (self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size())
         return packed + tail
+
+
+def _rows_per_chunk(name: str, group_size: int) -> int:
+    """Rows one chunk adds to buffer ``name`` (dimension 2): a token's row in the value codes
+    and scales, one row for the rest."""
+    return group_size if name in ("v_codes", "v_scale") else 1
 
 
 class QuantizedKVCache(Cache):

@@ -56,7 +56,7 @@ inline void unpack_planar(const uint8_t* __restrict packed, int64_t n, float* __
 // q: (B, Hq, D) float32, one query per head; the R = Hq / H query heads of key/value head h
 // are h R .. h R + R - 1. k_codes: (B, H, C, D, planar(G)) uint8; k_scale: (B, H, C, D)
 // float16; k_zero: (B, H, C, packed(D)) uint8. v_codes: (B, H, C*G, planar(D)) uint8;
-// v_scale: (B, H, C*G, NG) float16; v_zero: (B, H, C*G, packed(NG)) uint8. Only the first
+// v_scale: (B, H, C*G, NG) float16; v_zero: (B, H, C, packed(G*NG)) uint8. Only the first
 // n_chunks chunks are read: the buffers may be larger. tail_k, tail_v: (B, H, Tt, D)
 // float32. Returns (B, Hq, D) float32.
 //
@@ -78,7 +78,7 @@ torch::Tensor kv_attend_bits(torch::Tensor q, torch::Tensor k_codes, torch::Tens
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t H = k_codes.size(1), C = k_codes.size(2), T_cap = v_codes.size(2), Tt = tail_k.size(2);
   const int64_t NG = (D + value_group - 1) / value_group;
-  const int64_t kb = planar_length(group, bits), vb = planar_length(D, bits), kzb = packed_length(D, bits), vzb = packed_length(NG, bits);
+  const int64_t kb = planar_length(group, bits), vb = planar_length(D, bits), kzb = packed_length(D, bits), vzb = packed_length(group * NG, bits);
   TORCH_CHECK(Hq % H == 0, "query heads must be a multiple of the cache's heads");
   TORCH_CHECK(n_chunks <= C && n_chunks * group <= T_cap, "n_chunks exceeds the buffers");
   TORCH_CHECK(k_codes.size(3) == D && k_codes.size(4) == kb && v_codes.size(3) == vb && v_scale.size(3) == NG
@@ -151,9 +151,10 @@ torch::Tensor kv_attend_bits(torch::Tensor q, torch::Tensor k_codes, torch::Tens
       for (int64_t t = 0; t < (c1 - c0) * group; ++t) {  // values: sum_t (p_t S_tg) (c_td - Z_tg)
         const int64_t row = bh * T_cap + c0 * group + t;
         unpack_planar<BITS>(vc + row * vb, D, codes.data());
-        const uint8_t* zeros = vz + row * vzb;
+        const int64_t chunk = c0 + t / group, in_chunk = t % group;
+        const uint8_t* zeros = vz + (bh * C + chunk) * vzb;
         for (int64_t g = 0; g < NG; ++g) {
-          const float s = static_cast<float>(vs[row * NG + g]), z = static_cast<float>(code_at(zeros, g, bits));
+          const float s = static_cast<float>(vs[row * NG + g]), z = static_cast<float>(code_at(zeros, in_chunk * NG + g, bits));
           const int64_t lo = g * value_group, hi = std::min(D, lo + value_group);
           for (int64_t r = 0; r < R; ++r) {
             const float w = scores[r * T + t] * s;
