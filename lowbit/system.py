@@ -4,10 +4,24 @@ freed blocks back (no torch here: the CLI calls these before importing it)."""
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    """The C library, looked up once (`find_library` runs ldconfig in a subprocess), or
+    None where it cannot be loaded."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
 
 
 def return_freed_memory() -> None:
@@ -20,11 +34,9 @@ def return_freed_memory() -> None:
     Only for streamed runs: every large allocation then maps fresh pages, which costs
     evaluation loops time. Nothing happens where the C library is not glibc."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD is -3 in glibc's malloc.h
+        _libc().mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD is -3 in glibc's malloc.h
     except (OSError, AttributeError, TypeError):
         log.info("could not set the allocator's mmap threshold (not glibc); freed blocks may stay resident")
 
@@ -37,10 +49,9 @@ def trim_heap() -> None:
     runs and not in others (which thread's arena served a tensor), and by none with a trim
     after every block (four runs out of four). Nothing happens where the C library is not glibc."""
     import ctypes
-    import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(ctypes.c_size_t(0))
+        _libc().malloc_trim(ctypes.c_size_t(0))
     except (OSError, AttributeError, TypeError):
         pass
 
