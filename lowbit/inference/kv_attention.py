@@ -43,12 +43,17 @@ def pack_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.contiguous()
     per_byte = 8 // bits
     n = codes.shape[-1]
-    m = -(-n // per_byte)
+    m = planar_length(n, bits)
     planes = torch.nn.functional.pad(codes, (0, per_byte * m - n)).reshape(*codes.shape[:-1], per_byte, m)
     out = planes[..., 0, :].clone()
     for plane in range(1, per_byte):
         out |= planes[..., plane, :] << (bits * plane)
     return out
+
+
+def planar_length(n: int, bits: int) -> int:
+    """Bytes `pack_planar` makes of ``n`` codes."""
+    return n if bits == 8 else -(-n // (8 // bits))
 
 
 def unpack_planar(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

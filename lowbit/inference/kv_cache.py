@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from lowbit.errors import LowbitError
-from lowbit.inference.kv_attention import PackedKV, pack_planar
+from lowbit.inference.kv_attention import PackedKV, pack_planar, planar_length
 from lowbit.numerics.packing import pack, packed_length
 from lowbit.numerics.quantization import Quantized, quantize
 from lowbit.numerics.spec import QuantSpec
@@ -80,7 +80,10 @@ class QuantizedKVLayer(DynamicLayer):
         self.fused = fused
         self.buffers: dict[str, torch.Tensor] = {}
         self.n_chunks = 0
-        self.quantized_tokens = 0
+
+    @property
+    def quantized_tokens(self) -> int:
+        return self.n_chunks * self.spec.group_size
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -93,9 +96,9 @@ class QuantizedKVLayer(DynamicLayer):
         while self.keys.shape[-2] >= self.spec.residual + g:
             self._append_chunk(self.keys[:, :, :g], self.values[:, :, :g])
             self.keys, self.values = self.keys[:, :, g:].contiguous(), self.values[:, :, g:].contiguous()
-            self.quantized_tokens += g
         if self.fused:
-            return self.view(), self.view()
+            view = self.view()
+            return view, view
         if not self.n_chunks:
             return self.keys, self.values
         return self.view().dequantize(self.keys.dtype)
@@ -131,18 +134,18 @@ class QuantizedKVLayer(DynamicLayer):
     def view(self) -> PackedKV:
         """The cache as stored (buffers and tail), for attention or dequantisation."""
         d = self.keys.shape[-1]
-        if not self.buffers:  # nothing quantised yet: empty buffers of the right shapes
-            b, h = self.keys.shape[:2]
-            planar = lambda n: n if self.spec.bits == 8 else -(-n // (8 // self.spec.bits))  # noqa: E731 (pack_planar's bytes)
-            shapes = {"k_codes": (0, d, planar(self.spec.group_size)), "k_zero": (0, packed_length(d, self.spec.bits)),
-                      "v_codes": (0, planar(d))}
-            groups = -(-d // self.spec.value_spec(d).group_size)
-            shapes |= {"k_scale": (0, d), "v_scale": (0, groups), "v_zero": (0, packed_length(self.spec.group_size * groups, self.spec.bits))}
-            empty = {n: torch.empty((b, h, *shape), dtype=torch.float16 if n.endswith("scale") else torch.uint8) for n, shape in shapes.items()}
-            return PackedKV(**empty, n_chunks=0, group=self.spec.group_size, value_group=self.spec.value_spec(d).group_size,
-                            bits=self.spec.bits, tail_k=self.keys, tail_v=self.values)
-        return PackedKV(**self.buffers, n_chunks=self.n_chunks, group=self.spec.group_size, value_group=self.spec.value_spec(d).group_size,
-                        bits=self.spec.bits, tail_k=self.keys, tail_v=self.values)
+        value_group = self.spec.value_spec(d).group_size
+        return PackedKV(**(self.buffers or self._empty_buffers(d, value_group)), n_chunks=self.n_chunks, group=self.spec.group_size,
+                        value_group=value_group, bits=self.spec.bits, tail_k=self.keys, tail_v=self.values)
+
+    def _empty_buffers(self, d: int, value_group: int) -> dict[str, torch.Tensor]:
+        """Buffers of no chunks in `PackedKV`'s shapes, before the first chunk is quantised."""
+        bits, g = self.spec.bits, self.spec.group_size
+        groups = -(-d // value_group)
+        shapes = {"k_codes": (0, d, planar_length(g, bits)), "k_scale": (0, d), "k_zero": (0, packed_length(d, bits)),
+                  "v_codes": (0, planar_length(d, bits)), "v_scale": (0, groups), "v_zero": (0, packed_length(g * groups, bits))}
+        b, h = self.keys.shape[:2]
+        return {n: torch.empty((b, h, *shape), dtype=torch.float16 if n.endswith("scale") else torch.uint8) for n, shape in shapes.items()}
 
     def get_seq_length(self) -> int:
         return self.quantized_tokens + (self.keys.shape[-2] if self.is_initialized else 0)
