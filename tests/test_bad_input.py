@@ -107,11 +107,19 @@ def test_pickled_pytorch_weights_are_refused_with_one_line(capsys, tmp_path):
     one_line_error(capsys, ["eval", model_dir, "--ctx", "64"], "holds PyTorch pickle weights (pytorch_model.bin)")
 
 
+def _as_from_a_terminal():
+    """Ctrl-C's default action in the child, as a shell in a terminal gives it: a suite run
+    as a background job (`pytest &`) hands its children SIGINT ignored, and Python then
+    keeps ignoring it until lowbit's own handler is installed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])  # in the imports (torch's take ~1 s), then loading
 def test_ctrl_c_in_the_first_seconds_says_interrupted(tiny_llama_dir, tmp_path, delay):
     out = tmp_path / "q"
     proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "quantize", "--model", str(tiny_llama_dir), "--method", "gptq",
-                             "--calib-text", __file__, "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                             "--calib-text", __file__, "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
