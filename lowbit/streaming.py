@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from lowbit import __version__
 from lowbit.calibration.config import CalibrationConfig
-from lowbit.calibration.engine import LayerResult, capture_block_inputs, quantize_block
+from lowbit.calibration.engine import LayerResult, capture_block_inputs, quantize_block, warn_if_hessian_is_rank_deficient
 from lowbit.checkpoint import checkpoint_header, layer_record, quantized_layers, shard_name, write_index
 from lowbit.errors import LowbitError
 from lowbit.methods.config import QuantizeConfig
@@ -308,6 +308,7 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
     if calibration is not None and first_block <= last_block:
         tick = time.perf_counter()
         samples = calibration.tokens(loaded.tokenizer)
+        warn_if_hessian_is_rank_deficient(config, decoder_blocks(model, arch)[0], arch, samples, patterns)
         with embeddings_loaded(loaded):
             phases["read"] += time.perf_counter() - tick
             tick = time.perf_counter()

@@ -211,8 +211,11 @@ def test_gemma_export_runs_in_llama_cpp_as_in_lowbit(llama, margins, packaged_gg
 
 
 def test_gptq_k_quant_export_holds_the_codes_gptq_chose(llama, margins, packaged_gguf, tmp_path):
+    """16 x 128 calibration tokens, more than down_proj's 1536 inputs: with 4 x 128 GPTQ's
+    Hessians are rank-deficient and the model it makes fits its calibration text so closely
+    that llama.cpp's 8-bit activations alone moved its perplexity by 3.5% (0.1% here)."""
     config = GPTQConfig(spec=QuantSpec().with_changes(format="q4_k"), layer_formats=(("down_proj", "q6_k"),))
-    loaded = quantised("smollm2", config, packaged_gguf, CalibrationConfig(samples=4, ctx=128))
+    loaded = quantised("smollm2", config, packaged_gguf, CalibrationConfig(samples=16, ctx=128))
     path, plan = export_gguf.export(loaded, tmp_path / "model.gguf")
     assert check_codes(loaded, path)
     types = {t.name: t.tensor_type.name for t in gguf_reader(path).tensors}

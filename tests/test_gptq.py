@@ -290,6 +290,21 @@ def test_skipped_block_linears_stay_float(tmp_path):
     assert isinstance(loaded.model.model.layers[0].mlp.up_proj, QuantLinear)
 
 
+@pytest.mark.parametrize("samples, skip, warned", [(4, (), True), (8, (), False), (4, ("down_proj",), False)])
+def test_fewer_calibration_tokens_than_a_linears_inputs_are_named(tmp_path, caplog, samples, skip, warned):
+    """4 x 32 tokens against down_proj's 160 inputs: H = 2XXᵀ is rank-deficient, said before
+    any work; 8 x 32 (or down_proj skipped) is not."""
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    with caplog.at_level(logging.WARNING):
+        quantize_model(loaded_tiny("llama"), GPTQConfig(spec=QuantSpec(bits=4, group_size=32), skip=("lm_head", *skip)),
+                       calibration=CalibrationConfig(text_file=str(text), samples=samples, ctx=32), progress=False)
+    message = "128 calibration tokens are fewer than mlp.down_proj's 160 inputs"
+    assert (message in caplog.text) == warned, caplog.text
+    if warned:
+        assert "--calib-samples 5 at --calib-ctx 32" in caplog.text
+
+
 def test_true_sequential_sees_the_quantised_earlier_groups(tmp_path):
     samples = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
     hessians = {}

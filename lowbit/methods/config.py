@@ -48,6 +48,8 @@ class MethodConfig:
     summary: one line for --help and the methods table.
     reference: where its maths is (a section of the report, or the paper).
     calibrated: whether it runs on calibration samples (block by block, `lowbit.calibration`).
+    inverts_hessian: whether it solves with the inverse of H = 2XXᵀ (report §7.2), whose
+        rank is at most the number of calibration tokens.
     spec_fields: the `QuantSpec` fields the user may change; every other one is fixed at
         the default spec's value and refused if changed (`refusals` says why, by field).
     version: bumped when a field changes meaning; stored in checkpoint headers.
@@ -58,6 +60,7 @@ class MethodConfig:
     summary: ClassVar[str]
     reference: ClassVar[str] = ""
     calibrated: ClassVar[bool] = False
+    inverts_hessian: ClassVar[bool] = False
     spec_fields: ClassVar[frozenset[str]] = frozenset()
     refusals: ClassVar[dict[str, str]] = {}
     version: ClassVar[int] = 1

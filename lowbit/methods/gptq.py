@@ -29,6 +29,7 @@ class GPTQConfig(CalibratedWeightConfig):
     error through the inverse Hessian of the layer's calibration inputs."""
 
     name = "gptq"
+    inverts_hessian = True
     summary = "column-by-column rounding with inverse-Hessian error feedback on calibration inputs"
     reference = "report §7.2; Frantar et al. 2022"
     refusals = {"double_quant": "GPTQ fixes each group's scale during its column sweep, after the codes before it, so the scales "

@@ -177,6 +177,7 @@ class SparseGPTConfig(CalibratedPruneConfig):
     """SparseGPT: GPTQ's sweep with a mask; the kept weights absorb the pruned ones' error."""
 
     name = "sparsegpt"
+    inverts_hessian = True
     summary = "prune by OBS saliency in GPTQ's column sweep, the weights not yet reached absorbing the error (with --quantize: jointly)"
     reference = "report §9; Frantar & Alistarh 2023"
 
