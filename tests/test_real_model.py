@@ -110,3 +110,33 @@ def test_a_gguf_that_dequantises_to_nan_is_refused_and_not_cached(tmp_path, monk
         convert_gguf(copy)
     converted = tmp_path / "cache" / "converted"
     assert not converted.exists() or list(converted.iterdir()) == []
+
+
+def test_a_conversion_another_process_finished_first_is_used(tmp_path, monkeypatch, caplog):
+    """Two runs that start at once on a fresh cache both convert; the one that renames its
+    copy second finds the target there (the rename fails) and uses the other's copy."""
+    import logging
+    import os
+
+    from lowbit.models import loading
+    from lowbit.models.registry import NAMED_MODELS
+
+    require_smollm2()
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = NAMED_MODELS["smollm2"].locate()
+
+    def other_process_first(source, target):
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        ours = tmp_path / "ours"
+        (ours / "x").mkdir(parents=True)
+        os.rename(ours, target)  # what publishing our copy meets: a directory that is not empty
+
+    monkeypatch.setattr(loading, "_convert_gguf_into", other_process_first)
+    with caplog.at_level(logging.WARNING):
+        assert loading.convert_gguf(path) == loading.gguf_cache_path(path)
+    assert "another process finished converting" in caplog.text
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache2"))  # a failure with no finished copy is not hidden
+    monkeypatch.setattr(loading, "_convert_gguf_into", lambda source, target: os.rename(tmp_path / "missing", target))
+    with pytest.raises(FileNotFoundError):
+        loading.convert_gguf(path)

@@ -159,6 +159,19 @@ def convert_gguf(path: Path) -> Path:
     gguf_architecture(path)
     start = time.perf_counter()
     log.warning("converting %s once into the cache %s (15-20 s for SmolLM2-135M, about a minute for Gemma 3 270M, on two cores)", path.name, target.parent)
+    try:
+        _convert_gguf_into(path, target)
+    except (OSError, LowbitError):
+        if not (target / "config.json").is_file():
+            raise
+        log.warning("another process finished converting %s first; using its copy", path.name)  # two runs started at once
+        return target
+    _remove_stale_conversions(path, target)
+    log.warning("converted %s in %.0f s", path.name, time.perf_counter() - start)
+    return target
+
+
+def _convert_gguf_into(path: Path, target: Path) -> None:
     with new_directory(target, "GGUF conversion") as tmp:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
@@ -177,9 +190,6 @@ def convert_gguf(path: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         stat = path.stat()
         (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
-    _remove_stale_conversions(path, target)
-    log.warning("converted %s in %.0f s", path.name, time.perf_counter() - start)
-    return target
 
 
 def load_gguf(path: Path, source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
