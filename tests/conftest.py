@@ -7,7 +7,14 @@ import importlib.util
 import os
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores (README's `-n 2`): idle OpenMP threads sleep instead of
+    # spinning, or each worker's spinning threads hold the core the other one needs; set
+    # before torch loads its OpenMP runtime
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():

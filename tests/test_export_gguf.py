@@ -82,7 +82,9 @@ def lowbit_logits(loaded, ids):
 def disagreement(llama, loaded, path) -> dict:
     """llama.cpp on ``path`` against lowbit's ``loaded``: RMS logit difference over the
     logits' spread, perplexity ratio, and the teacher-forced greedy check."""
-    engine = llama.open_model(path, ctx=CTX + 40)
+    # one thread beside another test worker: llama.cpp's threads spin at every barrier, and
+    # with the cores shared they wait for a thread that is not running
+    engine = llama.open_model(path, ctx=CTX + 40, threads=1 if os.environ.get("PYTEST_XDIST_WORKER") else None)
     sq, spread, nll_l, nll_o, count = 0.0, 0.0, 0.0, 0.0, 0
     for ids in windows(loaded):
         theirs, ours = llama.logits(engine, ids), lowbit_logits(loaded, ids)
