@@ -200,18 +200,6 @@ def test_rtn_export_of_every_type_runs_in_llama_cpp_as_in_lowbit(case, llama, ma
     assert_matches(disagreement(llama, loaded, path), margins["smollm2"], case)
 
 
-def test_gemma_export_runs_in_llama_cpp_as_in_lowbit(llama, margins, packaged_gguf, tmp_path):
-    """q4_k, with every other block's down_proj in q6_k (the rows of 640 weights in Gemma's
-    other linears take the fallback q5_0 and q8_0); q4_0: the AWQ test below."""
-    config = RTNConfig(spec=QuantSpec().with_changes(format="q4_k"), layer_formats=((r"layers\.\d*[02468]\.mlp\.down_proj", "q6_k"),))
-    loaded = quantised("gemma3-270m", config, packaged_gguf)
-    path, plan = export_gguf.export(loaded, tmp_path / "model.gguf")
-    assert check_codes(loaded, path)
-    written = {t.tensor_type.name.lower() for t in gguf_reader(path).tensors if t.name.startswith("blk.")}
-    assert written >= {"q4_k", "q6_k", "q5_0"}, written
-    assert_matches(disagreement(llama, loaded, path), margins["gemma3-270m"])
-
-
 def test_gptq_k_quant_export_holds_the_codes_gptq_chose(llama, margins, packaged_gguf, tmp_path):
     """16 x 128 calibration tokens, more than down_proj's 1536 inputs: with 4 x 128 GPTQ's
     Hessians are rank-deficient and the model it makes fits its calibration text so closely
@@ -225,12 +213,20 @@ def test_gptq_k_quant_export_holds_the_codes_gptq_chose(llama, margins, packaged
     assert_matches(disagreement(llama, loaded, path), margins["smollm2"])
 
 
-def test_awq_export_writes_its_folded_norms_with_gemmas_offset(llama, margins, packaged_gguf, tmp_path):
-    """AWQ folds its scales into the norms: those go out as float32 (+1 for Gemma), the rest
-    of the float tensors as the source's bytes."""
-    loaded = quantised("gemma3-270m", AWQConfig(spec=QuantSpec().with_changes(format="q4_0"), grid=4), packaged_gguf,
-                       CalibrationConfig(samples=4, ctx=128))
+def test_gemma_awq_export_writes_k_quants_and_its_folded_norms_with_gemmas_offset(llama, margins, packaged_gguf, tmp_path):
+    """One Gemma 3 file (each Gemma export costs a load, a 262k-token vocabulary parsed
+    twice and a llama.cpp run): AWQ in q4_0, down_proj (rows of 2048 weights, whole
+    256-blocks) in q6_k in the even blocks and q4_k in the odd ones. AWQ folds its scales
+    into the norms: those go out as float32 (+1 for Gemma), the other float tensors as the
+    source's bytes. (In q4_k throughout, Gemma's rows of 640 weights take the fallback q5_0,
+    at which AWQ's grid kept every norm as it was: nothing folded to check.)"""
+    config = AWQConfig(spec=QuantSpec().with_changes(format="q4_0"), grid=4,
+                       layer_formats=((r"layers\.\d*[02468]\.mlp\.down_proj", "q6_k"), (r"mlp\.down_proj", "q4_k")))
+    loaded = quantised("gemma3-270m", config, packaged_gguf, CalibrationConfig(samples=4, ctx=128))
     path, plan = export_gguf.export(loaded, tmp_path / "model.gguf")
+    assert check_codes(loaded, path)
+    types = {t.name: t.tensor_type.name for t in gguf_reader(path).tensors}
+    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"], types["blk.0.attn_q.weight"]) == ("Q6_K", "Q4_K", "Q4_0")
     floats = {t.name for t in plan.tensors if t.origin == "float"}
     assert floats and all("norm" in name for name in floats)
     assert "token_embd.weight" in {t.name for t in plan.tensors if t.origin == "source"}
