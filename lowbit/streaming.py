@@ -308,7 +308,7 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
     if calibration is not None and first_block <= last_block:
         tick = time.perf_counter()
         samples = calibration.tokens(loaded.tokenizer)
-        warn_if_hessian_is_rank_deficient(config, decoder_blocks(model, arch)[0], arch, samples, patterns)
+        warn_if_hessian_is_rank_deficient(config, decoder_blocks(model, arch), arch, samples, patterns)
         with embeddings_loaded(loaded):
             phases["read"] += time.perf_counter() - tick
             tick = time.perf_counter()

@@ -297,7 +297,14 @@ def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor, true_s
     }
 
 
-def warn_if_hessian_is_rank_deficient(method, block: nn.Module, arch: Architecture, samples: torch.Tensor, skip=()) -> None:
+def kept_linears(prefix: str, names, patterns: Sequence[re.Pattern]) -> list[str]:
+    """The ``names`` of block ``prefix`` (e.g. "model.layers.3") whose full name no skip
+    pattern matches: the linears the engine calibrates."""
+    return [n for n in names if not any(p.search(f"{prefix}.{n}") for p in patterns)]
+
+
+def warn_if_hessian_is_rank_deficient(method, blocks: nn.ModuleList, arch: Architecture, samples: torch.Tensor,
+                                      patterns: Sequence[re.Pattern] = ()) -> None:
     """H = 2XXᵀ (report §7.2) has rank at most the number of calibration tokens: with fewer
     tokens than a linear has inputs, the directions the calibration never reached are held
     only by the dampening, and the error compensation pushes weight error into them. Such a
@@ -307,11 +314,10 @@ def warn_if_hessian_is_rank_deficient(method, block: nn.Module, arch: Architectu
     if not getattr(method, "inverts_hessian", False):
         return
     tokens = samples.shape[0] * samples.shape[1]
-    widths = {name: block.get_submodule(name).in_features for name in arch.block_linears
-              if not any(p.search(name) for p in skip)}
-    narrow = {name: width for name, width in widths.items() if width > tokens}
-    if narrow:
-        name, width = max(narrow.items(), key=lambda item: item[1])
+    width, name = max(((block.get_submodule(n).in_features, n)
+                  for index, block in enumerate(blocks) for n in kept_linears(f"{arch.blocks}.{index}", arch.block_linears, patterns)),
+                 default=(0, ""))
+    if width > tokens:
         log.warning("%s: %d calibration tokens are fewer than %s's %d inputs, so its Hessian is rank-deficient and the error "
                     "compensation fits the calibration text; use at least %d tokens (--calib-samples %d at --calib-ctx %d)",
                     method.name, tokens, name, width, width, -(-width // samples.shape[1]), samples.shape[1])
@@ -346,7 +352,7 @@ def calibrate_and_quantize(
         method.name, len(blocks), samples.shape[0], samples.shape[1], est["peak_mb"], est["process_mb"], est["model_mb"],
         est["activations_mb"], est["block_workspace_mb"], est["seconds"], est["gflops"],
     )
-    warn_if_hessian_is_rank_deficient(method, blocks[0], arch, samples, skip=patterns)
+    warn_if_hessian_is_rank_deficient(method, blocks, arch, samples, patterns)
     start = time.perf_counter()
     phases = dict.fromkeys(("capture", "statistics", "accumulate", "quantize", "refine", "outputs"), 0.0)
     batches = capture_block_inputs(model, arch, samples, batch_size)
@@ -373,7 +379,7 @@ def quantize_block(block: nn.Module, index: int, batches: list[CapturedBatch], m
     layers: list[LayerResult] = []
     groups = []  # (group, names to quantise)
     for group in arch.groups:
-        names = [n for n in group.linears if not any(p.search(f"{prefix}.{n}") for p in patterns)]
+        names = kept_linears(prefix, group.linears, patterns)
         for n in names:
             linear = block.get_submodule(n)
             if not isinstance(linear, nn.Linear) or isinstance(linear, tuple(QUANTIZED_MODULES.values())):
