@@ -15,6 +15,12 @@ one graph replay. Tokens stay on the device until the end (no host sync per toke
 EOS token must be checked). If capture fails (a model whose forward syncs with the host), or
 the cache has sliding-window layers (Gemma 3), the loop says so in the log and runs eagerly;
 ``Generation.mode`` records which ran.
+
+On the CPU with the float cache the decode steps run as one C++ call each
+(`lowbit.inference.compiled_step`: the whole forward, no Python between layers) wherever the
+model allows it (``compiled=None``, the default); where it does not (another family, a
+module the step does not compute, a quantised cache) the loop logs why and runs eagerly.
+``compiled=False`` is the reference: transformers' forward per token.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ class Generation:
     decode_seconds: float = 0.0
     cache_bytes: int = 0
     mode: str = "eager"
-    capture_seconds: float = 0.0
+    capture_seconds: float = 0.0  # preparing the fast path (graph capture, compiled step), outside the decode time
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -77,12 +83,15 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, kv: KVSpec | None = None,
-             eos_token_id: int | None = None, cuda_graph: bool | None = None, kv_kernel: bool = True) -> Generation:
+             eos_token_id: int | None = None, cuda_graph: bool | None = None, kv_kernel: bool = True,
+             compiled: bool | None = None) -> Generation:
     """Greedy decoding of one sequence. input_ids: int64 (1, prompt_len), on any device (moved
     to the model's). ``cuda_graph``: None = on for CUDA with the float static cache.
     ``kv_kernel``: with a quantised cache on the CPU, decode steps attend over the packed
     cache with lowbit's kernel (`lowbit.inference.kv_attention`); False dequantises the
-    cache at every step (the reference)."""
+    cache at every step (the reference). ``compiled``: None = the compiled decode step where
+    it applies (CPU, float cache, a model `step_support` accepts), else eager with a warning
+    saying why; True = the compiled step or an error; False = transformers' forward."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise LowbitError("generate takes one prompt: input_ids of shape (1, length)")
     if max_new_tokens < 1:
@@ -95,13 +104,37 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, kv:
     model.eval()
     input_ids = input_ids.to(device)
     prompt = input_ids.shape[1]
+    step = _compiled_step(model, prompt + max_new_tokens, kv, device, compiled) if max_new_tokens > 1 else None
     fused = kv is not None and kv_kernel and device.type == "cpu"
     cache = make_cache(model, prompt + max_new_tokens, kv, fused)
     with packed_kv_attention(model) if fused else nullcontext():
-        return _generate(model, input_ids, cache, max_new_tokens, eos_token_id, cuda_graph, device)
+        return _generate(model, input_ids, cache, max_new_tokens, eos_token_id, cuda_graph, device, step)
 
 
-def _generate(model, input_ids, cache, max_new_tokens, eos_token_id, cuda_graph, device) -> Generation:
+def _compiled_step(model, max_len: int, kv: KVSpec | None, device: torch.device, compiled: bool | None):
+    """The compiled decode step (and the seconds its set-up took) if it is to run, else None
+    (having logged why, when it was not ruled out by the caller)."""
+    if compiled is False:
+        return None
+    from lowbit.inference.compiled_step import CompiledStep, step_support
+
+    reason = "it runs on the CPU" if device.type != "cpu" else ("it takes the float cache" if kv is not None else step_support(model))
+    if reason is None:
+        start = time.perf_counter()
+        try:
+            return CompiledStep(model, max_len), time.perf_counter() - start
+        except LowbitError as err:  # the extension could not be built
+            if compiled:
+                raise
+            reason = str(err)
+    if compiled:
+        raise LowbitError(f"the compiled decode step cannot run: {reason}")
+    if device.type == "cpu":
+        log.warning("decoding eagerly (transformers' forward per token), not with the compiled step: %s", reason)
+    return None
+
+
+def _generate(model, input_ids, cache, max_new_tokens, eos_token_id, cuda_graph, device, step=None) -> Generation:
     prompt = input_ids.shape[1]
     result = Generation(prompt_tokens=prompt)
     out_tokens = torch.zeros(max_new_tokens, dtype=torch.long, device=device)
@@ -118,6 +151,8 @@ def _generate(model, input_ids, cache, max_new_tokens, eos_token_id, cuda_graph,
     steps = max_new_tokens
     if eos_token_id is not None and int(token) == eos_token_id:
         steps = 1
+    elif max_new_tokens > 1 and step is not None:
+        steps = _decode_compiled(*step, cache, int(token), prompt, out_tokens, eos_token_id, result)
     elif max_new_tokens > 1 and cuda_graph:
         steps = _decode_with_graph(model, cache, token, prompt, out_tokens, eos_token_id, result)
     elif max_new_tokens > 1:
@@ -153,6 +188,25 @@ def _decode_eager(model, cache, token, prompt, out_tokens, eos_token_id, result,
     _sync(device)
     result.decode_seconds = time.perf_counter() - start
     return steps
+
+
+def _decode_compiled(step, setup_seconds, cache, token, prompt, out_tokens, eos_token_id, result) -> int:
+    """Steps 1.. through the compiled step, after copying the prefill's cache into it."""
+    start = time.perf_counter()
+    step.load_cache(cache, prompt)
+    result.capture_seconds = setup_seconds + time.perf_counter() - start
+    result.mode = "compiled"
+    max_new_tokens = out_tokens.shape[0]
+    tokens = [token]
+    start = time.perf_counter()
+    for position in range(prompt, prompt + max_new_tokens - 1):
+        token = step(token, position)
+        tokens.append(token)
+        if token == eos_token_id:
+            break
+    result.decode_seconds = time.perf_counter() - start
+    out_tokens[: len(tokens)] = torch.tensor(tokens)
+    return len(tokens)
 
 
 def _decode_with_graph(model, cache, token, prompt, out_tokens, eos_token_id, result) -> int:

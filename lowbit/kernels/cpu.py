@@ -32,11 +32,13 @@ MAX_KERNEL_TOKENS = 16
 
 def build_extension(source: Path, prefix: str):
     """Compile ``source`` (first time on a machine, into the lowbit cache under a key of its
-    text, torch's version and the flags) and load it; a clear error if impossible."""
+    text, the headers beside it, torch's version and the flags) and load it; a clear error if
+    impossible."""
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-march=native", "-fopenmp"]
-    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
+    texts = [source.read_bytes(), *(header.read_bytes() for header in sorted(source.parent.glob("*.h")))]
+    key = hashlib.sha256(b"".join(texts) + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
     build = cache_dir() / "kernels" / key
     build.mkdir(parents=True, exist_ok=True)
     try:

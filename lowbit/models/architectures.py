@@ -49,6 +49,11 @@ class Architecture:
     gguf_permuted_qk: GGUF files of this family store q_proj and k_proj with the rows of
         each head interleaved for llama.cpp's RoPE (llama.cpp's converter permutes them,
         transformers' GGUF loader undoes it); an export permutes them back.
+    compiled_step: the compiled decode step (`lowbit.inference.compiled_step`) computes
+        this family: a decoder of pre-norm blocks, RoPE attention and a gated MLP.
+    attn_out_norm, mlp_out_norm: norms applied to the attention's and the MLP's outputs
+        before the residual add (Gemma's sandwich norms), names inside the block.
+    qk_norms: per-head norms of the queries and keys before RoPE (Gemma 3), or ().
     """
 
     name: str
@@ -58,6 +63,10 @@ class Architecture:
     norm_offset: float = 0.0
     gguf_names: tuple[str, ...] = ()
     gguf_permuted_qk: bool = False
+    compiled_step: bool = False
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    qk_norms: tuple[str, ...] = ()
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -74,11 +83,14 @@ def _llama_like(mlp_norm: str) -> tuple[LinearGroup, ...]:
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("llama",), gguf_permuted_qk=True),
-    Architecture("qwen2", ("qwen2",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("qwen2",)),
-    Architecture("mistral", ("mistral",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("mistral",)),
+    Architecture("llama", ("llama",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("llama",), gguf_permuted_qk=True,
+                 compiled_step=True),
+    Architecture("qwen2", ("qwen2",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("qwen2",), compiled_step=True),
+    Architecture("mistral", ("mistral",), "model.layers", _llama_like("post_attention_layernorm"), gguf_names=("mistral",), compiled_step=True),
     # Gemma 3 normalises attention and MLP outputs too; the MLP's input norm is pre_feedforward_layernorm.
-    Architecture("gemma3", ("gemma3_text",), "model.layers", _llama_like("pre_feedforward_layernorm"), norm_offset=1.0, gguf_names=("gemma3",)),
+    Architecture("gemma3", ("gemma3_text",), "model.layers", _llama_like("pre_feedforward_layernorm"), norm_offset=1.0, gguf_names=("gemma3",),
+                 compiled_step=True, attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
+                 qk_norms=("self_attn.q_norm", "self_attn.k_norm")),
     Architecture(
         "opt",
         ("opt",),

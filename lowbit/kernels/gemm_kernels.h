@@ -1,0 +1,466 @@
+// lowbit's low-bit GEMM kernels (header-only: cpu_kernels.cpp wraps them for Python, decode_step.cpp
+// calls them inside the compiled one-token step).
+//
+// Weight-only low-bit GEMM for small batches (decode), fp32 activations.
+//
+// y[m, n] = sum_g s[n, g] * (sum_{k in g} q[n, k] * x[m, k] - z[n, g] * sum_{k in g} x[m, k])
+//
+// which is W = S (Q - Z) (report Eq. 3.2) applied group by group without ever building W.
+// Layouts (prepared by lowbit/kernels/cpu.py from a QuantizedWeight):
+//   int4: uint8 (N, K/2), lowbit's own packing (QuantLinear.qdata, used in place, no copy):
+//         byte j holds column 2j in its low nibble and column 2j + 1 in its high nibble, so
+//         a little-endian 32-bit word holds 8 consecutive columns, column i at bit 4i.
+//   int8: uint8 (N, K), one code per column (QuantLinear.qdata as well).
+//   scales, zeros: float32 (N, K/G); zeros are in code units (symmetric: 2^(b-1); a float
+//         offset m becomes -m/s).
+//   The last group of a row may be shorter (K % G columns), as everywhere in lowbit.
+// Requirements (checked by the Python wrapper): K % 32 == 0, G % 32 == 0, M <= 16.
+#pragma once
+#include <torch/extension.h>
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace lowbit_gemm {
+
+constexpr int kMaxBatch = 16;
+
+// Per-group sums of the activations, sum_{k in g} x[m, k]: the zero-point term of every row.
+std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng) {
+  std::vector<float> xsum(M * ng, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * G; k < std::min((g + 1) * G, K); ++k) acc += x[m * K + k];
+      xsum[m * ng + g] = acc;
+    }
+  return xsum;
+}
+
+// The row loop both paths share: the per-group activation sums once, then the rows split
+// across threads; row(n, qrow, xsum, ng) computes output column n for every token.
+template <bool kInt4, typename RowFn>
+void for_each_row(const uint8_t* q, const float* xsum, int64_t N, int64_t K, int64_t G, RowFn row) {
+  const int64_t ng = (K + G - 1) / G;
+  const int64_t row_bytes = kInt4 ? K / 2 : K;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) row(n, q + n * row_bytes, xsum, ng);
+}
+
+template <bool kInt4, typename RowFn>
+void for_each_row(const uint8_t* q, const float* x, int64_t M, int64_t N, int64_t K, int64_t G, RowFn row) {
+  const std::vector<float> xsum = group_sums(x, M, K, G, (K + G - 1) / G);
+  for_each_row<kInt4>(q, xsum.data(), N, K, G, row);
+}
+
+// W4A8: activations quantised to int8 per token in blocks of 32 columns, x' = d_b * xq with
+// d_b = max|x| / 127 over the block (llama.cpp's Q8_0 layout for the activation side), so
+// that the inner product runs on integers: y[m, n] = sum_g s[n,g] (sum_{b in g} d_b
+// sum_{k in b} q[n,k] xq[m,k] - z[n,g] sum_{k in g} x'[m,k]). Within a block the codes are
+// stored in the weight's nibble order: the 16 even columns, then the 16 odd ones.
+struct QuantActs {
+  std::vector<int8_t> xq;   // (M, K), each block of 32 as [even columns | odd columns]
+  std::vector<float> d;     // (M, K / 32)
+  std::vector<float> gsum;  // (M, ng): sum over each weight group of x' = d * xq
+};
+
+QuantActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t G) {
+  const int64_t nb = K / 32, ng = (K + G - 1) / G;
+  QuantActs a{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * ng, 0.f)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * 32;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float d = amax / 127.f;
+      int sum = 0;
+      int8_t* out = a.xq.data() + m * K + b * 32;
+      for (int j = 0; j < 32; ++j) {
+        const int v = d > 0.f ? static_cast<int>(std::nearbyint(xb[j] / d)) : 0;
+        out[(j & 1) ? 16 + j / 2 : j / 2] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      a.d[m * nb + b] = d;
+      a.gsum[m * ng + (b * 32) / G] += d * static_cast<float>(sum);
+    }
+  return a;
+}
+
+void gemm_w4a8_portable(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                        int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t nb = K / 32;
+  for_each_row<true>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float part = 0.f;
+        for (int64_t c = g * G; c < std::min((g + 1) * G, K); c += 32) {
+          const uint8_t* bytes = qrow + c / 2;
+          const int8_t* xb = a.xq.data() + m * K + c;
+          int dot = 0;
+          for (int j = 0; j < 16; ++j) dot += (bytes[j] & 15) * xb[j] + (bytes[j] >> 4) * xb[16 + j];
+          part += a.d[m * nb + c / 32] * static_cast<float>(dot);
+        }
+        acc += s[n * ng + g] * (part - z[n * ng + g] * gsum[m * ng + g]);
+      }
+      y[m * N + n] = acc;
+    }
+  });
+}
+
+// Portable path (any compiler, any CPU): the codes of a run of 32 columns widened to float,
+// then one dot product per token. Used where AVX2/FMA are absent.
+template <bool kInt4>
+void gemm_portable(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
+                   int64_t M, int64_t N, int64_t K, int64_t G) {
+  for_each_row<kInt4>(q, x, M, N, K, G, [&](int64_t n, const uint8_t* qrow, const float* xsum, int64_t ng) {
+    float acc[kMaxBatch] = {0.f};
+    for (int64_t g = 0; g < ng; ++g) {
+      float part[kMaxBatch] = {0.f};
+      const int64_t end = std::min((g + 1) * G, K);
+      for (int64_t c = g * G; c < end; c += 32) {
+        float w[32];
+        if (kInt4) {
+          const uint8_t* b = qrow + c / 2;
+          for (int j = 0; j < 16; ++j) {
+            w[2 * j] = static_cast<float>(b[j] & 15);
+            w[2 * j + 1] = static_cast<float>(b[j] >> 4);
+          }
+        } else {
+          const uint8_t* b = qrow + c;
+          for (int j = 0; j < 32; ++j) w[j] = static_cast<float>(b[j]);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xm = x + m * K + c;
+          float p = 0.f;
+          for (int j = 0; j < 32; ++j) p += w[j] * xm[j];
+          part[m] += p;
+        }
+      }
+      const float sc = s[n * ng + g], zp = z[n * ng + g];
+      for (int64_t m = 0; m < M; ++m) acc[m] += sc * (part[m] - zp * xsum[m * ng + g]);
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = acc[m];
+  });
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// AVX2 paths. One or two tokens take the block path below (`gemm_blocks`) wherever the
+// layout allows; larger tiles and int4 groups of 32 take `row_tile`: a run of 32 codes
+// becomes four 8-float vectors in registers (int4: each 32-bit word, 8 columns, broadcast to
+// the 8 lanes straight from memory, shifted by 0, 4, ..., 28 bits lane by lane and masked;
+// int8: one 32-byte load, zero-extended 8 bytes at a time), then each token in a tile of up
+// to four multiplies them into its accumulators, so a tile converts the codes once for four
+// tokens. Two things keep the FMA units busy (measured on a Zen 3 core, docs/results.md):
+// enough independent accumulators per token (an FMA waits 4 cycles for the previous one on
+// the same register, so one or two tokens get four chains), and no horizontal sum per group:
+// a group's partial sum is scaled into a vector total, total += s_g * part_g, and the
+// zero-point term sum_g s_g z_g xsum_g is a scalar beside it; one horizontal sum per output.
+inline __m256 widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
+
+inline __m256 nibbles8(__m256i word, __m256i shifts, __m256i low4) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), low4));
+}
+
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+template <bool kInt4, int MT>
+void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const float* x, const float* xsum,
+              float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
+  constexpr int NA = MT <= 2 ? 4 : 2;  // independent accumulators per token
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
+  __m256 total[MT];
+  float zterm[MT];
+  for (int m = 0; m < MT; ++m) total[m] = _mm256_setzero_ps(), zterm[m] = 0.f;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 a[MT][NA];
+    for (int m = 0; m < MT; ++m)
+      for (int j = 0; j < NA; ++j) a[m][j] = _mm256_setzero_ps();
+    const int64_t end = std::min((g + 1) * G, K);
+    for (int64_t c = g * G; c < end; c += 32) {
+      __m256 w0, w1, w2, w3;
+      if (kInt4) {
+        const float* words = reinterpret_cast<const float*>(qrow + (c >> 1));  // 4 words, 8 codes each
+        w0 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words)), shifts, low4);
+        w1 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 1)), shifts, low4);
+        w2 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 2)), shifts, low4);
+        w3 = nibbles8(_mm256_castps_si256(_mm256_broadcast_ss(words + 3)), shifts, low4);
+      } else {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + c));
+        const __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
+        w0 = widen8(v0);
+        w1 = widen8(_mm_srli_si128(v0, 8));
+        w2 = widen8(v1);
+        w3 = widen8(_mm_srli_si128(v1, 8));
+      }
+      for (int m = 0; m < MT; ++m) {
+        const float* xm = x + m * K + c;
+        a[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a[m][0]);
+        a[m][1 % NA] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a[m][1 % NA]);
+        a[m][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a[m][2 % NA]);
+        a[m][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a[m][3 % NA]);
+      }
+    }
+    const float sc = srow[g], zp = zrow[g];
+    const __m256 scale = _mm256_set1_ps(sc);
+    for (int m = 0; m < MT; ++m) {
+      __m256 part = _mm256_add_ps(a[m][0], a[m][1]);
+      if (NA == 4) part = _mm256_add_ps(part, _mm256_add_ps(a[m][2 % NA], a[m][3 % NA]));
+      total[m] = _mm256_fmadd_ps(part, scale, total[m]);
+      zterm[m] += sc * zp * xsum[m * ng + g];
+    }
+  }
+  for (int m = 0; m < MT; ++m) y[m * N] = hsum(total[m]) - zterm[m];
+}
+
+// The block path (int8 always; int4 when K and G are multiples of 64, which covers every W4
+// layer of the models we measure). One 32-byte load holds a block of codes, 8 lanes of 32
+// bits: int4, 64 codes, lane i holding columns 8i..8i+7 (column 8i+p at bits 4p); int8, 32
+// codes, lane i columns 4i..4i+3 (column 4i+p at bits 8p). Shifting all lanes by p code widths
+// and masking gives "plane" p, the columns {p, P+p, 2P+p, ...} (P planes per block), so the
+// activations are permuted once per call to match, xt[B b + 8p + i] = x[B b + P i + p] (a
+// transpose per block of B columns, `transpose_blocks`), and each plane is one FMA against
+// contiguous activations: one weight load per block instead of a broadcast or a widening
+// shuffle per 8 codes. At one token, two rows share each activation load, and each row's
+// codes are prefetched 4 KB ahead. Measured against row_tile in one process on this machine's
+// Zen 3 cores (both MLP shapes of the 1.1B model, weights cold, 2 threads, 6 interleaved
+// rounds): int4 1.38-1.47x faster at one token and 1.09-1.16x at two, int8 1.01-1.09x and
+// 1.15-1.24x; at four or more tokens row_tile, which converts each run of codes once for four
+// tokens, was as fast or up to 8% faster, so it keeps them.
+template <bool kInt4>
+struct Blocks {
+  static constexpr int kCols = kInt4 ? 64 : 32;  // columns per 32-byte block
+  static constexpr int kPlanes = kInt4 ? 8 : 4;  // codes per 32-bit lane
+  static constexpr int kBits = kInt4 ? 4 : 8;
+};
+
+template <bool kInt4>
+std::vector<float> transpose_blocks(const float* x, int64_t M, int64_t K) {
+  using B = Blocks<kInt4>;
+  std::vector<float> xt(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K; b += B::kCols)
+      for (int i = 0; i < 8; ++i)
+        for (int p = 0; p < B::kPlanes; ++p) xt[m * K + b + 8 * p + i] = x[m * K + b + B::kPlanes * i + p];
+  return xt;
+}
+
+template <bool kInt4, int P>
+inline __m256 code_plane(__m256i v, __m256i mask) {
+  using B = Blocks<kInt4>;
+  if (P == B::kPlanes - 1) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, B::kBits * P));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(P == 0 ? v : _mm256_srli_epi32(v, B::kBits * P), mask));
+}
+
+// NR rows x MT tokens (2 x 1 or 1 x 2 or 1 x 1); two accumulators per row and token (even and
+// odd planes).
+template <bool kInt4, int NR, int MT>
+void block_tile(const uint8_t* qrow, int64_t row_bytes, const float* srow, const float* zrow, const float* xt,
+                const float* xsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
+  using B = Blocks<kInt4>;
+  constexpr int kPrefetch = 4096;
+  const __m256i mask = _mm256_set1_epi32((1 << B::kBits) - 1);
+  __m256 total[NR][MT];
+  float zterm[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps(), zterm[r][m] = 0.f;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 a[NR][MT][2];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MT; ++m) a[r][m][0] = a[r][m][1] = _mm256_setzero_ps();
+    const int64_t end = std::min((g + 1) * G, K);
+    for (int64_t c = g * G; c < end; c += B::kCols) {
+      __m256i v[NR];
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* block = qrow + r * row_bytes + (kInt4 ? c / 2 : c);
+        v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
+        _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetch), _MM_HINT_T0);
+      }
+      auto plane = [&](auto p) {
+        constexpr int P = decltype(p)::value;
+        if constexpr (P < B::kPlanes) {
+          for (int m = 0; m < MT; ++m) {
+            const __m256 xv = _mm256_loadu_ps(xt + m * K + c + 8 * P);
+            for (int r = 0; r < NR; ++r) a[r][m][P & 1] = _mm256_fmadd_ps(code_plane<kInt4, P>(v[r], mask), xv, a[r][m][P & 1]);
+          }
+        }
+      };
+      plane(std::integral_constant<int, 0>{}), plane(std::integral_constant<int, 1>{});
+      plane(std::integral_constant<int, 2>{}), plane(std::integral_constant<int, 3>{});
+      plane(std::integral_constant<int, 4>{}), plane(std::integral_constant<int, 5>{});
+      plane(std::integral_constant<int, 6>{}), plane(std::integral_constant<int, 7>{});
+    }
+    for (int r = 0; r < NR; ++r) {
+      const float sc = srow[r * ng + g], zp = zrow[r * ng + g];
+      for (int m = 0; m < MT; ++m) {
+        total[r][m] = _mm256_fmadd_ps(_mm256_add_ps(a[r][m][0], a[r][m][1]), _mm256_set1_ps(sc), total[r][m]);
+        zterm[r][m] += sc * zp * xsum[m * ng + g];
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) y[m * N + r] = hsum(total[r][m]) - zterm[r][m];
+}
+
+template <bool kInt4>
+void gemm_blocks(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
+                 int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t ng = (K + G - 1) / G, row_bytes = kInt4 ? K / 2 : K;
+  const std::vector<float> xsum = group_sums(x, M, K, G, ng), xt = transpose_blocks<kInt4>(x, M, K);
+  if (M == 1) {  // rows two at a time (and the odd last one alone)
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N / 2; ++i)
+      block_tile<kInt4, 2, 1>(q + 2 * i * row_bytes, row_bytes, s + 2 * i * ng, z + 2 * i * ng, xt.data(), xsum.data(), y + 2 * i, N, K, G, ng);
+    if (N % 2)
+      block_tile<kInt4, 1, 1>(q + (N - 1) * row_bytes, row_bytes, s + (N - 1) * ng, z + (N - 1) * ng, xt.data(), xsum.data(), y + N - 1, N, K, G, ng);
+    return;
+  }
+  TORCH_CHECK(M == 2, "the block path takes one or two tokens");
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    block_tile<kInt4, 1, 2>(q + n * row_bytes, row_bytes, s + n * ng, z + n * ng, xt.data(), xsum.data(), y + n, N, K, G, ng);
+}
+
+// W4A8 tile: 16 bytes of codes become one 32-byte vector [low nibbles | high nibbles],
+// matching the activation block's [even | odd] order; vpmaddubsw multiplies the unsigned
+// codes by the signed activations and adds pairs (at most 2 * 15 * 127, no saturation),
+// vpmaddwd adds pairs again into eight int32, which are converted to float and scaled by
+// d_b * s_g (the block's activation scale times the group's weight scale) straight into
+// the token's total: no per-group vector work at all. Two accumulators per token
+// (alternate blocks) so that the FMAs overlap; the zero-point term is a scalar per group.
+template <int MT>
+inline void w4a8_block(const uint8_t* qb, const int8_t* xb, const float* d, int64_t K, int64_t nb, float sc, __m128i low4,
+                       __m256i ones, __m256* acc) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
+  const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
+  for (int m = 0; m < MT; ++m) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * K));
+    const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[m * nb] * sc), acc[m]);
+  }
+}
+
+template <int MT>
+void row_tile_w4a8(const uint8_t* qrow, const float* srow, const float* zrow, const int8_t* xq, const float* d,
+                   const float* gsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
+  const int64_t nb = K / 32, bpg = G / 32;  // blocks per full group
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 a0[MT], a1[MT];  // two accumulators per token, fixed in registers: alternate blocks
+  float zterm[MT];
+  for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm256_setzero_ps(), zterm[m] = 0.f;
+  for (int64_t g = 0; g < ng; ++g) {
+    const float sc = srow[g], zp = zrow[g];
+    const int64_t b_end = std::min((g + 1) * bpg, nb);
+    int64_t b = g * bpg;
+    for (; b + 2 <= b_end; b += 2) {
+      w4a8_block<MT>(qrow + 16 * b, xq + 32 * b, d + b, K, nb, sc, low4, ones, a0);
+      w4a8_block<MT>(qrow + 16 * (b + 1), xq + 32 * (b + 1), d + b + 1, K, nb, sc, low4, ones, a1);
+    }
+    if (b < b_end) w4a8_block<MT>(qrow + 16 * b, xq + 32 * b, d + b, K, nb, sc, low4, ones, a0);
+    for (int m = 0; m < MT; ++m) zterm[m] += sc * zp * gsum[m * ng + g];
+  }
+  for (int m = 0; m < MT; ++m) y[m * N] = hsum(_mm256_add_ps(a0[m], a1[m])) - zterm[m];
+}
+
+void gemm_w4a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                    int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t nb = K / 32;
+  for_each_row<true>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int8_t* xm = a.xq.data() + m0 * K;
+      const float* dm = a.d.data() + m0 * nb;
+      const float* gs = gsum + m0 * ng;
+      float* ym = y + m0 * N + n;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: row_tile_w4a8<1>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 2: row_tile_w4a8<2>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 3: row_tile_w4a8<3>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        default: row_tile_w4a8<4>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+      }
+    }
+  });
+}
+
+template <bool kInt4>
+void gemm_avx2(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
+               int64_t M, int64_t N, int64_t K, int64_t G) {
+  // one or two tokens: the block path (int8 always qualifies: K, G % 32 == 0); more tokens
+  // share each converted run of codes across a tile of four in row_tile, which measured
+  // faster there (docs/results.md)
+  if (M <= 2 && K % Blocks<kInt4>::kCols == 0 && G % Blocks<kInt4>::kCols == 0) return gemm_blocks<kInt4>(q, s, z, x, y, M, N, K, G);
+  for_each_row<kInt4>(q, x, M, N, K, G, [&](int64_t n, const uint8_t* qrow, const float* xsum, int64_t ng) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = x + m0 * K;
+      const float* xs = xsum + m0 * ng;
+      float* ym = y + m0 * N + n;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: row_tile<kInt4, 1>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
+        case 2: row_tile<kInt4, 2>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
+        case 3: row_tile<kInt4, 3>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
+        default: row_tile<kInt4, 4>(qrow, s + n * ng, z + n * ng, xm, xs, ym, N, K, G, ng); break;
+      }
+    }
+  });
+}
+#endif
+
+template <bool kInt4>
+void gemm_lowbit(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
+                 int64_t M, int64_t N, int64_t K, int64_t G) {
+#if defined(__AVX2__) && defined(__FMA__)
+  gemm_avx2<kInt4>(q, s, z, x, y, M, N, K, G);
+#else
+  gemm_portable<kInt4>(q, s, z, x, y, M, N, K, G);
+#endif
+}
+
+bool has_avx2() {
+#if defined(__AVX2__) && defined(__FMA__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Dequantise the whole weight to float32 (N, K), W = S (Q - Z) group by group (Eq. 3.2),
+// rows split across threads: the large-batch (prefill) path, followed by one BLAS matmul.
+// The vector path computes exactly what the scalar one does, (q - z) * s per element.
+template <bool kInt4>
+void dequantize_rows(const uint8_t* q, const float* s, const float* z, float* w, int64_t N, int64_t K, int64_t G) {
+  const int64_t ng = (K + G - 1) / G, row_bytes = kInt4 ? K / 2 : K;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* qrow = q + n * row_bytes;
+    float* wrow = w + n * K;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float sc = s[n * ng + g], zp = z[n * ng + g];
+      int64_t c = g * G;
+      const int64_t end = std::min(c + G, K);
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
+      const __m256 sv = _mm256_set1_ps(sc), zv = _mm256_set1_ps(zp);
+      for (; c + 8 <= end; c += 8) {
+        const __m256 codes = kInt4 ? nibbles8(_mm256_set1_epi32(*reinterpret_cast<const int32_t*>(qrow + c / 2)), shifts, low4)
+                                   : widen8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qrow + c)));
+        _mm256_storeu_ps(wrow + c, _mm256_mul_ps(_mm256_sub_ps(codes, zv), sv));
+      }
+#endif
+      for (; c < end; ++c) {
+        const int code = kInt4 ? (qrow[c / 2] >> (4 * (c & 1))) & 15 : qrow[c];
+        wrow[c] = (static_cast<float>(code) - zp) * sc;
+      }
+    }
+  }
+}
+
+}  // namespace lowbit_gemm
