@@ -10,13 +10,19 @@ other, for every file:
   empty context, its own tokens/s);
 - lowbit, the file opened as a quantised model (`open_quantized`: the file's codes) with
   lowbit's CPU kernels (`use_cpu_kernels`), greedy decode of TOKENS tokens after a 1-token
-  prompt (`lowbit.inference.generate`, decode steps only), in two forms: as opened (a tied
+  prompt (`lowbit.inference.generate`, decode steps only), in three forms: as opened (a tied
   head stays the float32 embedding, as lowbit's loader keeps it) and with the head on the
-  file's own q8_0 codes of that embedding (what llama.cpp reads for the output matmul).
+  file's own q8_0 codes of that embedding (what llama.cpp reads for the output matmul), both
+  through the compiled decode step (`lowbit.inference.compiled_step`, generate's default);
+  the latter again through transformers' forward per token (``compiled=False``, the eager
+  loop the compiled step replaced); and, for 4-bit types, the latter with the W4A8 kernel
+  (activations rounded to int8 blocks of 32, integer dot products: what llama.cpp's CPU
+  path does with these files) in the compiled step.
 
 Rows are medians over rounds; ratios are lowbit / llama.cpp within each round's medians.
 Bytes per token are the linears' and head's stored bytes (lowbit's roofline `decode_cost`),
-so "GB/s" is the weight traffic each engine sustains. Run on a quiet machine: llama.cpp's
+so "GB/s" is the weight traffic each engine sustains; "roofline" is the tokens/s those bytes
+allow at this machine's measured read bandwidth (`measure_machine`). Run on a quiet machine: llama.cpp's
 spin-waiting threads collapse when the two cores are shared (the script sleeps a second
 between the engines so torch's threads are idle when llama.cpp starts).
 Writes bench/results/gguf_decode_<model>.json.
@@ -41,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lowbit import QuantSpec, RTNConfig, load_model, quantize_model  # noqa: E402
-from lowbit.analysis.roofline import decode_cost  # noqa: E402
+from lowbit.analysis.roofline import decode_cost, measure_machine  # noqa: E402
 from lowbit.engines.llama_cpp import tool  # noqa: E402
 from lowbit.inference.generate import generate  # noqa: E402
 from lowbit.interchange.gguf import export, open_quantized  # noqa: E402
@@ -71,8 +77,25 @@ def head_from_file(model: torch.nn.Module, path: Path) -> None:
     model.lm_head = QuantLinear(qweight, head.bias)
 
 
-def lowbit_decode(model: torch.nn.Module, tokens: int) -> float:
-    return generate(model, torch.tensor([[1]]), tokens + 1).decode_tokens_per_second
+LABELS = {"as opened": True, "file's head codes": True, "file's head codes, eager": False, "file's head codes, W4A8": True}  # label: compiled step
+
+
+def reference_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every KernelLinear put back to the QuantLinear it wraps, in place."""
+    from lowbit.kernels.common import KernelLinearBase
+    from lowbit.modules.swap import set_module
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, KernelLinearBase):
+            set_module(model, name, module.reference)
+    return model
+
+
+def lowbit_decode(model: torch.nn.Module, tokens: int, compiled: bool) -> float:
+    result = generate(model, torch.tensor([[1]]), tokens + 1, compiled=compiled)
+    if (result.mode == "compiled") != compiled:
+        raise RuntimeError(f"asked for compiled={compiled}, ran {result.mode}")
+    return result.decode_tokens_per_second
 
 
 def main() -> None:
@@ -99,33 +122,40 @@ def main() -> None:
         for label, model in (("as opened", opened), ("file's head codes", with_head)):
             skipped = use_cpu_kernels(model)
             models[(fmt, label)] = (model, len(skipped))
-            lowbit_decode(model, 8)  # warm up: kernel build, allocator, caches
-    runs: dict[tuple[str, str], list[float]] = {key: [] for fmt in args.types for key in ((fmt, "llama.cpp"), *((fmt, lab) for lab in ("as opened", "file's head codes")))}
+        models[(fmt, "file's head codes, eager")] = models[(fmt, "file's head codes")]
+        w4a8 = copy.deepcopy(with_head)  # swapped KernelLinears are deep-copied with it: undo, then swap for W4A8
+        models[(fmt, "file's head codes, W4A8")] = (w4a8, len(use_cpu_kernels(reference_layers(w4a8), int8_activations=True)))
+        for label, compiled in LABELS.items():
+            lowbit_decode(models[(fmt, label)][0], 8, compiled)  # warm up: kernel build, allocator, caches
+    machine = measure_machine()
+    runs: dict[tuple[str, str], list[float]] = {key: [] for fmt in args.types for key in ((fmt, "llama.cpp"), *((fmt, lab) for lab in LABELS))}
     for round_ in range(args.rounds):
         for fmt in args.types:
             time.sleep(1.0)
             runs[(fmt, "llama.cpp")].append(llama_bench(files[fmt], args.tokens, args.threads))
-            for label in ("as opened", "file's head codes"):
-                runs[(fmt, label)].append(lowbit_decode(models[(fmt, label)][0], args.tokens))
+            for label, compiled in LABELS.items():
+                runs[(fmt, label)].append(lowbit_decode(models[(fmt, label)][0], args.tokens, compiled))
         print(f"round {round_ + 1}: " + ", ".join(f"{f} {lab} {v[-1]:.1f}" for (f, lab), v in runs.items()), flush=True)
     rows = []
     for fmt in args.types:
         llama = statistics.median(runs[(fmt, "llama.cpp")])
-        lowbit_bytes = {label: decode_cost(models[(fmt, label)][0], args.tokens // 2).weight_bytes for label in ("as opened", "file's head codes")}
-        for label in ("llama.cpp", "as opened", "file's head codes"):
+        costs = {label: decode_cost(models[(fmt, label)][0], args.tokens // 2) for label in LABELS}
+        for label in ("llama.cpp", *LABELS):
             speed = statistics.median(runs[(fmt, label)])
-            nbytes = lowbit_bytes["file's head codes" if label == "llama.cpp" else label]
+            cost = costs["file's head codes" if label == "llama.cpp" else label]
+            nbytes = cost.weight_bytes
             rows.append({"type": fmt, "engine": "llama.cpp" if label == "llama.cpp" else f"lowbit ({label})", "file_bytes": files[fmt].stat().st_size,
                          "tokens_per_s": speed, "vs_llama_cpp": speed / llama, "weight_bytes_per_token": nbytes,
-                         "weight_gb_per_s": nbytes * speed / 1e9, "rounds": runs[(fmt, label)],
+                         "weight_gb_per_s": nbytes * speed / 1e9, "roofline_tokens_per_s": 1.0 / cost.seconds(machine), "rounds": runs[(fmt, label)],
                          "reference_path_layers": 0 if label == "llama.cpp" else models[(fmt, label)][1]})
     out = Path(__file__).parent / "results" / f"gguf_decode_{args.model}.json"
     out.write_text(json.dumps({"model": args.model, "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads,
-                               "torch": torch.__version__, "rows": rows}, indent=2))
-    print("\n| type | engine | tokens/s | vs llama.cpp | weight MB/token | GB/s |\n|---|---|---:|---:|---:|---:|")
+                               "torch": torch.__version__, "machine": vars(machine), "rows": rows}, indent=2))
+    print(f"machine: {machine.bandwidth_gbps:.1f} GB/s read, {machine.peak_gflops:.0f} GFLOP/s")
+    print("\n| type | engine | tokens/s | vs llama.cpp | weight MB/token | GB/s | roofline tokens/s |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['type']} | {r['engine']} | {r['tokens_per_s']:.1f} | {r['vs_llama_cpp']:.2f} | {r['weight_bytes_per_token'] / 1e6:.1f} | "
-              f"{r['weight_gb_per_s']:.2f} |")
+              f"{r['weight_gb_per_s']:.2f} | {r['roofline_tokens_per_s']:.0f} |")
     print(f"wrote {out}")
 
 

@@ -12,6 +12,10 @@ Variants (built from the same float32 model in one process, so ratios are side b
             4-bit blocks a float32 head is a third of a 1B Llama's bytes per token
   W4A8 h8   W4A8 with the int8 head
   W4 ref    the same int4 model on QuantLinear's reference path (dequantise + matmul)
+Every variant decodes through the compiled step (`lowbit.inference.compiled_step`) where it
+applies; "<variant> eager" is the same model decoded by transformers' forward per token (the
+loop the step replaced), and the bf16 and reference rows are eager (the step computes
+float32 and kernel layers only).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from lowbit.models.architectures import architecture_for
 from lowbit.models.loading import LoadedModel
 from lowbit.pipeline import quantize_model
 
-VARIANTS = ("float32", "bf16", "W8", "W4", "W4A8", "W4 h8", "W4A8 h8", "W4 ref")
+VARIANTS = ("float32", "float32 eager", "bf16", "W8", "W4", "W4A8", "W4 h8", "W4 h8 eager", "W4A8 h8", "W4 ref")
+EAGER = " eager"
 
 
 def random_llama(hidden: int = 2048, intermediate: int = 5632, layers: int = 22, heads: int = 32, kv_heads: int = 4, vocab: int = 32000, seed: int = 0) -> nn.Module:
@@ -49,7 +54,9 @@ def random_llama(hidden: int = 2048, intermediate: int = 5632, layers: int = 22,
 
 
 def build_variant(model: nn.Module, variant: str) -> nn.Module:
-    """A new model for ``variant`` (float32 returns ``model`` itself)."""
+    """A new model for ``variant`` (float32 returns ``model`` itself; " eager" changes how it
+    decodes, not what is built)."""
+    variant = variant.removesuffix(EAGER)
     if variant == "float32":
         return model
     if variant == "bf16":
@@ -74,14 +81,22 @@ def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, n
     differences between variants. The reference path ("W4 ref"), ~100x slower, runs in the
     first round only."""
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    built = {variant: build_variant(model, variant) for variant in variants}
-    for variant_model in built.values():
-        generate(variant_model, prompt[:, :8], max_new_tokens=warmup)  # warm caches, allocators, kernels
+    built = {}
+    for variant in variants:
+        base = variant.removesuffix(EAGER)
+        built[variant] = built[base] if base in built else build_variant(model, base)
+
+    def decode(variant: str, ids: torch.Tensor, tokens: int):
+        compiled = False if variant.endswith((EAGER, "ref")) or variant == "bf16" else None
+        return generate(built[variant], ids, max_new_tokens=tokens, compiled=compiled)
+
+    for variant in variants:
+        decode(variant, prompt[:, :8], warmup)  # warm caches, allocators, kernels
     runs = {variant: [] for variant in variants}
     for round_ in range(rounds):
         for variant in variants:
             if round_ == 0 or not variant.endswith("ref"):
-                runs[variant].append(generate(built[variant], prompt, max_new_tokens=new_tokens))
+                runs[variant].append(decode(variant, prompt, new_tokens))
     rows = []
     for variant in variants:
         variant_model = built[variant]
