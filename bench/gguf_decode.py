@@ -80,17 +80,6 @@ def head_from_file(model: torch.nn.Module, path: Path) -> None:
 LABELS = {"as opened": True, "file's head codes": True, "file's head codes, eager": False, "file's head codes, W4A8": True}  # label: compiled step
 
 
-def reference_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every KernelLinear put back to the QuantLinear it wraps, in place."""
-    from lowbit.kernels.common import KernelLinearBase
-    from lowbit.modules.swap import set_module
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, KernelLinearBase):
-            set_module(model, name, module.reference)
-    return model
-
-
 def lowbit_decode(model: torch.nn.Module, tokens: int, compiled: bool) -> float:
     result = generate(model, torch.tensor([[1]]), tokens + 1, compiled=compiled)
     if (result.mode == "compiled") != compiled:
@@ -119,12 +108,12 @@ def main() -> None:
         opened = open_quantized(files[fmt]).model
         with_head = copy.deepcopy(opened)
         head_from_file(with_head, files[fmt])
+        w4a8 = copy.deepcopy(with_head)
         for label, model in (("as opened", opened), ("file's head codes", with_head)):
             skipped = use_cpu_kernels(model)
             models[(fmt, label)] = (model, len(skipped))
         models[(fmt, "file's head codes, eager")] = models[(fmt, "file's head codes")]
-        w4a8 = copy.deepcopy(with_head)  # swapped KernelLinears are deep-copied with it: undo, then swap for W4A8
-        models[(fmt, "file's head codes, W4A8")] = (w4a8, len(use_cpu_kernels(reference_layers(w4a8), int8_activations=True)))
+        models[(fmt, "file's head codes, W4A8")] = (w4a8, len(use_cpu_kernels(w4a8, int8_activations=True)))
         for label, compiled in LABELS.items():
             lowbit_decode(models[(fmt, label)][0], 8, compiled)  # warm up: kernel build, allocator, caches
     machine = measure_machine()
