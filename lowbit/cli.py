@@ -335,6 +335,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     g.add_argument("--kv-group", type=number(int, 1), default=32, help="KV group: tokens per key group, channels per value group (default 32)")
     g.add_argument("--kv-residual", type=number(int, 0), default=128, help="newest tokens kept in full precision (default 128)")
     g.add_argument("--no-kernels", action="store_true", help="run quantised layers on the reference path")
+    g.add_argument("--eager", action="store_true", help="decode with transformers' forward per token (the reference) instead of lowbit's "
+                   "compiled one-call step, the CPU default where the model allows it")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: fp16 on the GPU, quantised layers on the Triton kernels, decode steps replayed as a CUDA graph")
 
@@ -850,7 +852,8 @@ def cmd_generate(args, derived) -> int:
             print(f"{len(sparse)} pruned layers run as dense float32 weights rebuilt once (lowbit has no sparse kernel)", file=sys.stderr)
             for module in sparse:
                 stack.enter_context(dequantized_once(module))
-        result = generate(loaded.model, ids, args.max_new_tokens, kv=kv, eos_token_id=loaded.tokenizer.eos_token_id)
+        result = generate(loaded.model, ids, args.max_new_tokens, kv=kv, eos_token_id=loaded.tokenizer.eos_token_id,
+                          compiled=False if args.eager else None)
     print(args.prompt + loaded.tokenizer.decode(result.tokens, skip_special_tokens=True))
     steps = len(result.tokens) - 1
     decode = (f"decode {result.decode_tokens_per_second:.1f} tokens/s ({result.mode})" if steps > 0

@@ -158,7 +158,10 @@ def test_w8a8_rejects_other_bit_widths(capsys, tiny_llama_dir, tmp_path):
 def test_generate_and_roofline(capsys, tiny_llama_dir, tmp_path):
     code, stdout, err = run(capsys, "generate", str(tiny_llama_dir), "--prompt", "Quantisation is", "--max-new-tokens", "5", "--kv-bits", "4",
                             "--kv-group", "4", "--kv-residual", "2")
-    assert code == 0 and stdout.startswith("Quantisation is") and "tokens/s" in err
+    assert code == 0 and stdout.startswith("Quantisation is") and "tokens/s (eager)" in err  # the compiled step takes the float cache only
+    compiled = run(capsys, "generate", str(tiny_llama_dir), "--prompt", "Quantisation is", "--max-new-tokens", "5")
+    eager = run(capsys, "generate", str(tiny_llama_dir), "--prompt", "Quantisation is", "--max-new-tokens", "5", "--eager")
+    assert "tokens/s (compiled)" in compiled[2] and "tokens/s (eager)" in eager[2] and compiled[1] == eager[1]
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "generate", str(tiny_llama_dir), "--prompt", "x", "--device", "cuda")
         assert code == 2 and "no CUDA GPU" in err
