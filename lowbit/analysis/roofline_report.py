@@ -35,13 +35,13 @@ def predicted_rows(model: nn.Module, machine: Machine, ctx: int, kv_bits: float 
 
 def roofline_table(rows: list[SpeedRow]) -> str:
     base = next((r for r in rows if r.variant == "float32"), rows[0])
-    head = f"{'format':<10} {'bits/w':>7} {'weights MB':>10} {'FLOP/B':>7} {'bound':>7} {'pred tok/s':>10} {'meas tok/s':>10} {'meas/pred':>9} {'x fp32':>7} {'prefill s':>9} {'pred prefill':>12}"
+    head = f"{'format':<13} {'bits/w':>7} {'weights MB':>10} {'FLOP/B':>7} {'bound':>7} {'pred tok/s':>10} {'meas tok/s':>10} {'meas/pred':>9} {'x fp32':>7} {'prefill s':>9} {'pred prefill':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         measured = r.decode_tokens_per_second
         has = not math.isnan(measured)
         lines.append(
-            f"{r.variant:<10} {r.bits_per_weight:>7.2f} {r.weight_bytes / 1e6:>10.1f} {r.intensity:>7.2f} {r.bound:>7} "
+            f"{r.variant:<13} {r.bits_per_weight:>7.2f} {r.weight_bytes / 1e6:>10.1f} {r.intensity:>7.2f} {r.bound:>7} "
             f"{r.predicted_tokens_per_second:>10.1f} {(f'{measured:.1f}' if has else '-'):>10} "
             f"{(f'{measured / r.predicted_tokens_per_second:.2f}' if has else '-'):>9} "
             f"{(f'{measured / base.decode_tokens_per_second:.2f}' if has else '-'):>7} "
