@@ -15,9 +15,9 @@ other, for every file:
   file's own q8_0 codes of that embedding (what llama.cpp reads for the output matmul), both
   through the compiled decode step (`lowbit.inference.compiled_step`, generate's default);
   the latter again through transformers' forward per token (``compiled=False``, the eager
-  loop the compiled step replaced); and, for 4-bit types, the latter with the W4A8 kernel
-  (activations rounded to int8 blocks of 32, integer dot products: what llama.cpp's CPU
-  path does with these files) in the compiled step.
+  loop the compiled step replaced); and the latter with int8 activations (rounded to int8
+  blocks of 32, integer dot products: the W4A8 and W8A8 kernels, the head included, what
+  llama.cpp's CPU path does with these files) in the compiled step.
 
 Rows are medians over rounds; ratios are lowbit / llama.cpp within each round's medians.
 Bytes per token are the linears' and head's stored bytes (lowbit's roofline `decode_cost`),
@@ -77,7 +77,7 @@ def head_from_file(model: torch.nn.Module, path: Path) -> None:
     model.lm_head = QuantLinear(qweight, head.bias)
 
 
-LABELS = {"as opened": True, "file's head codes": True, "file's head codes, eager": False, "file's head codes, W4A8": True}  # label: compiled step
+LABELS = {"as opened": True, "file's head codes": True, "file's head codes, eager": False, "file's head codes, int8 activations": True}  # label: compiled step
 
 
 def lowbit_decode(model: torch.nn.Module, tokens: int, compiled: bool) -> float:
@@ -108,12 +108,12 @@ def main() -> None:
         opened = open_quantized(files[fmt]).model
         with_head = copy.deepcopy(opened)
         head_from_file(with_head, files[fmt])
-        w4a8 = copy.deepcopy(with_head)
+        integer = copy.deepcopy(with_head)
         for label, model in (("as opened", opened), ("file's head codes", with_head)):
             skipped = use_cpu_kernels(model)
             models[(fmt, label)] = (model, len(skipped))
         models[(fmt, "file's head codes, eager")] = models[(fmt, "file's head codes")]
-        models[(fmt, "file's head codes, W4A8")] = (w4a8, len(use_cpu_kernels(w4a8, int8_activations=True)))
+        models[(fmt, "file's head codes, int8 activations")] = (integer, len(use_cpu_kernels(integer, int8_activations=True, w8a8=True)))
         for label, compiled in LABELS.items():
             lowbit_decode(models[(fmt, label)][0], 8, compiled)  # warm up: kernel build, allocator, caches
     machine = measure_machine()

@@ -75,12 +75,14 @@ def test_dequantize_kernel_equals_reference(spec, shape):
     torch.testing.assert_close(out.float(), reference_gemm(x, module), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("spec", KERNEL_SPECS[:4], ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: s.describe().replace(" ", "_"))
 @pytest.mark.parametrize("shape", [(96, 576), (40, 160), (256, 1536)])
 @pytest.mark.parametrize("tokens", [1, 5, 16, 40])
-def test_w4a8_kernel_equals_its_reference(spec, shape, tokens):
-    """W4A8: the integer kernel (AVX2 and portable) equals dequantise + matmul on the input
-    quantised per 32-column block, and stays close to the float-activation result."""
+def test_int8_activation_kernels_equal_their_reference(spec, shape, tokens):
+    """W4A8 and W8A8: the integer kernels (AVX2 and portable) equal dequantise + matmul on the
+    input quantised per 32-column block, and stay close to the float-activation result (for
+    W8A8 the codes are made signed, c - 128, before the byte products: extreme codes 0 and
+    255 occur in every row here, asymmetric ranges included)."""
     out_features, in_features = shape
     if spec.granularity == "group" and spec.group_size > in_features:
         pytest.skip("group larger than the row")
@@ -92,7 +94,8 @@ def test_w4a8_kernel_equals_its_reference(spec, shape, tokens):
     expected = reference_gemm(quantize_activations_q8(x), module)
     torch.testing.assert_close(kernel(x), expected, rtol=1e-4, atol=1e-4)
     if tokens <= 16:
-        portable = kernel.kernels.gemm_w4a8(x, kernel.q, kernel.scales, kernel.zeros, kernel.group_size, True) + module.bias
+        gemm = kernel.kernels.gemm_w4a8 if spec.bits == 4 else kernel.kernels.gemm_w8a8
+        portable = gemm(x, kernel.q, kernel.scales, kernel.zeros, kernel.group_size, True) + module.bias
         torch.testing.assert_close(portable, expected, rtol=1e-4, atol=1e-4)
     exact = reference_gemm(x, module)
     assert (kernel(x) - exact).norm() < 0.02 * exact.norm()
@@ -113,9 +116,9 @@ def test_cpu_kernel_runs_ggml_blocks(fmt, tokens):
     x = torch.randn(tokens, 512, generator=g)
     torch.testing.assert_close(kernel(x), reference_gemm(x, module), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(kernel.dequantized_weight(), module.qweight.dequantize(), rtol=1e-6, atol=1e-7)
-    if spec.bits == 4 and tokens <= 16:
-        w4a8 = KernelLinear(module, int8_activations=True)
-        torch.testing.assert_close(w4a8(x), reference_gemm(quantize_activations_q8(x), module), rtol=1e-4, atol=1e-4)
+    if tokens <= 16:  # W4A8 or W8A8 (q8_0: llama.cpp's own pairing of q8_0 weights and activations)
+        integer = KernelLinear(module, int8_activations=True)
+        torch.testing.assert_close(integer(x), reference_gemm(quantize_activations_q8(x), module), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["q5_0", "q6_k", "q3_k", "iq4_nl"])
@@ -129,8 +132,6 @@ def test_kernel_declines_what_it_cannot_run():
     linear = nn.Linear(100, 8)
     assert "multiples of 32" in kernel_support(QuantLinear(rtn_quantize(linear.weight, QuantSpec(bits=4, group_size=50))))
     assert "4- and 8-bit" in kernel_support(QuantLinear(rtn_quantize(nn.Linear(64, 8).weight, QuantSpec(bits=3, group_size=32))))
-    with pytest.raises(LowbitError, match="W4A8"):
-        KernelLinear(QuantLinear(rtn_quantize(nn.Linear(64, 8).weight, QuantSpec(bits=8, group_size=32))), int8_activations=True)
     with pytest.raises(LowbitError, match="cannot run this layer"):
         KernelLinear(QuantLinear(rtn_quantize(nn.Linear(64, 8).weight, QuantSpec(bits=3, group_size=32))))
 

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "decode_step.cpp"
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}  # the C++ step's codes (enum Activation)
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # RoPE types whose frequencies do not depend on the length
-LINEAR_KINDS = {"float": 0, "int4": 1, "int8": 2, "w4a8": 3}  # enum Kind in decode_step.cpp
+LINEAR_KINDS = {"float": 0, "int4": 1, "int8": 2, "w4a8": 3, "w8a8": 4}  # enum Kind in decode_step.cpp
 
 
 @lru_cache(maxsize=1)
@@ -55,7 +55,7 @@ def _linear_spec(module: nn.Module) -> tuple | str:
     from lowbit.kernels.cpu import KernelLinear
 
     if isinstance(module, KernelLinear):
-        kind = "w4a8" if module.int8_activations else ("int4" if module.int4 else "int8")
+        kind = ("w4a8" if module.int4 else "w8a8") if module.int8_activations else ("int4" if module.int4 else "int8")
         bias = module.reference.bias
         return (LINEAR_KINDS[kind], module.q, module.scales, module.zeros, None if bias is None else bias.detach().float().contiguous(),
                 module.group_size, module.in_features)

@@ -55,14 +55,13 @@ def load_kernels():
 
 
 def kernel_support(module: QuantLinear, int8_activations: bool = False) -> str | None:
-    """None if the kernel (the W4A8 one with ``int8_activations``) computes ``module``, else why not."""
+    """None if the kernel (the W4A8 or W8A8 one with ``int8_activations``) computes
+    ``module``, else why not."""
     reason = format_support(module, reads_ggml=True)
     if reason is not None:
         return reason
     if module.in_features % 32 or module.group_size % 32:
         return f"in_features {module.in_features} / group {module.group_size} not multiples of 32"
-    if int8_activations and module.spec.bits != 4:
-        return "int8 activations (W4A8) need 4-bit weights"
     return None
 
 
@@ -71,6 +70,9 @@ class KernelLinear(KernelLinearBase):
 
     q: uint8, the kernel's layout; scales, zeros: float32 (N, n_groups), zeros in code units.
     The original QuantLinear is kept for batches above MAX_KERNEL_TOKENS and for saving.
+    ``int8_activations``: decode-sized batches round the input to int8 blocks of 32
+    (`quantize_activations_q8`) and multiply in integers: W4A8 for 4-bit codes, W8A8 for
+    8-bit ones; larger batches keep float activations.
     """
 
     def __init__(self, module: QuantLinear, int8_activations: bool = False):
@@ -104,20 +106,23 @@ class KernelLinear(KernelLinearBase):
         if x2d.shape[0] > MAX_KERNEL_TOKENS:  # max_tokens raised (e.g. to score the W4A8 numerics): 16 rows at a time
             return torch.cat([self.compute(x2d[i : i + MAX_KERNEL_TOKENS]) for i in range(0, x2d.shape[0], MAX_KERNEL_TOKENS)])
         if self.int8_activations:
-            return self.kernels.gemm_w4a8(x2d, self.q, self.scales, self.zeros, self.group_size, False)
+            gemm = self.kernels.gemm_w4a8 if self.int4 else self.kernels.gemm_w8a8
+            return gemm(x2d, self.q, self.scales, self.zeros, self.group_size, False)
         return self.kernels.gemm(x2d, self.q, self.scales, self.zeros, self.group_size, self.int4)
 
 
-def use_cpu_kernels(model: nn.Module, int8_activations: bool = False) -> dict[str, str]:
+def use_cpu_kernels(model: nn.Module, int8_activations: bool = False, w8a8: bool = False) -> dict[str, str]:
     """Swap every supported QuantLinear for a KernelLinear, in place. Returns, for each
     QuantLinear left on the reference path, why (so nothing falls back silently).
     ``int8_activations``: the W4A8 kernel for 4-bit layers (see `quantize_activations_q8`);
-    8-bit layers (an int8 head, say) keep float activations."""
+    8-bit layers (an int8 head, say) keep float activations unless ``w8a8`` (the W8A8
+    kernel: the same int8 activation blocks, integer products, as llama.cpp multiplies q8_0
+    weights)."""
 
-    def w4a8(module: QuantLinear) -> bool:
-        return int8_activations and module.spec.bits == 4
+    def int8_acts(module: QuantLinear) -> bool:
+        return int8_activations if module.spec.bits == 4 else w8a8
 
-    return swap_kernels(model, lambda module: kernel_support(module, w4a8(module)), lambda module: KernelLinear(module, w4a8(module)))
+    return swap_kernels(model, lambda module: kernel_support(module, int8_acts(module)), lambda module: KernelLinear(module, int8_acts(module)))
 
 
 def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,24 @@ torch::Tensor gemm_w4a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
   return y;
 }
 
+torch::Tensor gemm_w8a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool portable) {
+  check_args(x, q, scales, zeros, group_size);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.size(1) == K, "q's row length does not match K (8-bit codes)");
+  auto y = torch::empty({M, N}, x.options());
+  const QuantActs a = quantize_acts(x.data_ptr<float>(), M, K, group_size, false);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = zeros.data_ptr<float>();
+#if defined(__AVX2__) && defined(__FMA__)
+  if (!portable) {
+    gemm_w8a8_avx2(qp, sp, zp, a, y.data_ptr<float>(), M, N, K, group_size);
+    return y;
+  }
+#endif
+  gemm_w8a8_portable(qp, sp, zp, a, y.data_ptr<float>(), M, N, K, group_size);
+  return y;
+}
+
 torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4, int64_t in_features) {
   check_weight(q, scales, zeros);
   const int64_t N = q.size(0), K = in_features, ng = (K + group_size - 1) / group_size;
@@ -82,6 +100,7 @@ torch::Tensor gemm_portable_op(torch::Tensor x, torch::Tensor q, torch::Tensor s
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "low-bit weight-only GEMM for small batches (fp32 activations)");
   m.def("gemm_portable", &gemm_portable_op, "the same GEMM on the portable path (for tests)");
+  m.def("gemm_w8a8", &gemm_w8a8, "W8A8: 8-bit weights, activations int8 per token in blocks of 32, integer dot products");
   m.def("gemm_w4a8", &gemm_w4a8, "W4A8: 4-bit weights, activations int8 per token in blocks of 32, integer dot products");
   m.def("dequantize", &dequantize, "the whole weight in float32 (N, K): the large-batch path before one BLAS matmul");
   m.def("has_avx2", &has_avx2, "whether this build uses the AVX2/FMA path");

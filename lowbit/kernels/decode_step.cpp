@@ -27,11 +27,11 @@ namespace {
 using namespace lowbit_gemm;
 namespace py = pybind11;
 
-enum Kind : int64_t { kFloat = 0, kInt4 = 1, kInt8 = 2, kW4A8 = 3 };
+enum Kind : int64_t { kFloat = 0, kInt4 = 1, kInt8 = 2, kW4A8 = 3, kW8A8 = 4 };
 enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
 
 // One linear y = x W^T (+ b) at one token: a float32 weight through BLAS, or lowbit's packed
-// codes through the GEMM kernels (the W4A8 one quantises x to int8 blocks first).
+// codes through the GEMM kernels (the W4A8 and W8A8 ones quantise x to int8 blocks first).
 struct Linear {
   int64_t kind = kFloat, N = 0, K = 0, G = 0;
   torch::Tensor w, scales, zeros, bias;  // w: float32 (N, K) or uint8 codes
@@ -63,6 +63,12 @@ struct Linear {
       gemm_w4a8_avx2(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), quantize_acts(x, 1, K, G), y, 1, N, K, G);
 #else
       gemm_w4a8_portable(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), quantize_acts(x, 1, K, G), y, 1, N, K, G);
+#endif
+    } else if (kind == kW8A8) {
+#if defined(__AVX2__) && defined(__FMA__)
+      gemm_w8a8_avx2(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), quantize_acts(x, 1, K, G, false), y, 1, N, K, G);
+#else
+      gemm_w8a8_portable(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), quantize_acts(x, 1, K, G, false), y, 1, N, K, G);
 #endif
     } else if (kind == kInt4) {
       gemm_lowbit<true>(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), x, y, 1, N, K, G);

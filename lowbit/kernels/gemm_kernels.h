@@ -68,7 +68,7 @@ struct QuantActs {
   std::vector<float> gsum;  // (M, ng): sum over each weight group of x' = d * xq
 };
 
-QuantActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t G) {
+QuantActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t G, bool nibble_order = true) {
   const int64_t nb = K / 32, ng = (K + G - 1) / G;
   QuantActs a{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * ng, 0.f)};
   for (int64_t m = 0; m < M; ++m)
@@ -81,7 +81,7 @@ QuantActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t G) {
       int8_t* out = a.xq.data() + m * K + b * 32;
       for (int j = 0; j < 32; ++j) {
         const int v = d > 0.f ? static_cast<int>(std::nearbyint(xb[j] / d)) : 0;
-        out[(j & 1) ? 16 + j / 2 : j / 2] = static_cast<int8_t>(v);
+        out[!nibble_order ? j : (j & 1) ? 16 + j / 2 : j / 2] = static_cast<int8_t>(v);
         sum += v;
       }
       a.d[m * nb + b] = d;
@@ -103,6 +103,30 @@ void gemm_w4a8_portable(const uint8_t* q, const float* s, const float* z, const 
           const int8_t* xb = a.xq.data() + m * K + c;
           int dot = 0;
           for (int j = 0; j < 16; ++j) dot += (bytes[j] & 15) * xb[j] + (bytes[j] >> 4) * xb[16 + j];
+          part += a.d[m * nb + c / 32] * static_cast<float>(dot);
+        }
+        acc += s[n * ng + g] * (part - z[n * ng + g] * gsum[m * ng + g]);
+      }
+      y[m * N + n] = acc;
+    }
+  });
+}
+
+// W8A8: 8-bit codes (uint8, one per column) against the same int8 activation blocks, kept in
+// natural column order (quantize_acts(..., nibble_order = false)): y[m, n] = sum_g s[n,g]
+// (sum_{b in g} d_b sum_{k in b} q[n,k] xq[m,k] - z[n,g] sum_{k in g} x'[m,k]).
+void gemm_w8a8_portable(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                        int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t nb = K / 32;
+  for_each_row<false>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float part = 0.f;
+        for (int64_t c = g * G; c < std::min((g + 1) * G, K); c += 32) {
+          const int8_t* xb = a.xq.data() + m * K + c;
+          int dot = 0;
+          for (int j = 0; j < 32; ++j) dot += qrow[c + j] * xb[j];
           part += a.d[m * nb + c / 32] * static_cast<float>(dot);
         }
         acc += s[n * ng + g] * (part - z[n * ng + g] * gsum[m * ng + g]);
@@ -386,6 +410,54 @@ void gemm_w4a8_avx2(const uint8_t* q, const float* s, const float* z, const Quan
         case 2: row_tile_w4a8<2>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
         case 3: row_tile_w4a8<3>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
         default: row_tile_w4a8<4>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+      }
+    }
+  });
+}
+
+// W8A8 tile: vpmaddubsw multiplies unsigned by signed bytes, and 255 * 127 * 2 overflows its
+// int16 pair sums, so the codes are first made signed, c - 128 (an XOR of the top bit), and
+// the product taken llama.cpp's way: |c - 128| (unsigned, at most 128) times x with the sign
+// of c - 128 moved onto it (at most 128 * 127 * 2 = 32512 per pair). The 128 taken off each
+// code comes back in the zero-point term: z - 128 instead of z.
+template <int MT>
+void row_tile_w8a8(const uint8_t* qrow, const float* srow, const float* zrow, const int8_t* xq, const float* d,
+                   const float* gsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
+  const int64_t nb = K / 32, bpg = G / 32;
+  const __m256i ones = _mm256_set1_epi16(1), top = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 acc[MT];
+  float zterm[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps(), zterm[m] = 0.f;
+  for (int64_t g = 0; g < ng; ++g) {
+    const float sc = srow[g], zp = zrow[g] - 128.f;
+    for (int64_t b = g * bpg; b < std::min((g + 1) * bpg, nb); ++b) {
+      const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + 32 * b)), top);
+      const __m256i magnitude = _mm256_sign_epi8(w, w);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * b));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, w)), ones);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[m * nb + b] * sc), acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) zterm[m] += sc * zp * gsum[m * ng + g];
+  }
+  for (int m = 0; m < MT; ++m) y[m * N] = hsum(acc[m]) - zterm[m];
+}
+
+void gemm_w8a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                    int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t nb = K / 32;
+  for_each_row<false>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int8_t* xm = a.xq.data() + m0 * K;
+      const float* dm = a.d.data() + m0 * nb;
+      const float* gs = gsum + m0 * ng;
+      float* ym = y + m0 * N + n;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: row_tile_w8a8<1>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 2: row_tile_w8a8<2>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 3: row_tile_w8a8<3>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        default: row_tile_w8a8<4>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
       }
     }
   });
