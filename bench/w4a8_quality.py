@@ -2,7 +2,9 @@
 with float activations (the W4 kernel's numerics), with activations quantised to int8 per
 token in blocks of 32 (the W4A8 kernel itself, run on every position, 16 rows at a time),
 and each of the two with the output head int8 per channel as well (bench-decode's "h8"
-variants; the tied embedding keeps its float table).
+variants; the tied embedding keeps its float table); last, W4A8 with the int8 head on int8
+activations too (the W8A8 kernel, `use_cpu_kernels(w8a8=True)`: what llama.cpp does with a
+q8_0 output tensor).
 
     python bench/w4a8_quality.py [--model smollm2] [--corpus shakespeare] [--windows 8]
 
@@ -26,10 +28,11 @@ from lowbit.methods import HEAD_SPECS  # noqa: E402
 from lowbit.pipeline import quantize_head  # noqa: E402
 
 
-def through_w4a8_kernel(model, ctx: int):
-    """A copy of ``model`` on the CPU kernels with int8 activations, every position through them."""
+def through_w4a8_kernel(model, ctx: int, w8a8: bool = False):
+    """A copy of ``model`` on the CPU kernels with int8 activations (8-bit layers too with
+    ``w8a8``), every position through them."""
     model = copy.deepcopy(model)
-    skipped = use_cpu_kernels(model, int8_activations=True)
+    skipped = use_cpu_kernels(model, int8_activations=True, w8a8=w8a8)
     for module in model.modules():
         if isinstance(module, KernelLinear):
             module.max_tokens = ctx  # every position through the kernel, not just decode steps
@@ -51,9 +54,11 @@ def main() -> None:
     w4_h8 = copy.deepcopy(w4.model)
     quantize_head(w4_h8, HEAD_SPECS[8])
     w4a8_h8, _ = through_w4a8_kernel(w4_h8, args.ctx)
+    w4a8_h8a8, _ = through_w4a8_kernel(w4_h8, args.ctx, w8a8=True)
     windows = eval_windows(tokenize_split(reference.tokenizer, args.corpus), args.ctx, args.windows)
     models = {"float (GGUF dequantised)": reference.model, "W4 g128 sym, float activations": w4.model,
-              "W4A8: same weights, int8 activations per 32-block": w4a8, "W4 + int8 head (h8)": w4_h8, "W4A8 + int8 head (h8)": w4a8_h8}
+              "W4A8: same weights, int8 activations per 32-block": w4a8, "W4 + int8 head (h8)": w4_h8, "W4A8 + int8 head (h8)": w4a8_h8,
+              "W4A8 + int8 head on int8 activations (W8A8)": w4a8_h8a8}
     results = [r.to_dict() for r in evaluate(models, windows, reference=reference.model)]
     write_json(Path(args.out) / f"w4a8_{args.model}.json", {"model": args.model, "corpus": args.corpus, "windows": len(windows),
                                                             "ctx": args.ctx, "layers_on_reference_path": skipped, "results": results})
