@@ -39,40 +39,36 @@ torch::Tensor run_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, t
   return y;
 }
 
-torch::Tensor gemm_w4a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool portable) {
+// The integer-activation GEMMs: x rounded to int8 blocks of 32 (in the weight's nibble order
+// for 4-bit codes), then W4A8 or W8A8.
+torch::Tensor gemm_int8_acts(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4,
+                             bool portable) {
   check_args(x, q, scales, zeros, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K / 2, "q's row length does not match K (4-bit codes)");
+  TORCH_CHECK(q.size(1) == (int4 ? K / 2 : K), "q's row length does not match K");
   auto y = torch::empty({M, N}, x.options());
-  const QuantActs a = quantize_acts(x.data_ptr<float>(), M, K, group_size);
+  const QuantActs a = quantize_acts(x.data_ptr<float>(), M, K, group_size, int4);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float *sp = scales.data_ptr<float>(), *zp = zeros.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
   if (!portable) {
-    gemm_w4a8_avx2(qp, sp, zp, a, y.data_ptr<float>(), M, N, K, group_size);
+    if (int4) gemm_w4a8_avx2(qp, sp, zp, a, yp, M, N, K, group_size);
+    else gemm_w8a8_avx2(qp, sp, zp, a, yp, M, N, K, group_size);
     return y;
   }
 #endif
-  gemm_w4a8_portable(qp, sp, zp, a, y.data_ptr<float>(), M, N, K, group_size);
+  if (int4) gemm_w4a8_portable(qp, sp, zp, a, yp, M, N, K, group_size);
+  else gemm_w8a8_portable(qp, sp, zp, a, yp, M, N, K, group_size);
   return y;
 }
 
+torch::Tensor gemm_w4a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool portable) {
+  return gemm_int8_acts(x, q, scales, zeros, group_size, true, portable);
+}
+
 torch::Tensor gemm_w8a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool portable) {
-  check_args(x, q, scales, zeros, group_size);
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K, "q's row length does not match K (8-bit codes)");
-  auto y = torch::empty({M, N}, x.options());
-  const QuantActs a = quantize_acts(x.data_ptr<float>(), M, K, group_size, false);
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float *sp = scales.data_ptr<float>(), *zp = zeros.data_ptr<float>();
-#if defined(__AVX2__) && defined(__FMA__)
-  if (!portable) {
-    gemm_w8a8_avx2(qp, sp, zp, a, y.data_ptr<float>(), M, N, K, group_size);
-    return y;
-  }
-#endif
-  gemm_w8a8_portable(qp, sp, zp, a, y.data_ptr<float>(), M, N, K, group_size);
-  return y;
+  return gemm_int8_acts(x, q, scales, zeros, group_size, false, portable);
 }
 
 torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4, int64_t in_features) {

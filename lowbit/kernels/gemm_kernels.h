@@ -396,25 +396,6 @@ void row_tile_w4a8(const uint8_t* qrow, const float* srow, const float* zrow, co
   for (int m = 0; m < MT; ++m) y[m * N] = hsum(_mm256_add_ps(a0[m], a1[m])) - zterm[m];
 }
 
-void gemm_w4a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
-                    int64_t M, int64_t N, int64_t K, int64_t G) {
-  const int64_t nb = K / 32;
-  for_each_row<true>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int8_t* xm = a.xq.data() + m0 * K;
-      const float* dm = a.d.data() + m0 * nb;
-      const float* gs = gsum + m0 * ng;
-      float* ym = y + m0 * N + n;
-      switch (std::min<int64_t>(4, M - m0)) {
-        case 1: row_tile_w4a8<1>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-        case 2: row_tile_w4a8<2>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-        case 3: row_tile_w4a8<3>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-        default: row_tile_w4a8<4>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-      }
-    }
-  });
-}
-
 // W8A8 tile: vpmaddubsw multiplies unsigned by signed bytes, and 255 * 127 * 2 overflows its
 // int16 pair sums, so the codes are first made signed, c - 128 (an XOR of the top bit), and
 // the product taken llama.cpp's way: |c - 128| (unsigned, at most 128) times x with the sign
@@ -444,23 +425,42 @@ void row_tile_w8a8(const uint8_t* qrow, const float* srow, const float* zrow, co
   for (int m = 0; m < MT; ++m) y[m * N] = hsum(acc[m]) - zterm[m];
 }
 
-void gemm_w8a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
-                    int64_t M, int64_t N, int64_t K, int64_t G) {
+template <bool kInt4, int MT>
+inline void int8_acts_tile(const uint8_t* qrow, const float* srow, const float* zrow, const int8_t* xq, const float* d,
+                           const float* gsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
+  if constexpr (kInt4) row_tile_w4a8<MT>(qrow, srow, zrow, xq, d, gsum, y, N, K, G, ng);
+  else row_tile_w8a8<MT>(qrow, srow, zrow, xq, d, gsum, y, N, K, G, ng);
+}
+
+// The integer-activation GEMMs (W4A8, W8A8): rows across threads, tokens in tiles of up to four.
+template <bool kInt4>
+void gemm_int8_acts_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                         int64_t M, int64_t N, int64_t K, int64_t G) {
   const int64_t nb = K / 32;
-  for_each_row<false>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
+  for_each_row<kInt4>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int8_t* xm = a.xq.data() + m0 * K;
       const float* dm = a.d.data() + m0 * nb;
       const float* gs = gsum + m0 * ng;
       float* ym = y + m0 * N + n;
       switch (std::min<int64_t>(4, M - m0)) {
-        case 1: row_tile_w8a8<1>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-        case 2: row_tile_w8a8<2>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-        case 3: row_tile_w8a8<3>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-        default: row_tile_w8a8<4>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 1: int8_acts_tile<kInt4, 1>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 2: int8_acts_tile<kInt4, 2>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 3: int8_acts_tile<kInt4, 3>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        default: int8_acts_tile<kInt4, 4>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
       }
     }
   });
+}
+
+inline void gemm_w4a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                           int64_t M, int64_t N, int64_t K, int64_t G) {
+  gemm_int8_acts_avx2<true>(q, s, z, a, y, M, N, K, G);
+}
+
+inline void gemm_w8a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                           int64_t M, int64_t N, int64_t K, int64_t G) {
+  gemm_int8_acts_avx2<false>(q, s, z, a, y, M, N, K, G);
 }
 
 template <bool kInt4>
