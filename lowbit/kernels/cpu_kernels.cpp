@@ -53,13 +53,13 @@ torch::Tensor gemm_int8_acts(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   float* yp = y.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
   if (!portable) {
-    if (int4) gemm_w4a8_avx2(qp, sp, zp, a, yp, M, N, K, group_size);
-    else gemm_w8a8_avx2(qp, sp, zp, a, yp, M, N, K, group_size);
+    if (int4) gemm_int8_acts_avx2<true>(qp, sp, zp, a, yp, M, N, K, group_size);
+    else gemm_int8_acts_avx2<false>(qp, sp, zp, a, yp, M, N, K, group_size);
     return y;
   }
 #endif
-  if (int4) gemm_w4a8_portable(qp, sp, zp, a, yp, M, N, K, group_size);
-  else gemm_w8a8_portable(qp, sp, zp, a, yp, M, N, K, group_size);
+  if (int4) gemm_int8_acts_portable<true>(qp, sp, zp, a, yp, M, N, K, group_size);
+  else gemm_int8_acts_portable<false>(qp, sp, zp, a, yp, M, N, K, group_size);
   return y;
 }
 

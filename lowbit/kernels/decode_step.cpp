@@ -58,18 +58,12 @@ struct Linear {
       auto xt = torch::from_blob(const_cast<float*>(x), {K});
       auto yt = torch::from_blob(y, {N});
       at::mv_out(yt, w, xt);
-    } else if (kind == kW4A8) {
-#if defined(__AVX2__) && defined(__FMA__)
-      gemm_w4a8_avx2(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), quantize_acts(x, 1, K, G), y, 1, N, K, G);
-#else
-      gemm_w4a8_portable(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), quantize_acts(x, 1, K, G), y, 1, N, K, G);
-#endif
-    } else if (kind == kW8A8) {
-#if defined(__AVX2__) && defined(__FMA__)
-      gemm_w8a8_avx2(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), quantize_acts(x, 1, K, G, false), y, 1, N, K, G);
-#else
-      gemm_w8a8_portable(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), quantize_acts(x, 1, K, G, false), y, 1, N, K, G);
-#endif
+    } else if (kind == kW4A8 || kind == kW8A8) {
+      const bool int4 = kind == kW4A8;
+      const QuantActs acts = quantize_acts(x, 1, K, G, int4);
+      const uint8_t* q = w.data_ptr<uint8_t>();
+      if (int4) int8_acts_gemm<true>(q, scales.data_ptr<float>(), zeros.data_ptr<float>(), acts, y, 1, N, K, G);
+      else int8_acts_gemm<false>(q, scales.data_ptr<float>(), zeros.data_ptr<float>(), acts, y, 1, N, K, G);
     } else if (kind == kInt4) {
       gemm_lowbit<true>(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), x, y, 1, N, K, G);
     } else {

@@ -90,35 +90,15 @@ QuantActs quantize_acts(const float* x, int64_t M, int64_t K, int64_t G, bool ni
   return a;
 }
 
-void gemm_w4a8_portable(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
-                        int64_t M, int64_t N, int64_t K, int64_t G) {
+// The portable integer-activation GEMMs. W4A8: 4-bit codes against activation blocks in the
+// weight's nibble order. W8A8: 8-bit codes (uint8, one per column) against the same blocks in
+// natural column order (quantize_acts(..., nibble_order = false)). Both compute
+// y[m, n] = sum_g s[n,g] (sum_{b in g} d_b sum_{k in b} q[n,k] xq[m,k] - z[n,g] sum_{k in g} x'[m,k]).
+template <bool kInt4>
+void gemm_int8_acts_portable(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                             int64_t M, int64_t N, int64_t K, int64_t G) {
   const int64_t nb = K / 32;
-  for_each_row<true>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
-    for (int64_t m = 0; m < M; ++m) {
-      float acc = 0.f;
-      for (int64_t g = 0; g < ng; ++g) {
-        float part = 0.f;
-        for (int64_t c = g * G; c < std::min((g + 1) * G, K); c += 32) {
-          const uint8_t* bytes = qrow + c / 2;
-          const int8_t* xb = a.xq.data() + m * K + c;
-          int dot = 0;
-          for (int j = 0; j < 16; ++j) dot += (bytes[j] & 15) * xb[j] + (bytes[j] >> 4) * xb[16 + j];
-          part += a.d[m * nb + c / 32] * static_cast<float>(dot);
-        }
-        acc += s[n * ng + g] * (part - z[n * ng + g] * gsum[m * ng + g]);
-      }
-      y[m * N + n] = acc;
-    }
-  });
-}
-
-// W8A8: 8-bit codes (uint8, one per column) against the same int8 activation blocks, kept in
-// natural column order (quantize_acts(..., nibble_order = false)): y[m, n] = sum_g s[n,g]
-// (sum_{b in g} d_b sum_{k in b} q[n,k] xq[m,k] - z[n,g] sum_{k in g} x'[m,k]).
-void gemm_w8a8_portable(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
-                        int64_t M, int64_t N, int64_t K, int64_t G) {
-  const int64_t nb = K / 32;
-  for_each_row<false>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
+  for_each_row<kInt4>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f;
       for (int64_t g = 0; g < ng; ++g) {
@@ -126,7 +106,12 @@ void gemm_w8a8_portable(const uint8_t* q, const float* s, const float* z, const 
         for (int64_t c = g * G; c < std::min((g + 1) * G, K); c += 32) {
           const int8_t* xb = a.xq.data() + m * K + c;
           int dot = 0;
-          for (int j = 0; j < 32; ++j) dot += qrow[c + j] * xb[j];
+          if constexpr (kInt4) {
+            const uint8_t* bytes = qrow + c / 2;
+            for (int j = 0; j < 16; ++j) dot += (bytes[j] & 15) * xb[j] + (bytes[j] >> 4) * xb[16 + j];
+          } else {
+            for (int j = 0; j < 32; ++j) dot += qrow[c + j] * xb[j];
+          }
           part += a.d[m * nb + c / 32] * static_cast<float>(dot);
         }
         acc += s[n * ng + g] * (part - z[n * ng + g] * gsum[m * ng + g]);
@@ -453,16 +438,6 @@ void gemm_int8_acts_avx2(const uint8_t* q, const float* s, const float* z, const
   });
 }
 
-inline void gemm_w4a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
-                           int64_t M, int64_t N, int64_t K, int64_t G) {
-  gemm_int8_acts_avx2<true>(q, s, z, a, y, M, N, K, G);
-}
-
-inline void gemm_w8a8_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
-                           int64_t M, int64_t N, int64_t K, int64_t G) {
-  gemm_int8_acts_avx2<false>(q, s, z, a, y, M, N, K, G);
-}
-
 template <bool kInt4>
 void gemm_avx2(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
                int64_t M, int64_t N, int64_t K, int64_t G) {
@@ -533,6 +508,17 @@ void dequantize_rows(const uint8_t* q, const float* s, const float* z, float* w,
       }
     }
   }
+}
+
+// The integer-activation GEMM (W4A8 or W8A8) on the best path this build has.
+template <bool kInt4>
+void int8_acts_gemm(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                    int64_t M, int64_t N, int64_t K, int64_t G) {
+#if defined(__AVX2__) && defined(__FMA__)
+  gemm_int8_acts_avx2<kInt4>(q, s, z, a, y, M, N, K, G);
+#else
+  gemm_int8_acts_portable<kInt4>(q, s, z, a, y, M, N, K, G);
+#endif
 }
 
 }  // namespace lowbit_gemm
