@@ -12,7 +12,7 @@ from lowbit.evaluation.kv import kv_cache_quality
 from lowbit.inference.generate import generate
 from lowbit.inference.kv_cache import KVSpec, QuantizedKVCache, QuantizedKVLayer, quantize_keys, quantize_values
 from lowbit.kernels.common import format_support
-from lowbit.kernels.cpu import KernelLinear, kernel_support, quantize_activations_q8, reference_gemm, use_cpu_kernels
+from lowbit.kernels.cpu import KernelLinear, kernel_support, prefill_block_rows, quantize_activations_q8, reference_gemm, use_cpu_kernels
 from lowbit.modules import QuantLinear
 from lowbit.numerics import QuantSpec
 from lowbit.numerics.packing import unpack
@@ -73,6 +73,22 @@ def test_dequantize_kernel_equals_reference(spec, shape):
     out = kernel(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference_gemm(x, module), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("block_rows", [1, 40, 96, 500])
+def test_prefill_blocks_equal_reference(spec, block_rows):
+    """The prefill path dequantises W a block of rows at a time (the last block short, or one
+    block larger than W) and writes each block's columns of y in place: equal to dequantise +
+    matmul, bias included."""
+    g = torch.Generator().manual_seed(block_rows)
+    module = QuantLinear(rtn_quantize(torch.randn(96, 576, generator=g) * 0.05, spec), torch.randn(96, generator=g))
+    kernel = KernelLinear(module)
+    x = torch.randn(37, 576, generator=g)
+    got = kernel.kernels.gemm_dequant_blocks(x, kernel.q, kernel.scales, kernel.zeros, kernel.group_size, kernel.int4, block_rows)
+    torch.testing.assert_close(got + module.bias, reference_gemm(x, module), rtol=1e-4, atol=1e-4)
+    assert prefill_block_rows(96, 576) % 16 == 0 and prefill_block_rows(5632, 2048) == 256 and prefill_block_rows(2048, 5632) == 96
+    torch.testing.assert_close(kernel(x), reference_gemm(x, module), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: s.describe().replace(" ", "_"))

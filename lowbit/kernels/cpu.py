@@ -4,9 +4,10 @@ The C++ source (`cpu_kernels.cpp`) is compiled once per machine with -O3 -march=
 -fopenmp by torch's extension builder (needs a C++ compiler and ninja) into the lowbit cache
 (`~/.cache/lowbit/kernels/<key>`), then loaded from there. `KernelLinear` wraps a
 `QuantLinear` whose format the kernel supports and computes batches of up to 16 tokens with
-it; larger batches (prefill) are compute-bound: the extension dequantises the weight to
-float32 in one parallel pass and one BLAS matmul follows (the same arithmetic as the
-reference path, without its elementwise temporaries). `QuantLinear`'s reference path stays
+it; larger batches (prefill) are compute-bound: the extension dequantises W to float32 a block
+of rows at a time into a buffer that stays in cache and runs one BLAS matmul per block (the
+same arithmetic as the reference path, without its elementwise temporaries, and without
+writing the float weight to memory and reading it back). `QuantLinear`'s reference path stays
 the ground truth the tests compare against.
 """
 
@@ -18,7 +19,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
@@ -28,6 +28,7 @@ from lowbit.modules.quant_linear import QuantLinear
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 MAX_KERNEL_TOKENS = 16
+PREFILL_BLOCK_BYTES = 2 << 20  # one thread's dequantised block of W on the prefill path; chosen by bench/prefill_blocks.py
 
 
 def build_extension(source: Path, prefix: str):
@@ -52,6 +53,15 @@ def build_extension(source: Path, prefix: str):
 def load_kernels():
     """The W4/W8 GEMM extension (`cpu_kernels.cpp`)."""
     return build_extension(SOURCE, "lowbit_cpu")
+
+
+def prefill_block_rows(out_features: int, in_features: int, block_bytes: int = PREFILL_BLOCK_BYTES) -> int:
+    """Rows of W one thread of the prefill path (`gemm_dequant_blocks`) dequantises at a time:
+    about ``block_bytes`` of float32, a multiple of 32 rows (BLAS is slow on odd widths), and
+    at most half of W's rows per thread, so that every thread has work."""
+    rows = max(32, 32 * round(block_bytes / (4 * in_features) / 32))
+    per_thread = -(-out_features // (2 * torch.get_num_threads()))
+    return max(16, min(rows, 16 * -(-per_thread // 16)))
 
 
 def kernel_support(module: QuantLinear, int8_activations: bool = False) -> str | None:
@@ -97,9 +107,15 @@ class KernelLinear(KernelLinearBase):
         return self.kernels.dequantize(self.q, self.scales, self.zeros, self.group_size, self.int4, self.in_features)
 
     def large_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """Prefill-sized batches, float activations (also for W4A8): dequantise once, then BLAS."""
-        bias = self.reference.bias
-        return F.linear(x.float(), self.dequantized_weight(), None if bias is None else bias.float()).to(x.dtype)
+        """Prefill-sized batches, float activations (also for W4A8): W dequantised a block of
+        rows at a time in cache, one BLAS product per block (`gemm_dequant_blocks`)."""
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
+        y = self.kernels.gemm_dequant_blocks(x2d, self.q, self.scales, self.zeros, self.group_size, self.int4,
+                                               prefill_block_rows(self.out_features, self.in_features))
+        if self.reference.bias is not None:
+            y = y + self.reference.bias.float()
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def compute(self, x2d: torch.Tensor) -> torch.Tensor:
         x2d = x2d.to(torch.float32).contiguous()
@@ -135,4 +151,4 @@ def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
     return (codes * d).reshape(x.shape)
 
 
-__all__ = ["KernelLinear", "kernel_support", "load_kernels", "quantize_activations_q8", "reference_gemm", "use_cpu_kernels"]
+__all__ = ["KernelLinear", "kernel_support", "load_kernels", "prefill_block_rows", "quantize_activations_q8", "reference_gemm", "use_cpu_kernels"]

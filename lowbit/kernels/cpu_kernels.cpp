@@ -83,6 +83,38 @@ torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor ze
   return w;
 }
 
+// Prefill-sized batches: each thread dequantises block_rows rows of W at a time into its own
+// buffer, which stays in cache, and multiplies it by x with one single-threaded BLAS call,
+// y[:, rows] = x W[rows]^T. Dequantising the whole weight first wrote 4 bytes per weight to
+// fresh memory and read them back for the matmul; here memory sees only the packed codes. The
+// arithmetic per output is the reference's (float32 dequantisation, float32 dot products).
+torch::Tensor gemm_dequant_blocks(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4,
+                                  int64_t block_rows) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 (M, K)");
+  check_weight(q, scales, zeros);
+  TORCH_CHECK(block_rows > 0, "block_rows must be positive");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), ng = (K + group_size - 1) / group_size, row_bytes = int4 ? K / 2 : K;
+  TORCH_CHECK(!int4 || K % 2 == 0, "4-bit rows need an even K");
+  TORCH_CHECK(q.size(1) == row_bytes, "q's row length does not match K");
+  TORCH_CHECK(scales.numel() == N * ng && zeros.numel() == N * ng, "scales and zeros must be (N, n_groups)");
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = zeros.data_ptr<float>();
+  auto buffers = torch::empty({omp_get_max_threads(), std::min(block_rows, N), K}, x.options());
+  const int64_t blocks = (N + block_rows - 1) / block_rows;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r0 = b * block_rows, rows = std::min(block_rows, N - r0);
+    auto buffer = buffers[omp_get_thread_num()].narrow(0, 0, rows);
+    float* wp = buffer.data_ptr<float>();  // dequantize_rows' own loop runs on this thread alone (nested)
+    if (int4) dequantize_rows<true>(qp + r0 * row_bytes, sp + r0 * ng, zp + r0 * ng, wp, rows, K, group_size);
+    else dequantize_rows<false>(qp + r0 * row_bytes, sp + r0 * ng, zp + r0 * ng, wp, rows, K, group_size);
+    auto out = y.narrow(1, r0, rows);  // (M, rows), row stride N: BLAS writes it in place
+    at::mm_out(out, x, buffer.t());
+  }
+  return y;
+}
+
 torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4) {
   return run_gemm(x, q, scales, zeros, group_size, int4, false);
 }
@@ -98,6 +130,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_portable", &gemm_portable_op, "the same GEMM on the portable path (for tests)");
   m.def("gemm_w8a8", &gemm_w8a8, "W8A8: 8-bit weights, activations int8 per token in blocks of 32, integer dot products");
   m.def("gemm_w4a8", &gemm_w4a8, "W4A8: 4-bit weights, activations int8 per token in blocks of 32, integer dot products");
+  m.def("gemm_dequant_blocks", &gemm_dequant_blocks, "prefill-sized batches: W dequantised block_rows rows at a time, one BLAS product per block");
   m.def("dequantize", &dequantize, "the whole weight in float32 (N, K): the large-batch path before one BLAS matmul");
   m.def("has_avx2", &has_avx2, "whether this build uses the AVX2/FMA path");
 }

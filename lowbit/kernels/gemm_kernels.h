@@ -21,6 +21,7 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
+#include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
