@@ -2,12 +2,14 @@
 report's ratio, the files are self-contained, and a second run reuses the cache."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import byte_tokenizer, tiny_llama
 from lowbit.cli import main
-from lowbit.reports.compression import FULL, QUICK, RECIPES, Results, command, estimate_seconds
+from lowbit.reports import compression
+from lowbit.reports.compression import FULL, QUICK, RECIPES, Results, command, estimate_seconds, run_report
 from lowbit.reports.tables import best_of, markdown, table_83, table_93, to_html
 
 
@@ -60,6 +62,33 @@ def test_commands_take_the_protocols_settings_where_they_apply(tmp_path):
     assert distill[distill.index("--teacher") + 1] == "smollm2" and distill[distill.index("--steps") + 1] == "4"
     seconds, missing = estimate_seconds({"smollm2": 134_515_008}, list(RECIPES), FULL, tmp_path)
     assert missing == len(RECIPES) and 3600 < seconds < 6 * 3600
+
+
+def test_a_recipe_that_starts_with_another_reuses_its_output(tmp_path, monkeypatch):
+    """Distil-then-quantise starts from the student "distilled half" made in the same run
+    (one distillation, not two); its cost still counts the distillation's seconds."""
+    calls = []
+
+    def fake_lowbit(argv, log):
+        calls.append(argv)
+        if argv[0] == "eval":
+            results = [{"perplexity": 10.0}, {"perplexity": 11.0, "kld": 0.1, "top1_percent": 90.0, "bits_per_weight": 4.0, "model_bytes": 1}]
+            Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"results": results}))
+        return {"seconds": 5.0, "peak_rss_mb": 100, "output": "decode 10.0 tokens/s"}
+
+    monkeypatch.setattr(compression, "_lowbit", fake_lowbit)
+    monkeypatch.setattr(compression, "roofline", lambda ref, protocol: {})
+    by_key = {r.key: r for r in RECIPES}
+    chosen = [by_key["distilled half"], by_key["rtn W4 g128"], by_key["distilled half + gptq W4"]]
+    (results,) = run_report(["smollm2"], chosen, QUICK, tmp_path / "cache", progress=lambda message: None)
+    distills = [c for c in calls if c[0] == "distill"]
+    assert len(distills) == 1
+    student = distills[0][distills[0].index("--out") + 1]
+    gptq = next(c for c in calls if c[:3] == ["quantize", "--method", "gptq"])
+    assert gptq[gptq.index("--model") + 1] == student
+    both = results.rows["distilled half + gptq W4"]
+    assert both["steps"][0]["reused"] and both["steps"][0]["command"] == results.rows["distilled half"]["steps"][0]["command"]
+    assert both["cost_seconds"] == 10.0 and "reused" not in results.rows["rtn W4 g128"]["steps"][0]
 
 
 @pytest.fixture(scope="module")

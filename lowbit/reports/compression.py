@@ -135,17 +135,35 @@ def _lowbit(argv: list[str], log: Path) -> dict:
 DECODE = re.compile(r"decode ([\d.]+) tokens/s")
 
 
-def measure(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress=print) -> dict:
-    """Make the recipe's model (its steps in order), then score and decode it."""
+def measure(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress=print, made: dict | None = None,
+            keep: Path | None = None) -> dict:
+    """Make the recipe's model (its steps in order), then score and decode it.
+
+    ``made`` maps a chain of steps to (its output, its step record) for chains an earlier
+    recipe of this run made: a recipe that starts with one (distil, then quantise) reuses
+    that output instead of making it again, and its cost still counts the reused step's
+    seconds (the record says ``reused``). A step whose chain is a key of ``made`` with no
+    value yet (None: a later recipe needs it) writes into ``keep``, which outlives ``work``."""
+    made = {} if made is None else made
     current, steps = model, []
     for i, step in enumerate(recipe.steps):
-        out = work / f"step{i}"
+        chain = recipe.steps[: i + 1]
+        if made.get(chain) is not None:
+            current, record = made[chain]
+            progress(f"  reusing {record['command']}")
+            steps.append({**record, "reused": True})
+            continue
+        out = work / f"step{i}" if chain not in made else keep / f"chain{len([v for v in made.values() if v is not None])}"
         argv = command(step, current, out, protocol)
         progress(f"  lowbit {' '.join(argv)}")
         run = _lowbit(argv, work / f"step{i}.log")
         shown = " ".join(argv).replace(str(work), "WORK")  # the temporary directory means nothing once it is gone
+        if keep is not None:
+            shown = shown.replace(str(keep), "WORK")
         steps.append({"command": "lowbit " + shown, "seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"]})
         current = str(out)
+        if chain in made:
+            made[chain] = (current, steps[-1])
     scores = {}
     for corpus in protocol.corpora:
         report = work / f"eval.{corpus}.json"
@@ -192,16 +210,18 @@ def run_report(models: list[str], recipes: list[Recipe], protocol: Protocol, cac
         path = cache / f"{Path(model).name}-{protocol.key()}.json"
         stored = json.loads(path.read_text()) if path.exists() else {}
         results = Results(model, protocol, dict(stored.get("rows", {})))
-        for recipe in recipes:
-            if recipe.key in results.rows and not redo:
-                continue
-            progress(f"{model}: {recipe.key}")
-            with tempfile.TemporaryDirectory(prefix="lowbit-report-") as work:
-                results.rows[recipe.key] = measure(recipe, model, protocol, Path(work), progress)
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"model": model, "protocol": asdict(protocol), "rows": results.rows}, indent=1) + "\n")
-            os.replace(tmp, path)
+        todo = [recipe for recipe in recipes if recipe.key not in results.rows or redo]
+        # chains of steps that begin a longer recipe still to run: made once, kept for it
+        made = {recipe.steps[:k]: None for recipe in todo for k in range(1, len(recipe.steps))}
+        with tempfile.TemporaryDirectory(prefix="lowbit-report-kept-") as keep:
+            for recipe in todo:
+                progress(f"{model}: {recipe.key}")
+                with tempfile.TemporaryDirectory(prefix="lowbit-report-") as work:
+                    results.rows[recipe.key] = measure(recipe, model, protocol, Path(work), progress, made, Path(keep))
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"model": model, "protocol": asdict(protocol), "rows": results.rows}, indent=1) + "\n")
+                os.replace(tmp, path)
         out.append(results)
     return out
 
