@@ -10,7 +10,7 @@ from conftest import byte_tokenizer, tiny_llama
 from lowbit.cli import main
 from lowbit.reports import compression
 from lowbit.reports.compression import FULL, QUICK, RECIPES, Results, command, estimate_seconds, run_report
-from lowbit.reports.tables import best_of, markdown, table_83, table_93, to_html
+from lowbit.reports.tables import best_of, markdown, speed, table_83, table_93, to_html
 
 
 def row(family, ppl, reference=10.0, kld=0.1, top1=80.0, nbytes=1_000_000, bits=4.0, cost=5.0, tps=50.0, roof=100.0):
@@ -62,6 +62,16 @@ def test_commands_take_the_protocols_settings_where_they_apply(tmp_path):
     assert distill[distill.index("--teacher") + 1] == "smollm2" and distill[distill.index("--steps") + 1] == "4"
     seconds, missing = estimate_seconds({"smollm2": 134_515_008}, list(RECIPES), FULL, tmp_path)
     assert missing == len(RECIPES) and 3600 < seconds < 6 * 3600
+
+
+def test_roofline_ratios_compare_rows_at_one_bandwidth():
+    """Each row's roofline used the bandwidth read when it ran; the ratio to float divides it
+    out (a row read at twice the bandwidth does not look twice as fast)."""
+    float_row = row("float", 10.0, roof=25.0)
+    float_row["roofline"]["bandwidth_gbps"] = 20.0
+    quantised = row("PTQ", 11.0, roof=200.0)  # 8x float's prediction, at twice the bandwidth: 4x at one
+    quantised["roofline"]["bandwidth_gbps"] = 40.0
+    assert speed(quantised, float_row).endswith("roofline 4.00x")
 
 
 def test_a_recipe_that_starts_with_another_reuses_its_output(tmp_path, monkeypatch):

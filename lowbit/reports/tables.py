@@ -54,15 +54,23 @@ def _bytes(row: dict) -> int:
     return next(iter(row["scores"].values()))["model_bytes"]
 
 
+def _roofline_per_bandwidth(row: dict) -> float:
+    """The roofline's tokens/s per GB/s of read bandwidth. Each row's prediction used the
+    bandwidth measured when it ran, and that reading varies between runs on some machines;
+    a decode step is memory-bound, so dividing it out compares the rows at one bandwidth."""
+    roofline = row["roofline"]
+    return roofline["tokens_per_second"] / roofline.get("bandwidth_gbps", 1.0)
+
+
 def speed(row: dict, float_row: dict | None) -> str:
-    """Measured decode tokens/s and its ratio to the float model's, beside the roofline's."""
+    """Measured decode tokens/s and its ratio to the float model's, beside the roofline's
+    (at one bandwidth)."""
     measured = row.get("decode_tokens_per_second")
-    predicted = row["roofline"]["tokens_per_second"]
     text = "not measured" if measured is None else f"{measured:.1f} tok/s"
     if float_row is not None and measured and float_row.get("decode_tokens_per_second"):
         text += f" ({measured / float_row['decode_tokens_per_second']:.2f}x float)"
     if float_row is not None:
-        text += f"; roofline {predicted / float_row['roofline']['tokens_per_second']:.2f}x"
+        text += f"; roofline {_roofline_per_bandwidth(row) / _roofline_per_bandwidth(float_row):.2f}x"
     return text
 
 
