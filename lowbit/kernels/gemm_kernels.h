@@ -340,10 +340,26 @@ void gemm_blocks(const uint8_t* q, const float* s, const float* z, const float* 
     block_tile<kInt4, 1, 2>(q + n * row_bytes, row_bytes, s + n * ng, z + n * ng, xt.data(), xsum.data(), y + n, N, K, G, ng);
 }
 
+// Eight int32 sums of four byte products each, unsigned u times signed v (u at most 128 here,
+// so that the AVX2 pair sums of vpmaddubsw cannot saturate): one VNNI instruction where the
+// CPU has it (AVX-VNNI, or AVX-512 VNNI on 256-bit registers), else vpmaddubsw + vpmaddwd.
+// The sums are exact integers either way, so both give the same bits.
+inline __m256i dot_u8s8(__m256i u, __m256i v, __m256i ones) {
+#if defined(__AVXVNNI__)
+  (void)ones;
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, v);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  (void)ones;
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, v);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, v), ones);
+#endif
+}
+
 // W4A8 tile: 16 bytes of codes become one 32-byte vector [low nibbles | high nibbles],
-// matching the activation block's [even | odd] order; vpmaddubsw multiplies the unsigned
-// codes by the signed activations and adds pairs (at most 2 * 15 * 127, no saturation),
-// vpmaddwd adds pairs again into eight int32, which are converted to float and scaled by
+// matching the activation block's [even | odd] order; `dot_u8s8` multiplies the unsigned
+// codes by the signed activations into eight int32 (on AVX2, vpmaddubsw's pair sums are at
+// most 2 * 15 * 127, no saturation, and vpmaddwd adds pairs again), which are converted to float and scaled by
 // d_b * s_g (the block's activation scale times the group's weight scale) straight into
 // the token's total: no per-group vector work at all. Two accumulators per token
 // (alternate blocks) so that the FMAs overlap; the zero-point term is a scalar per group.
@@ -354,7 +370,7 @@ inline void w4a8_block(const uint8_t* qb, const int8_t* xb, const float* d, int6
   const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
   for (int m = 0; m < MT; ++m) {
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * K));
-    const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+    const __m256i dot = dot_u8s8(w, xv, ones);
     acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[m * nb] * sc), acc[m]);
   }
 }
@@ -402,7 +418,7 @@ void row_tile_w8a8(const uint8_t* qrow, const float* srow, const float* zrow, co
       const __m256i magnitude = _mm256_sign_epi8(w, w);
       for (int m = 0; m < MT; ++m) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * b));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, w)), ones);
+        const __m256i dot = dot_u8s8(magnitude, _mm256_sign_epi8(xv, w), ones);
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[m * nb + b] * sc), acc[m]);
       }
     }
