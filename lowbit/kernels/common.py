@@ -47,15 +47,18 @@ class KernelLinearBase(nn.Module):
         tensors = self.kernel_tensors() + ([] if self.reference.bias is None else [self.reference.bias])
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        if x2d.shape[0] > self.max_tokens:
-            return self.large_batch(x)
-        y = self.compute(x2d)
+    def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output from y = x Wᵀ (tokens, out_features): the bias added, in x's
+        leading shape and dtype."""
         if self.reference.bias is not None:
             y = y + self.reference.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.shape[0] > self.max_tokens:
+            return self.large_batch(x)
+        return self.output(self.compute(x2d), x)
 
 
 def kernel_codes(module: QuantLinear) -> torch.Tensor:

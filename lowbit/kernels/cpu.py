@@ -109,13 +109,10 @@ class KernelLinear(KernelLinearBase):
     def large_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Prefill-sized batches, float activations (also for W4A8): W dequantised a block of
         rows at a time in cache, one BLAS product per block (`gemm_dequant_blocks`)."""
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1]).to(torch.float32).contiguous()
+        x2d = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
         y = self.kernels.gemm_dequant_blocks(x2d, self.q, self.scales, self.zeros, self.group_size, self.int4,
                                                prefill_block_rows(self.out_features, self.in_features))
-        if self.reference.bias is not None:
-            y = y + self.reference.bias.float()
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return self.output(y, x)
 
     def compute(self, x2d: torch.Tensor) -> torch.Tensor:
         x2d = x2d.to(torch.float32).contiguous()

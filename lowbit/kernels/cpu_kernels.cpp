@@ -71,15 +71,31 @@ torch::Tensor gemm_w8a8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
   return gemm_int8_acts(x, q, scales, zeros, group_size, false, portable);
 }
 
-torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4, int64_t in_features) {
+// The checks both dequantising entry points share: q's rows hold K codes, and scales and
+// zeros one value per (row, group).
+void check_dequant_shapes(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t group_size, bool int4,
+                          int64_t K) {
   check_weight(q, scales, zeros);
-  const int64_t N = q.size(0), K = in_features, ng = (K + group_size - 1) / group_size;
+  const int64_t N = q.size(0), ng = (K + group_size - 1) / group_size;
   TORCH_CHECK(K % 2 == 0 || !int4, "4-bit rows need an even K");
   TORCH_CHECK(q.size(1) == (int4 ? K / 2 : K), "q's row length does not match in_features");
   TORCH_CHECK(scales.numel() == N * ng && zeros.numel() == N * ng, "scales and zeros must be (N, n_groups)");
-  auto w = torch::empty({N, K}, scales.options());
-  if (int4) dequantize_rows<true>(q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), w.data_ptr<float>(), N, K, group_size);
-  else dequantize_rows<false>(q.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(), w.data_ptr<float>(), N, K, group_size);
+}
+
+// Rows [r0, r0 + rows) of W in float32 into w (rows, K).
+void dequantize_block(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t group_size, bool int4,
+                      int64_t K, int64_t r0, int64_t rows, float* w) {
+  const int64_t ng = (K + group_size - 1) / group_size, row_bytes = int4 ? K / 2 : K;
+  const uint8_t* qp = q.data_ptr<uint8_t>() + r0 * row_bytes;
+  const float *sp = scales.data_ptr<float>() + r0 * ng, *zp = zeros.data_ptr<float>() + r0 * ng;
+  if (int4) dequantize_rows<true>(qp, sp, zp, w, rows, K, group_size);
+  else dequantize_rows<false>(qp, sp, zp, w, rows, K, group_size);
+}
+
+torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4, int64_t in_features) {
+  check_dequant_shapes(q, scales, zeros, group_size, int4, in_features);
+  auto w = torch::empty({q.size(0), in_features}, scales.options());
+  dequantize_block(q, scales, zeros, group_size, int4, in_features, 0, q.size(0), w.data_ptr<float>());
   return w;
 }
 
@@ -91,24 +107,18 @@ torch::Tensor dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor ze
 torch::Tensor gemm_dequant_blocks(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4,
                                   int64_t block_rows) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 (M, K)");
-  check_weight(q, scales, zeros);
   TORCH_CHECK(block_rows > 0, "block_rows must be positive");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), ng = (K + group_size - 1) / group_size, row_bytes = int4 ? K / 2 : K;
-  TORCH_CHECK(!int4 || K % 2 == 0, "4-bit rows need an even K");
-  TORCH_CHECK(q.size(1) == row_bytes, "q's row length does not match K");
-  TORCH_CHECK(scales.numel() == N * ng && zeros.numel() == N * ng, "scales and zeros must be (N, n_groups)");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  check_dequant_shapes(q, scales, zeros, group_size, int4, K);
   auto y = torch::empty({M, N}, x.options());
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float *sp = scales.data_ptr<float>(), *zp = zeros.data_ptr<float>();
   auto buffers = torch::empty({omp_get_max_threads(), std::min(block_rows, N), K}, x.options());
   const int64_t blocks = (N + block_rows - 1) / block_rows;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t r0 = b * block_rows, rows = std::min(block_rows, N - r0);
     auto buffer = buffers[omp_get_thread_num()].narrow(0, 0, rows);
-    float* wp = buffer.data_ptr<float>();  // dequantize_rows' own loop runs on this thread alone (nested)
-    if (int4) dequantize_rows<true>(qp + r0 * row_bytes, sp + r0 * ng, zp + r0 * ng, wp, rows, K, group_size);
-    else dequantize_rows<false>(qp + r0 * row_bytes, sp + r0 * ng, zp + r0 * ng, wp, rows, K, group_size);
+    // dequantize_rows' own parallel loop runs on this thread alone (nested)
+    dequantize_block(q, scales, zeros, group_size, int4, K, r0, rows, buffer.data_ptr<float>());
     auto out = y.narrow(1, r0, rows);  // (M, rows), row stride N: BLAS writes it in place
     at::mm_out(out, x, buffer.t());
   }

@@ -153,7 +153,7 @@ def measure(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress
             progress(f"  reusing {record['command']}")
             steps.append({**record, "reused": True})
             continue
-        out = work / f"step{i}" if chain not in made else keep / f"chain{len([v for v in made.values() if v is not None])}"
+        out = work / f"step{i}" if chain not in made else keep / f"chain{list(made).index(chain)}"
         argv = command(step, current, out, protocol)
         progress(f"  lowbit {' '.join(argv)}")
         run = _lowbit(argv, work / f"step{i}.log")
