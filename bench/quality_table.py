@@ -46,12 +46,16 @@ METHODS = {
     "gptq mse": ["--method", "gptq", "--range", "mse"],
     "awq": ["--method", "awq"],
     "signround from gptq mse": ["--method", "signround", "--init", "gptq", "--range", "mse", "--calib-batch", "2"],
+    "signround float targets from gptq mse": ["--method", "signround", "--init", "gptq", "--range", "mse", "--calib-batch", "2",
+                                              "--round-target", "float"],
 }
 EXTRA = {  # the other starts, the budget mode and learned rounding's steps, at W4 g128 (or the budget)
     "signround from rtn | W4 g128": ["--method", "signround", "--init", "rtn", "--calib-batch", "2", *SPECS["W4 g128"]],
     "signround from awq | W4 g128": ["--method", "signround", "--init", "awq", "--calib-batch", "2", *SPECS["W4 g128"]],
     "gptq mse | budget 4.25": ["--method", "gptq", "--range", "mse", "--asym", "--budget", "4.25"],
     "gptq mse | budget 3.5": ["--method", "gptq", "--range", "mse", "--asym", "--budget", "3.5"],
+    "signround float targets from gptq mse, 100 steps | W4 g128": [*METHODS["signround float targets from gptq mse"], "--iters", "100",
+                                                                   *SPECS["W4 g128"]],
     **{f"signround from gptq mse, {n} steps | W4 g128": [*METHODS["signround from gptq mse"], "--iters", str(n), *SPECS["W4 g128"]]
        for n in (10, 25, 100, 200)},
 }
@@ -159,8 +163,10 @@ def table_main(description: str, table: str, rows: dict, priority: list[str], co
                    **quantise(args.model, flags, out, verb=verb)}
             for corpus in SCORED:
                 row[corpus] = score(out, corpus)
+            if path.exists():  # rows another run of this table stored meanwhile stay
+                stored["rows"] = {**json.loads(path.read_text())["rows"], **stored["rows"]}
             stored["rows"][name] = row
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
             tmp.write_text(json.dumps(stored, indent=1) + "\n")
             tmp.replace(path)
             print(f"{name}: {verb} {row['quantise_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s, "

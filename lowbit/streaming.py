@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from lowbit import __version__
 from lowbit.calibration.config import CalibrationConfig
-from lowbit.calibration.engine import LayerResult, capture_block_inputs, quantize_block, warn_if_hessian_is_rank_deficient
+from lowbit.calibration.engine import LayerResult, capture_block_inputs, quantize_block, start_float_stream, warn_if_hessian_is_rank_deficient
 from lowbit.checkpoint import checkpoint_header, layer_record, quantized_layers, shard_name, write_index
 from lowbit.errors import LowbitError
 from lowbit.methods.config import QuantizeConfig
@@ -178,7 +178,9 @@ class Journal:
         try:
             tmp.mkdir()
             for i, batch in enumerate(batches):
-                save_file({"hidden": batch.hidden.contiguous()}, tmp / f"batch-{i:05d}.safetensors")
+                reference = batch.reference  # the float stream of learned rounding's float targets, if carried
+                stream = {} if reference is None else {"reference": reference.contiguous()}
+                save_file({"hidden": batch.hidden.contiguous(), **stream}, tmp / f"batch-{i:05d}.safetensors")
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -192,7 +194,10 @@ class Journal:
         if len(files) != len(batches):
             raise LowbitError(f"{self.hidden(index)} holds {len(files)} batches, the run has {len(batches)}; remove {self.directory} to start again")
         for batch, file in zip(batches, files):
-            batch.hidden = load_file(file)["hidden"]
+            saved = load_file(file)
+            batch.hidden = saved["hidden"]
+            if "reference" in saved:
+                batch.reference = saved["reference"]
 
 
 def source_record(loaded: LoadedModel) -> dict:
@@ -258,7 +263,7 @@ def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: 
     activations = 0
     if config.calibrated:
         tokens = calibration.samples * calibration.ctx
-        copies = 3 if hasattr(config, "refine_block") else 2
+        copies = 2 + hasattr(config, "refine_block") + getattr(config, "float_targets", False)
         batch_tokens = min(calibration.batch_size, calibration.samples) * calibration.ctx
         activations = copies * tokens * hidden * 4
         if offload_activations:
@@ -314,6 +319,7 @@ def quantize_streamed(loaded: LoadedModel, config: QuantizeConfig, out: str | Pa
             tick = time.perf_counter()
             offload = journal.directory / "activations" if offload_activations else None
             batches = capture_block_inputs(model, arch, samples, calibration.batch_size, offload)
+            start_float_stream(config, batches)
             phases["capture"] += time.perf_counter() - tick
         if first_block > 0:
             journal.restore_hidden(first_block - 1, batches)

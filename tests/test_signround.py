@@ -8,9 +8,10 @@ import torch
 from conftest import TEXT, byte_tokenizer, require_smollm2, tiny_model
 from lowbit import CalibrationConfig, GPTQConfig, QuantSpec, SignRoundConfig, load_quantized, quantize_model, save_quantized
 from lowbit.algorithms.signround import LearnedRounding, block_error, signround
-from lowbit.calibration.engine import _block_output, capture_block_inputs
-from lowbit.errors import SpecError
+from lowbit.calibration.engine import _block_output, capture_block_inputs, quantize_block, start_float_stream
+from lowbit.errors import LowbitError, SpecError
 from lowbit.models import architecture_for
+from lowbit.models.architectures import decoder_blocks
 from lowbit.models.loading import LoadedModel
 from lowbit.modules import QuantLinear
 from lowbit.numerics import quantize
@@ -126,6 +127,42 @@ def test_signround_beats_gptqs_block_output_error_on_smollm2():
     assert kld["signround"] < kld["gptq"]
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_float_targets_follow_the_float_model_through_every_block(offload, tmp_path):
+    """With ``target="float"`` each block learns against the float model's own activations:
+    the stream the engine carries equals the float model's output of every block (here, of the
+    last), in memory and offloaded to files, and learning still lowers each block's error
+    against those targets."""
+    import copy
+
+    loaded = loaded_tiny("llama")
+    reference = copy.deepcopy(loaded.model)
+    samples = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    outputs = []
+    hook = decoder_blocks(reference, loaded.arch)[-1].register_forward_hook(lambda m, a, out: outputs.append(_block_output(out)))
+    with torch.no_grad():
+        reference(samples, use_cache=False)
+    hook.remove()
+    config = SignRoundConfig(spec=QuantSpec(bits=3, symmetric=False, group_size=32), init="rtn", iters=20, target="float")
+    batches = capture_block_inputs(loaded.model, loaded.arch, samples, batch_size=4, offload=tmp_path / "act" if offload else None)
+    start_float_stream(config, batches)
+    phases = dict.fromkeys(("statistics", "accumulate", "quantize", "refine", "outputs"), 0.0)
+    infos = []
+    for index, block in enumerate(decoder_blocks(loaded.model, loaded.arch)):
+        infos.append(quantize_block(block, index, batches, config, loaded.arch, [], phases, progress=False)[0].info)
+    assert torch.allclose(torch.cat([b.reference for b in batches]), outputs[0], atol=1e-5)
+    assert not torch.allclose(torch.cat([b.hidden for b in batches]), outputs[0], atol=1e-2)  # the quantised stream moved away
+    assert all(info["learned_kept"] and info["block_error"] < info["block_error_start"] for info in infos)
+
+
+def test_float_targets_need_the_float_stream():
+    loaded = loaded_tiny("llama")
+    config = SignRoundConfig(spec=QuantSpec(bits=4, group_size=32), init="rtn", iters=2, target="float")
+    batches = capture_block_inputs(loaded.model, loaded.arch, torch.randint(0, 256, (2, 16)), batch_size=2)
+    with pytest.raises(LowbitError, match="start_float_stream"):
+        quantize_block(decoder_blocks(loaded.model, loaded.arch)[0], 0, batches, config, loaded.arch, [], dict.fromkeys(("refine",), 0.0))
+
+
 @pytest.mark.parametrize("init", ["rtn", "awq"])
 def test_signround_from_rtn_and_awq_lowers_every_blocks_error(init, tmp_path):
     spec = QuantSpec(bits=3, symmetric=False, group_size=32)
@@ -157,6 +194,7 @@ def test_signround_checkpoint_round_trips_and_ggml_codes_pack(tmp_path):
     (dict(lr=0.0), "positive number"),
     (dict(learn_clip="yes"), "auto, on, off"),
     (dict(optimizer="sgd"), "adam, sign"),
+    (dict(target="teacher"), "quantised, float"),
 ])
 def test_signround_refuses_what_it_cannot_do(bad, message):
     with pytest.raises(SpecError, match=message):

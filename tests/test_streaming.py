@@ -17,6 +17,8 @@ import torch
 from conftest import TEXT, byte_tokenizer, tiny_llama, tiny_model
 from lowbit import (AWQConfig, CalibrationConfig, GPTQConfig, QuantSpec, RTNConfig, SignRoundConfig, W8A8Config, load_model,
                     open_streamed, quantize_model, quantize_streamed, save_quantized)
+from safetensors.torch import load_file
+
 from lowbit.calibration.engine import CapturedBatch
 from lowbit.checkpoint import checkpoint_files, load_quantized, read_header
 from lowbit.errors import LowbitError
@@ -48,6 +50,7 @@ METHODS = {
     "awq": lambda: AWQConfig(spec=QuantSpec(bits=3, group_size=32)),
     "w8a8": lambda: W8A8Config(),
     "signround": lambda: SignRoundConfig(spec=QuantSpec(bits=4, group_size=32), iters=3),
+    "signround float targets": lambda: SignRoundConfig(spec=QuantSpec(bits=4, group_size=32), iters=3, target="float"),
 }
 
 
@@ -159,7 +162,37 @@ def test_safetensors_read_without_a_memory_map_equals_the_library(tmp_path):
         streamed.read_safetensors(tmp_path / "cut.safetensors", list(tensors))
 
 
-@pytest.mark.parametrize("method", ["gptq", "signround"])
+def test_an_interrupted_run_continues_with_the_float_stream(tmp_path, monkeypatch):
+    """Learned rounding against float targets carries the float model's stream of hidden
+    states; the journal saves it beside the quantised one, so a run stopped after a block
+    continues to the checkpoint of an unbroken run, byte for byte."""
+    import lowbit.streaming as streaming
+
+    source = _write(tiny_llama(seed=4, layers=4), tmp_path / "src")
+    calibration = CalibrationConfig(samples=4, ctx=32, batch_size=2, text_file=str(_text(tmp_path)))
+    config = METHODS["signround float targets"]()
+    quantize_streamed(open_streamed(str(source)), config, tmp_path / "whole", calibration, progress=False)
+    original, calls = streaming.quantize_block, []
+
+    def stop_at_the_third_block(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "quantize_block", stop_at_the_third_block)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_streamed(open_streamed(str(source)), config, tmp_path / "stopped", calibration, progress=False)
+    saved = load_file(next(partial_directory(tmp_path / "stopped").glob("hidden-*/batch-*.safetensors")))
+    assert set(saved) == {"hidden", "reference"} and not torch.equal(saved["hidden"], saved["reference"])
+    monkeypatch.setattr(streaming, "quantize_block", original)
+    result = quantize_streamed(open_streamed(str(source)), config, tmp_path / "stopped", calibration, progress=False)
+    assert result.resumed_units == 2  # the two blocks finished before the stop
+    for name in sorted(p.name for p in (tmp_path / "whole").iterdir()):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "stopped" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("method", ["gptq", "signround", "signround float targets"])
 def test_offloaded_activations_give_the_same_checkpoint(tmp_path, method):
     """Calibration hidden states kept on disk, one batch in memory at a time: the same
     checkpoint, byte for byte, as with them in memory; the files go with the partial

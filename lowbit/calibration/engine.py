@@ -77,9 +77,16 @@ class CalibratedMethod(Protocol):
 
 class BlockRefiner(CalibratedMethod, Protocol):
     """A calibrated method that, after its groups, refines the whole block at once against
-    the float block's outputs (learned rounding): the engine computes the float block on
-    the block's (quantised) inputs before quantising it, keeps a `StartPoint` per linear,
-    and calls ``refine_block`` once the block's groups are done."""
+    the float block's outputs (learned rounding): the engine computes the float block's
+    outputs before quantising it, keeps a `StartPoint` per linear, and calls
+    ``refine_block`` once the block's groups are done.
+
+    float_targets: the float block's outputs on the float model's own inputs to the block
+    (the engine then carries that second stream of hidden states through every block, as
+    AutoRound does), so that learning also corrects the error the blocks before left in its
+    inputs; False: on the block's quantised inputs, the same inputs its run sees."""
+
+    float_targets: bool
 
     def refine_block(self, block: nn.Module, run, targets: list[torch.Tensor], starts: dict[str, StartPoint]) -> dict[str, tuple[nn.Module, dict]]:
         """run: i -> the block's output on calibration batch i (through its current modules);
@@ -93,34 +100,48 @@ class CapturedBatch:
     hidden: float (batch, seq, hidden_size); in memory, or, after `offload`, in a file of
         its own: read back on every access and written on every assignment, so that only
         the batch in use is in memory (calibration activations larger than memory).
+    reference: None, or the float model's hidden states at the same block's input (the
+        float stream of `BlockRefiner.float_targets`), the same shape, kept like ``hidden``
+        (offloaded: in a second file beside it).
     block_kwargs: for every block, the keyword arguments the model passes it.
     """
 
     def __init__(self, hidden: torch.Tensor, block_kwargs: list[dict]):
-        self._hidden: torch.Tensor | None = hidden
+        self._tensors: dict[str, torch.Tensor | None] = {"hidden": hidden, "reference": None}
         self.block_kwargs = block_kwargs
         self.file: Path | None = None
 
-    @property
-    def hidden(self) -> torch.Tensor:
-        if self.file is None:
-            return self._hidden
-        return load_file(self.file)["hidden"]
+    def _file(self, key: str) -> Path:
+        return self.file if key == "hidden" else self.file.with_name(self.file.name.replace(".safetensors", f".{key}.safetensors"))
 
-    @hidden.setter
-    def hidden(self, value: torch.Tensor) -> None:
+    def _get(self, key: str) -> torch.Tensor | None:
+        if self.file is None or (key != "hidden" and not self._file(key).is_file()):
+            return self._tensors[key]
+        return load_file(self._file(key))["hidden"]
+
+    def _set(self, key: str, value: torch.Tensor | None) -> None:
         if self.file is None:
-            self._hidden = value
+            self._tensors[key] = value
             return
-        tmp = self.file.with_name(self.file.name + ".tmp")
+        file = self._file(key)
+        if value is None:
+            file.unlink(missing_ok=True)
+            return
+        tmp = file.with_name(file.name + ".tmp")
         save_file({"hidden": value.contiguous()}, tmp)
-        os.replace(tmp, self.file)
+        os.replace(tmp, file)
+
+    hidden = property(lambda self: self._get("hidden"), lambda self, value: self._set("hidden", value))
+    reference = property(lambda self: self._get("reference"), lambda self, value: self._set("reference", value))
 
     def offload(self, file: Path) -> None:
-        """Keep the hidden states in ``file`` from now on (written now)."""
-        value, self._hidden = self.hidden, None
+        """Keep the hidden states (and the reference stream) in ``file`` (and a second file
+        beside it) from now on (written now)."""
+        values = {key: self._get(key) for key in self._tensors}
+        self._tensors = dict.fromkeys(self._tensors)
         self.file = Path(file)
-        self.hidden = value
+        for key, value in values.items():
+            self._set(key, value)
 
 
 @dataclass
@@ -356,6 +377,7 @@ def calibrate_and_quantize(
     start = time.perf_counter()
     phases = dict.fromkeys(("capture", "statistics", "accumulate", "quantize", "refine", "outputs"), 0.0)
     batches = capture_block_inputs(model, arch, samples, batch_size)
+    start_float_stream(method, batches)
     phases["capture"] = time.perf_counter() - start
     bar = tqdm(total=len(blocks), desc=method.name, unit="block", disable=not progress)
     for index, block in enumerate(blocks):
@@ -366,6 +388,14 @@ def calibrate_and_quantize(
     result.seconds = time.perf_counter() - start
     result.phases = phases
     return result
+
+
+def start_float_stream(method: CalibratedMethod, batches: list[CapturedBatch]) -> None:
+    """Give every batch its float stream (a copy of block 0's inputs) if ``method`` learns
+    against float targets (`BlockRefiner.float_targets`)."""
+    if getattr(method, "float_targets", False):
+        for batch in batches:
+            batch.reference = batch.hidden.clone()
 
 
 def quantize_block(block: nn.Module, index: int, batches: list[CapturedBatch], method: CalibratedMethod, arch: Architecture,
@@ -389,9 +419,12 @@ def quantize_block(block: nn.Module, index: int, batches: list[CapturedBatch], m
     summary = []
     refines = hasattr(method, "refine_block")
     targets = []
+    float_targets = refines and getattr(method, "float_targets", False)
     if refines:
         tick = time.perf_counter()
-        targets = [_block_output(block(b.hidden, **b.block_kwargs[index])) for b in batches]
+        if float_targets and any(b.reference is None for b in batches):
+            raise LowbitError(f"{method.name} learns against float targets but the batches carry no float stream; call start_float_stream first")
+        targets = [_block_output(block(b.reference if float_targets else b.hidden, **b.block_kwargs[index])) for b in batches]
         phases["refine"] += time.perf_counter() - tick
     starts: dict[str, StartPoint] = {}
     # true sequential: one pass per group, stopped at its input, after the earlier groups
@@ -420,6 +453,9 @@ def quantize_block(block: nn.Module, index: int, batches: list[CapturedBatch], m
             return _block_output(block(batches[i].hidden, **batches[i].block_kwargs[index]))
 
         refined = method.refine_block(block, run, targets, starts)
+        if float_targets:  # the float block's outputs on the float stream are the next block's float inputs
+            for batch, target in zip(batches, targets):
+                batch.reference = target
         by_name = {r.name: r for r in layers[-len(starts):]}
         for n, (module, entries) in refined.items():
             layer = by_name[f"{prefix}.{n}"]

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 INITS = ("rtn", "gptq", "awq")
 CLIP_CHOICES = ("auto", "on", "off")
 OPTIMIZERS = ("adam", "sign")
+TARGETS = ("quantised", "float")
 # Adam's first step size, chosen on SmolLM2's first three blocks (docs/results.md, "Learned rounding")
 ADAM_LR = 5e-3
 
@@ -48,6 +49,9 @@ class SignRoundConfig(CalibratedWeightConfig):
                              flag="--round-optimizer")
     lr: float | None = setting(None, f"the first step's size, decaying linearly to 0 (default {ADAM_LR} with adam, 1 / iters with sign)",
                                parse=float, accepts="a positive number")
+    target: str = setting("quantised", "what each block learns to reproduce: the float block on the block's quantised inputs "
+                                       "(quantised), or on the float model's own inputs (float: AutoRound's choice, which also "
+                                       "corrects the error the blocks before left)", choices=TARGETS, flag="--round-target")
     learn_clip: str = setting("auto", "also learn each group's range factors: on, off, or auto (on from rtn and awq; off from gptq, "
                                       "whose codes depend on each other's rounding, so rescaling a group undoes its error feedback)",
                               choices=CLIP_CHOICES)
@@ -65,10 +69,17 @@ class SignRoundConfig(CalibratedWeightConfig):
             raise SpecError(f"{label(SignRoundConfig, 'learn_clip')} {self.learn_clip!r} is unknown; use one of {', '.join(CLIP_CHOICES)}")
         if self.optimizer not in OPTIMIZERS:
             raise SpecError(f"{label(SignRoundConfig, 'optimizer')} {self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+        if self.target not in TARGETS:
+            raise SpecError(f"{label(SignRoundConfig, 'target')} {self.target!r} is unknown; use one of {', '.join(TARGETS)}")
         if not isinstance(self.iters, int) or self.iters < 0:
             raise SpecError(f"{label(SignRoundConfig, 'iters')} must be an integer of 0 or more (e.g. 100), got {self.iters!r}")
         if self.lr is not None and (not isinstance(self.lr, (int, float)) or not self.lr > 0):
             raise SpecError(f"{label(SignRoundConfig, 'lr')} must be a positive number (e.g. 0.01), got {self.lr!r}")
+
+    @property
+    def float_targets(self) -> bool:
+        """Whether the engine carries the float stream (`lowbit.calibration.engine.BlockRefiner`)."""
+        return self.target == "float"
 
     def clips(self) -> bool:
         """Whether the range factors are learned (``learn_clip`` with auto resolved)."""
