@@ -283,11 +283,12 @@ def _matmul_gflops() -> float:
     return 2 * 512**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor, true_sequential: bool = False) -> dict:
+def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor, true_sequential: bool = False, copies: int = 2) -> dict:
     """Rough peak memory (MB) and time (s) of a calibration run, printed before it starts:
-    this process now (the loaded model included), plus both copies of the calibration
-    hidden states and one block's workspace (its float weights' size again for the
-    quantised copies, and the widest group's Hessian, inverse factor and working copy)."""
+    this process now (the loaded model included), plus ``copies`` copies of the calibration
+    hidden states (inputs and outputs; a `BlockRefiner` adds its targets and, with float
+    targets, the float stream) and one block's workspace (its float weights' size again for
+    the quantised copies, and the widest group's Hessian, inverse factor and working copy)."""
     blocks = decoder_blocks(model, arch)
     block0 = blocks[0]
     hidden = model.config.hidden_size
@@ -296,7 +297,7 @@ def estimate(model: nn.Module, arch: Architecture, samples: torch.Tensor, true_s
     block_bytes = sum(p.numel() * p.element_size() for p in block0.parameters())
     other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith(arch.blocks + "."))
     in_dims = [block0.get_submodule(group.linears[0]).in_features for group in arch.groups]
-    activations = 2 * n_tokens * hidden * 4
+    activations = copies * n_tokens * hidden * 4
     stats = max(in_dims) ** 2 * 4 * 3  # a Hessian, its inverse factor and a working copy
     model_bytes = other_bytes + len(blocks) * block_bytes
     passes = len(arch.groups) + 1 if true_sequential else 2  # statistics pass(es), then the outputs
@@ -365,7 +366,8 @@ def calibrate_and_quantize(
     model, arch = loaded.model, loaded.arch
     patterns = [re.compile(p) for p in skip]
     blocks = decoder_blocks(model, arch)
-    result = CalibrationResult(estimate=estimate(model, arch, samples, true_sequential))
+    copies = 2 + hasattr(method, "refine_block") + getattr(method, "float_targets", False)
+    result = CalibrationResult(estimate=estimate(model, arch, samples, true_sequential, copies))
     est = result.estimate
     log.warning(
         "%s on %d blocks with %d samples x %d tokens: estimated peak memory %.0f MB (this process %.0f with the model's %.0f, "
@@ -422,7 +424,7 @@ def quantize_block(block: nn.Module, index: int, batches: list[CapturedBatch], m
     float_targets = refines and getattr(method, "float_targets", False)
     if refines:
         tick = time.perf_counter()
-        if float_targets and any(b.reference is None for b in batches):
+        if float_targets and batches and batches[0].reference is None:  # (offloaded, each check reads a file)
             raise LowbitError(f"{method.name} learns against float targets but the batches carry no float stream; call start_float_stream first")
         targets = [_block_output(block(b.reference if float_targets else b.hidden, **b.block_kwargs[index])) for b in batches]
         phases["refine"] += time.perf_counter() - tick
