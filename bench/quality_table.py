@@ -45,19 +45,18 @@ METHODS = {
     "gptq": ["--method", "gptq"],
     "gptq mse": ["--method", "gptq", "--range", "mse"],
     "awq": ["--method", "awq"],
-    "signround from gptq mse": ["--method", "signround", "--init", "gptq", "--range", "mse", "--calib-batch", "2"],
+    "signround from gptq mse": ["--method", "signround", "--init", "gptq", "--range", "mse", "--calib-batch", "2", "--round-target", "quantised"],
     "signround float targets from gptq mse": ["--method", "signround", "--init", "gptq", "--range", "mse", "--calib-batch", "2",
                                               "--round-target", "float"],
 }
 EXTRA = {  # the other starts, the budget mode and learned rounding's steps, at W4 g128 (or the budget)
-    "signround from rtn | W4 g128": ["--method", "signround", "--init", "rtn", "--calib-batch", "2", *SPECS["W4 g128"]],
-    "signround from awq | W4 g128": ["--method", "signround", "--init", "awq", "--calib-batch", "2", *SPECS["W4 g128"]],
+    **{f"signround float targets from {init} | W4 g128": ["--method", "signround", "--init", init, "--calib-batch", "2", "--round-target", "float",
+                                                          *SPECS["W4 g128"]] for init in ("rtn", "awq")},
     "gptq mse | budget 4.25": ["--method", "gptq", "--range", "mse", "--asym", "--budget", "4.25"],
     "gptq mse | budget 3.5": ["--method", "gptq", "--range", "mse", "--asym", "--budget", "3.5"],
-    "signround float targets from gptq mse, 100 steps | W4 g128": [*METHODS["signround float targets from gptq mse"], "--iters", "100",
-                                                                   *SPECS["W4 g128"]],
-    **{f"signround from gptq mse, {n} steps | W4 g128": [*METHODS["signround from gptq mse"], "--iters", str(n), *SPECS["W4 g128"]]
-       for n in (10, 25, 100, 200)},
+    "signround from gptq mse, 100 steps | W4 g128": [*METHODS["signround from gptq mse"], "--iters", "100", *SPECS["W4 g128"]],
+    **{f"signround float targets from gptq mse, {n} steps | W4 g128": [*METHODS["signround float targets from gptq mse"], "--iters", str(n),
+                                                                       *SPECS["W4 g128"]] for n in (10, 25, 100, 200)},
 }
 ROWS = {f"{method} | {spec}": [*flags, *SPECS[spec]] for spec in SPECS for method, flags in METHODS.items()} | EXTRA
 # the order rows are run in when none are named: the goals first (W4 g128, W4 g64, W3 g64, W2 g64), then the rest

@@ -33,6 +33,8 @@ DEFAULT_CONFIGS = [
     {"init": "gptq", "optimizer": "adam", "lr": 3e-3, "learn_clip": "on"},
     {"init": "rtn", "optimizer": "sign", "learn_clip": "on"}, {"init": "rtn", "optimizer": "sign", "learn_clip": "off"},
 ]
+# the stored rows learned against the float block on quantised inputs (the default then); --configs can give "target": "float"
+DEFAULT_CONFIGS = [{"target": "quantised", **config} for config in DEFAULT_CONFIGS]
 
 
 def main() -> None:

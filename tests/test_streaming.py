@@ -49,7 +49,7 @@ METHODS = {
     "gptq": lambda: GPTQConfig(spec=QuantSpec(bits=4, group_size=32, symmetric=False)),
     "awq": lambda: AWQConfig(spec=QuantSpec(bits=3, group_size=32)),
     "w8a8": lambda: W8A8Config(),
-    "signround": lambda: SignRoundConfig(spec=QuantSpec(bits=4, group_size=32), iters=3),
+    "signround": lambda: SignRoundConfig(spec=QuantSpec(bits=4, group_size=32), iters=3, target="quantised"),
     "signround float targets": lambda: SignRoundConfig(spec=QuantSpec(bits=4, group_size=32), iters=3, target="float"),
 }
 

@@ -6,9 +6,11 @@ block's output error against the float block's on calibration inputs:
 
     Ŵ = S' · (Clamp(Round(W_B / S' + Z' + V), q_min, q_max) - Z')                (Eq. 3.1-3.2)
     S' = (α·x_max - β·x_min) / (q_max - q_min),   Z' = Round(q_min - β·x_min / S')   (Eq. 3.3)
-    min over V, α, β of  || block_Ŵ(X_q) - block_W(X_q) ||²
+    min over V, α, β of  || block_Ŵ(X_q) - block_W(X) ||²
 
-with X_q the block's inputs from the already-quantised blocks before it. Round passes its
+with X_q the block's inputs from the already-quantised blocks before it and X the float
+model's own inputs to the block (AutoRound's objective; the engine carries that stream), or
+X = X_q (the float block on the same inputs). Here the targets arrive computed. Round passes its
 gradient straight through (the STE of report §5.2). SignRound's own step moves every
 parameter by the sign of its gradient times a learning rate that decays linearly to 0 (the
 total movement stays within the offsets' range, and the sign ignores the gradients' scale,
