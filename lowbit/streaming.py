@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 from lowbit import __version__
 from lowbit.calibration.config import CalibrationConfig
-from lowbit.calibration.engine import LayerResult, capture_block_inputs, quantize_block, start_float_stream, warn_if_hessian_is_rank_deficient
+from lowbit.calibration.engine import (LayerResult, activation_copies, capture_block_inputs, quantize_block, start_float_stream,
+                                      warn_if_hessian_is_rank_deficient)
 from lowbit.checkpoint import checkpoint_header, layer_record, quantized_layers, shard_name, write_index
 from lowbit.errors import LowbitError
 from lowbit.methods.config import QuantizeConfig
@@ -263,7 +264,7 @@ def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: 
     activations = 0
     if config.calibrated:
         tokens = calibration.samples * calibration.ctx
-        copies = 2 + hasattr(config, "refine_block") + getattr(config, "float_targets", False)
+        copies = activation_copies(config)
         batch_tokens = min(calibration.batch_size, calibration.samples) * calibration.ctx
         activations = copies * tokens * hidden * 4
         if offload_activations:

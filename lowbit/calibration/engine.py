@@ -366,8 +366,7 @@ def calibrate_and_quantize(
     model, arch = loaded.model, loaded.arch
     patterns = [re.compile(p) for p in skip]
     blocks = decoder_blocks(model, arch)
-    copies = 2 + hasattr(method, "refine_block") + getattr(method, "float_targets", False)
-    result = CalibrationResult(estimate=estimate(model, arch, samples, true_sequential, copies))
+    result = CalibrationResult(estimate=estimate(model, arch, samples, true_sequential, activation_copies(method)))
     est = result.estimate
     log.warning(
         "%s on %d blocks with %d samples x %d tokens: estimated peak memory %.0f MB (this process %.0f with the model's %.0f, "
@@ -392,10 +391,21 @@ def calibrate_and_quantize(
     return result
 
 
+def carries_float_stream(method: CalibratedMethod) -> bool:
+    """Whether ``method`` is a `BlockRefiner` learning against float targets."""
+    return hasattr(method, "refine_block") and getattr(method, "float_targets", False)
+
+
+def activation_copies(method: CalibratedMethod) -> int:
+    """How many copies of the calibration hidden states a run of ``method`` holds at once:
+    inputs and outputs, a `BlockRefiner`'s targets, and the float stream."""
+    return 2 + hasattr(method, "refine_block") + carries_float_stream(method)
+
+
 def start_float_stream(method: CalibratedMethod, batches: list[CapturedBatch]) -> None:
     """Give every batch its float stream (a copy of block 0's inputs) if ``method`` learns
     against float targets (`BlockRefiner.float_targets`)."""
-    if getattr(method, "float_targets", False):
+    if carries_float_stream(method):
         for batch in batches:
             batch.reference = batch.hidden.clone()
 
@@ -421,7 +431,7 @@ def quantize_block(block: nn.Module, index: int, batches: list[CapturedBatch], m
     summary = []
     refines = hasattr(method, "refine_block")
     targets = []
-    float_targets = refines and getattr(method, "float_targets", False)
+    float_targets = carries_float_stream(method)
     if refines:
         tick = time.perf_counter()
         if float_targets and batches and batches[0].reference is None:  # (offloaded, each check reads a file)
