@@ -275,3 +275,19 @@ def test_a_gguf_reader_is_shared_until_its_file_changes(tmp_path):
     os.replace(replacement, path)
     again = gguf_reader(path)
     assert again is not first and again.fields["general.architecture"].contents() == "gemma3"
+
+
+def test_a_tokenizer_is_read_once_until_its_files_change(tmp_path):
+    """`read_tokenizer` shares one object per directory (Gemma 3's takes seconds to parse) and
+    reads the directory again once a tokenizer file is replaced."""
+    from conftest import byte_tokenizer
+    from lowbit.models.loading import read_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "a")
+    first = read_tokenizer(tmp_path / "a")
+    assert read_tokenizer(tmp_path / "a") is first and first("x").input_ids[0] != first.bos_token_id
+    byte_tokenizer(bos=True).save_pretrained(tmp_path / "b")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "b" / name).replace(tmp_path / "a" / name)
+    again = read_tokenizer(tmp_path / "a")
+    assert again is not first and again("x").input_ids[0] == again.bos_token_id

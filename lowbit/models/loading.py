@@ -206,7 +206,18 @@ def read_config(path: Path):
 
 
 def read_tokenizer(path: Path):
-    """The tokenizer saved in a directory."""
+    """The tokenizer saved in a directory, read once per process for each version of its files
+    (Gemma 3's 262k-entry tokenizer takes ~3 s to parse, and `lowbit eval` opens a checkpoint
+    and its float source twice each). Callers share the object and must not change it."""
+    path = Path(path).resolve()
+    stamps = tuple((child.name, stat.st_size, stat.st_mtime_ns, stat.st_ino) for child in sorted(path.glob("*token*")) for stat in [child.stat()])
+    return _read_tokenizer(path, stamps)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tokenizer(path: Path, stamps: tuple):
+    """``stamps`` (name, size, modification time and inode of each tokenizer file) only key
+    the cache, as `gguf_reader`'s do: a rewritten or replaced file is read again."""
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (ValueError, OSError, KeyError) as err:
