@@ -16,6 +16,14 @@ Llama-shaped model of `lowbit bench-decode`) and batch of tokens, the median tim
 A built-in this torch cannot run is reported with its error instead of a time. Each
 lowbit kernel's output is also checked against its reference path. Writes
 bench/results/matmul_kernels.json.
+
+Each case also reports the bytes a call must read (its weight in the form it is stored:
+codes, scales and zeros, or the float matrix; plus the activations) and the rate it read
+them at, as a share of this machine's streaming read bandwidth, measured in the same process
+before and after the sweep (`measure_machine`, the higher of the two): at one token a layer
+is memory-bound, so that share says how close to the hardware each kernel runs. The default
+shapes add the 1.1B model's output head (32000 × 2048), which `--head-bits 8` stores as W8
+per channel.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch.nn.functional as F
 
 from lowbit import QuantSpec
 from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.analysis.roofline import measure_machine
 from lowbit.evaluation import write_json
 from lowbit.kernels.cpu import KernelLinear, quantize_activations_q8, reference_gemm
 from lowbit.modules import QuantLinear
@@ -65,6 +74,10 @@ def interleaved_medians(cases: dict, repeats: int) -> dict[str, float | str]:
     return {label: out[label] for label in cases}
 
 
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def builtin_int4(weight: torch.Tensor, group: int = 128):
     """torch's CPU int4 path: unsigned codes 0..15 with bf16 scale and zero per group."""
     n, k = weight.shape
@@ -75,7 +88,7 @@ def builtin_int4(weight: torch.Tensor, group: int = 128):
     # torch's convention: w = (q - 8) * scale + zero, so zero = lo + 8 * scale
     scale_zeros = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zeros)
+    return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zeros)), tensor_bytes(packed, scale_zeros)
 
 
 def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
@@ -95,6 +108,12 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
     w8a8 = W8A8Linear.from_linear(w8a8_weight, act_granularity="token")
     int8_w = (weight / (weight.abs().amax(1, keepdim=True) / 127)).round().to(torch.int8)
     int8_s = (weight.abs().amax(1) / 127).float()
+    # bytes of the weight each case reads per call, in the form it is stored
+    weight_bytes = {"float32 F.linear": tensor_bytes(weight), "bf16 F.linear": tensor_bytes(weight_bf16),
+                    "torch _weight_int8pack_mm (fp32 x)": tensor_bytes(int8_w, int8_s), "torch _int_mm (int8 x int8)": tensor_bytes(int8_w),
+                    "lowbit W4A8 g128 sym CPU kernel (int8 activations, blocks of 32)": tensor_bytes(*w4a8.kernel_tensors())}
+    for label in layers:
+        weight_bytes[f"lowbit {label} CPU kernel"] = tensor_bytes(*kernels[label].kernel_tensors())
     rows = []
     for m in batches:
         x = torch.randn(m, k, generator=gen)
@@ -109,7 +128,7 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
             "lowbit W8A8 per-token (quantise x, exact int8 product, scales)": lambda: w8a8(x),
         }
         try:
-            int4 = builtin_int4(weight)
+            int4, weight_bytes["torch _weight_int4pack_mm_for_cpu g128 (bf16 x)"] = builtin_int4(weight)
             cases["torch _weight_int4pack_mm_for_cpu g128 (bf16 x)"] = lambda: int4(x_bf16)
         except Exception as exc:  # noqa: BLE001 - report what this torch cannot do
             cases["torch _weight_int4pack_mm_for_cpu g128 (bf16 x)"] = exc
@@ -122,6 +141,10 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
             for label, result in interleaved_medians(cases, repeats).items():
                 row = {"shape": f"{n}x{k}", "batch": m, "case": label}
                 row["us" if isinstance(result, float) else "error"] = result
+                if label in weight_bytes:
+                    row["bytes"] = weight_bytes[label] + tensor_bytes(x)
+                    if "us" in row:
+                        row["read_gbps"] = row["bytes"] / row["us"] / 1e3
                 shape_rows.append(row)
             base = shape_rows[0]["us"]  # float32, measured in the same sweep as the others
             for row in shape_rows:
@@ -136,11 +159,12 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| shape | batch | case | µs | × fp32 speed |", "|---|---:|---|---:|---:|"]
+def markdown(rows: list[dict], bandwidth: float) -> str:
+    lines = ["| shape | batch | case | µs | × fp32 speed | MB read | GB/s | of bandwidth |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "us" in r:
-            lines.append(f"| {r['shape']} | {r['batch']} | {r['case']} | {r['us']:.0f} | {r['speedup_vs_fp32']:.2f} |")
+            rate = f"{r['bytes'] / 1e6:.2f} | {r['read_gbps']:.1f} | {r['read_gbps'] / bandwidth:.0%}" if "read_gbps" in r else " | | "
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['case']} | {r['us']:.0f} | {r['speedup_vs_fp32']:.2f} | {rate} |")
         elif "error" in r:
             lines.append(f"| {r['shape']} | {r['batch']} | {r['case']} | fails: {r['error']} | |")
     return "\n".join(lines)
@@ -148,19 +172,26 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["5632x2048", "2048x5632"])
+    parser.add_argument("--shapes", nargs="+", default=["5632x2048", "2048x5632", "32000x2048"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
+    before = measure_machine()
     rows = []
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
         rows += run_shape(n, k, args.batches, args.repeats)
+    after = measure_machine()
+    bandwidth = max(before.bandwidth_gbps, after.bandwidth_gbps)
     checks = [r for r in rows if "max_abs_diff" in r]
     write_json(Path(args.out) / "matmul_kernels.json", {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                                         "machine": platform.machine(), "processor": platform.processor(), "results": rows})
-    print(markdown(rows))
+                                                         "machine": platform.machine(), "processor": platform.processor(),
+                                                         "read_gbps": [before.bandwidth_gbps, after.bandwidth_gbps],
+                                                         "matmul_gflops": [before.peak_gflops, after.peak_gflops], "results": rows})
+    print(f"streaming read bandwidth {before.bandwidth_gbps:.1f} GB/s before the sweep, {after.bandwidth_gbps:.1f} after "
+          f"(shares below are of {bandwidth:.1f})")
+    print(markdown(rows, bandwidth))
     print("\nkernel vs reference, max |diff|:", max(r["max_abs_diff"] for r in checks))
 
 

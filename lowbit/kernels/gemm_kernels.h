@@ -30,6 +30,7 @@ namespace lowbit_gemm {
 
 constexpr int kMaxBatch = 16;
 
+
 // Per-group sums of the activations, sum_{k in g} x[m, k]: the zero-point term of every row.
 std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng) {
   std::vector<float> xsum(M * ng, 0.f);
@@ -237,70 +238,115 @@ void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const f
 // bits: int4, 64 codes, lane i holding columns 8i..8i+7 (column 8i+p at bits 4p); int8, 32
 // codes, lane i columns 4i..4i+3 (column 4i+p at bits 8p). Shifting all lanes by p code widths
 // and masking gives "plane" p, the columns {p, P+p, 2P+p, ...} (P planes per block), so the
-// activations are permuted once per call to match, xt[B b + 8p + i] = x[B b + P i + p] (a
-// transpose per block of B columns, `transpose_blocks`), and each plane is one FMA against
+// activations are permuted once per call to match, xt[B b + L p + i] = x[B b + P i + p] (L
+// lanes; a transpose per block of B columns, `transpose_blocks`), and each plane is one FMA against
 // contiguous activations: one weight load per block instead of a broadcast or a widening
 // shuffle per 8 codes. At one token, two rows share each activation load, and each row's
 // codes are prefetched 4 KB ahead. Measured against row_tile in one process on this machine's
 // Zen 3 cores (both MLP shapes of the 1.1B model, weights cold, 2 threads, 6 interleaved
 // rounds): int4 1.38-1.47x faster at one token and 1.09-1.16x at two, int8 1.01-1.09x and
 // 1.15-1.24x; at four or more tokens row_tile, which converts each run of codes once for four
-// tokens, was as fast or up to 8% faster, so it keeps them.
-template <bool kInt4>
+// tokens, was as fast or up to 8% faster, so it keeps them. With AVX-512 the same path runs on
+// 64-byte blocks (16 lanes: 128 int4 or 64 int8 codes) where those divide K and G.
+//
+// The vector width the block path runs at: 256-bit AVX2 everywhere, 512-bit AVX-512 where the
+// build has it (a block is then 64 bytes: 128 int4 or 64 int8 codes). The path is written once
+// against these few operations.
+struct Avx2 {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+  static I load_i(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static F load_f(const float* p) { return _mm256_loadu_ps(p); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static I set1_i(int v) { return _mm256_set1_epi32(v); }
+  template <int kShift> static I shift(I v) { return _mm256_srli_epi32(v, kShift); }
+  static I mask(I v, I m) { return _mm256_and_si256(v, m); }
+  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static float sum(F v) { return hsum(v); }
+};
+
+#if defined(__AVX512F__)
+struct Avx512 {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+  static I load_i(const void* p) { return _mm512_loadu_si512(p); }
+  static F load_f(const float* p) { return _mm512_loadu_ps(p); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static I set1_i(int v) { return _mm512_set1_epi32(v); }
+  template <int kShift> static I shift(I v) { return _mm512_srli_epi32(v, kShift); }
+  static I mask(I v, I m) { return _mm512_and_si512(v, m); }
+  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+
+template <bool kInt4, class V>
 struct Blocks {
-  static constexpr int kCols = kInt4 ? 64 : 32;  // columns per 32-byte block
   static constexpr int kPlanes = kInt4 ? 8 : 4;  // codes per 32-bit lane
+  static constexpr int kCols = kPlanes * V::kLanes;  // columns per block (one vector load)
   static constexpr int kBits = kInt4 ? 4 : 8;
 };
 
-template <bool kInt4>
+template <bool kInt4, class V>
 std::vector<float> transpose_blocks(const float* x, int64_t M, int64_t K) {
-  using B = Blocks<kInt4>;
+  using B = Blocks<kInt4, V>;
   std::vector<float> xt(M * K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < K; b += B::kCols)
-      for (int i = 0; i < 8; ++i)
-        for (int p = 0; p < B::kPlanes; ++p) xt[m * K + b + 8 * p + i] = x[m * K + b + B::kPlanes * i + p];
+      for (int i = 0; i < V::kLanes; ++i)
+        for (int p = 0; p < B::kPlanes; ++p) xt[m * K + b + V::kLanes * p + i] = x[m * K + b + B::kPlanes * i + p];
   return xt;
 }
 
-template <bool kInt4, int P>
-inline __m256 code_plane(__m256i v, __m256i mask) {
-  using B = Blocks<kInt4>;
-  if (P == B::kPlanes - 1) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, B::kBits * P));
-  return _mm256_cvtepi32_ps(_mm256_and_si256(P == 0 ? v : _mm256_srli_epi32(v, B::kBits * P), mask));
+template <bool kInt4, class V, int P>
+inline typename V::F code_plane(typename V::I v, typename V::I mask) {
+  using B = Blocks<kInt4, V>;
+  if (P == B::kPlanes - 1) return V::to_float(V::template shift<B::kBits * P>(v));
+  if (P == 0) return V::to_float(V::mask(v, mask));
+  return V::to_float(V::mask(V::template shift<B::kBits * P>(v), mask));
 }
 
 // NR rows x MT tokens (2 x 1 or 1 x 2 or 1 x 1); two accumulators per row and token (even and
 // odd planes).
-template <bool kInt4, int NR, int MT>
+template <bool kInt4, class V, int NR, int MT>
 void block_tile(const uint8_t* qrow, int64_t row_bytes, const float* srow, const float* zrow, const float* xt,
                 const float* xsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
-  using B = Blocks<kInt4>;
+  using B = Blocks<kInt4, V>;
+  using F = typename V::F;
   constexpr int kPrefetch = 4096;
-  const __m256i mask = _mm256_set1_epi32((1 << B::kBits) - 1);
-  __m256 total[NR][MT];
+  constexpr int kChains = 2;  // four measured no faster on Zen 5 (AVX2 and AVX-512)
+  const typename V::I mask = V::set1_i((1 << B::kBits) - 1);
+  F total[NR][MT];
   float zterm[NR][MT];
   for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps(), zterm[r][m] = 0.f;
+    for (int m = 0; m < MT; ++m) total[r][m] = V::zero(), zterm[r][m] = 0.f;
   for (int64_t g = 0; g < ng; ++g) {
-    __m256 a[NR][MT][2];
+    F a[NR][MT][kChains];
     for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MT; ++m) a[r][m][0] = a[r][m][1] = _mm256_setzero_ps();
+      for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < kChains; ++j) a[r][m][j] = V::zero();
     const int64_t end = std::min((g + 1) * G, K);
     for (int64_t c = g * G; c < end; c += B::kCols) {
-      __m256i v[NR];
+      typename V::I v[NR];
       for (int r = 0; r < NR; ++r) {
         const uint8_t* block = qrow + r * row_bytes + (kInt4 ? c / 2 : c);
-        v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
+        v[r] = V::load_i(block);
         _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetch), _MM_HINT_T0);
       }
       auto plane = [&](auto p) {
         constexpr int P = decltype(p)::value;
         if constexpr (P < B::kPlanes) {
           for (int m = 0; m < MT; ++m) {
-            const __m256 xv = _mm256_loadu_ps(xt + m * K + c + 8 * P);
-            for (int r = 0; r < NR; ++r) a[r][m][P & 1] = _mm256_fmadd_ps(code_plane<kInt4, P>(v[r], mask), xv, a[r][m][P & 1]);
+            const F xv = V::load_f(xt + m * K + c + V::kLanes * P);
+            for (int r = 0; r < NR; ++r) a[r][m][P % kChains] = V::fmadd(code_plane<kInt4, V, P>(v[r], mask), xv, a[r][m][P % kChains]);
           }
         }
       };
@@ -312,32 +358,63 @@ void block_tile(const uint8_t* qrow, int64_t row_bytes, const float* srow, const
     for (int r = 0; r < NR; ++r) {
       const float sc = srow[r * ng + g], zp = zrow[r * ng + g];
       for (int m = 0; m < MT; ++m) {
-        total[r][m] = _mm256_fmadd_ps(_mm256_add_ps(a[r][m][0], a[r][m][1]), _mm256_set1_ps(sc), total[r][m]);
+        F part = a[r][m][0];
+        for (int j = 1; j < kChains; ++j) part = V::add(part, a[r][m][j]);
+        total[r][m] = V::fmadd(part, V::set1(sc), total[r][m]);
         zterm[r][m] += sc * zp * xsum[m * ng + g];
       }
     }
   }
   for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MT; ++m) y[m * N + r] = hsum(total[r][m]) - zterm[r][m];
+    for (int m = 0; m < MT; ++m) y[m * N + r] = V::sum(total[r][m]) - zterm[r][m];
 }
 
-template <bool kInt4>
+template <bool kInt4, class V>
 void gemm_blocks(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
                  int64_t M, int64_t N, int64_t K, int64_t G) {
   const int64_t ng = (K + G - 1) / G, row_bytes = kInt4 ? K / 2 : K;
-  const std::vector<float> xsum = group_sums(x, M, K, G, ng), xt = transpose_blocks<kInt4>(x, M, K);
-  if (M == 1) {  // rows two at a time (and the odd last one alone)
+  const std::vector<float> xsum = group_sums(x, M, K, G, ng), xt = transpose_blocks<kInt4, V>(x, M, K);
+  // one token: with 256-bit vectors rows two at a time (and the odd last one alone), sharing
+  // each activation load (measured faster on Zen 3); with 512-bit vectors one row at a time,
+  // which measured 1.3-1.5x faster than pairs for W4 and the W8 head on Zen 5 (results.md)
+  if (M == 1 && V::kLanes == 8) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N / 2; ++i)
-      block_tile<kInt4, 2, 1>(q + 2 * i * row_bytes, row_bytes, s + 2 * i * ng, z + 2 * i * ng, xt.data(), xsum.data(), y + 2 * i, N, K, G, ng);
+      block_tile<kInt4, V, 2, 1>(q + 2 * i * row_bytes, row_bytes, s + 2 * i * ng, z + 2 * i * ng, xt.data(), xsum.data(), y + 2 * i, N, K, G, ng);
     if (N % 2)
-      block_tile<kInt4, 1, 1>(q + (N - 1) * row_bytes, row_bytes, s + (N - 1) * ng, z + (N - 1) * ng, xt.data(), xsum.data(), y + N - 1, N, K, G, ng);
+      block_tile<kInt4, V, 1, 1>(q + (N - 1) * row_bytes, row_bytes, s + (N - 1) * ng, z + (N - 1) * ng, xt.data(), xsum.data(), y + N - 1, N, K, G,
+                                 ng);
     return;
+  }
+  if (M == 1) {
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    block_tile<kInt4, V, 1, 1>(q + n * row_bytes, row_bytes, s + n * ng, z + n * ng, xt.data(), xsum.data(), y + n, N, K, G, ng);
+  return;
   }
   TORCH_CHECK(M == 2, "the block path takes one or two tokens");
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n)
-    block_tile<kInt4, 1, 2>(q + n * row_bytes, row_bytes, s + n * ng, z + n * ng, xt.data(), xsum.data(), y + n, N, K, G, ng);
+    block_tile<kInt4, V, 1, 2>(q + n * row_bytes, row_bytes, s + n * ng, z + n * ng, xt.data(), xsum.data(), y + n, N, K, G, ng);
+}
+
+// The widest block path whose block divides K and G (AVX-512 where built, else AVX2); false
+// if none does.
+template <bool kInt4>
+bool try_gemm_blocks(const uint8_t* q, const float* s, const float* z, const float* x, float* y,
+                     int64_t M, int64_t N, int64_t K, int64_t G) {
+  if (M > 2) return false;
+#if defined(__AVX512F__)
+  if (K % Blocks<kInt4, Avx512>::kCols == 0 && G % Blocks<kInt4, Avx512>::kCols == 0) {
+    gemm_blocks<kInt4, Avx512>(q, s, z, x, y, M, N, K, G);
+    return true;
+  }
+#endif
+  if (K % Blocks<kInt4, Avx2>::kCols == 0 && G % Blocks<kInt4, Avx2>::kCols == 0) {
+    gemm_blocks<kInt4, Avx2>(q, s, z, x, y, M, N, K, G);
+    return true;
+  }
+  return false;
 }
 
 // Eight int32 sums of four byte products each, unsigned u times signed v (u at most 128 here,
@@ -434,10 +511,103 @@ inline void int8_acts_tile(const uint8_t* qrow, const float* srow, const float* 
   else row_tile_w8a8<MT>(qrow, srow, zrow, xq, d, gsum, y, N, K, G, ng);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// AVX-512 VNNI W4A8 (CPUs with 512-bit VNNI: Zen 4 and later, Ice Lake and later), taken
+// when K and G are multiples of 64. One iteration covers two activation blocks, 64 columns:
+// the row's 32 bytes are broadcast to both halves of a 512-bit register, the upper half
+// shifted by 4 bits, and every byte masked to its nibble, giving
+//   [block b even columns | block b+1 even | block b odd | block b+1 odd]   (16 codes each),
+// so the activations are laid out once per call in that order (`PairActs`). One vpdpbusd
+// then yields 16 int32 sums of 4 products each: lanes 0-3 and 8-11 belong to block b, lanes
+// 4-7 and 12-15 to block b+1, and `dexp` holds each lane's d_b, so that one convert and one
+// FMA (with d_b * s_g) put the whole pair into the token's accumulator. About seven
+// instructions per 64 codes, against fourteen on the AVX2 path.
+struct PairActs {
+  std::vector<int8_t> xq;   // (M, K): each pair of blocks as [even b | even b+1 | odd b | odd b+1]
+  std::vector<float> dexp;  // (M, K / 64, 16): the block scale of each int32 lane of a pair's product
+};
+
+inline PairActs pair_layout(const QuantActs& a, int64_t M, int64_t K) {
+  const int64_t nb = K / 32, np = K / 64;
+  PairActs p{std::vector<int8_t>(M * K), std::vector<float>(M * np * 16)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < np; ++i) {
+      const int8_t* src = a.xq.data() + m * K + 64 * i;  // [even b | odd b | even b+1 | odd b+1]
+      int8_t* dst = p.xq.data() + m * K + 64 * i;
+      std::copy(src, src + 16, dst), std::copy(src + 32, src + 48, dst + 16);
+      std::copy(src + 16, src + 32, dst + 32), std::copy(src + 48, src + 64, dst + 48);
+      float* de = p.dexp.data() + (m * np + i) * 16;
+      for (int j = 0; j < 4; ++j) {
+        de[j] = de[8 + j] = a.d[m * nb + 2 * i];
+        de[4 + j] = de[12 + j] = a.d[m * nb + 2 * i + 1];
+      }
+    }
+  return p;
+}
+
+// MT tokens of one row; xq and dexp point at the first token's pair layout.
+template <int MT>
+void row_tile_w4a8_avx512(const uint8_t* qrow, const float* srow, const float* zrow, const int8_t* xq, const float* dexp,
+                          const float* gsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
+  const int64_t np = K / 64, ppg = G / 64;  // pairs per full group
+  const __m512i shifts = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4), low4 = _mm512_set1_epi8(15);
+  __m512 acc0[MT], acc1[MT];  // two accumulators per token (alternate pairs) so that the FMAs overlap
+  float zterm[MT];
+  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps(), zterm[m] = 0.f;
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512 sc = _mm512_set1_ps(srow[g]);
+    const int64_t end = std::min((g + 1) * ppg, np);
+    // one pair into accumulator set j (two sets, alternate pairs, fixed at compile time so
+    // that they stay in registers)
+    auto pair = [&](int64_t i, __m512* acc_j) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + 32 * i));
+      const __m512i w = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(bytes), shifts), low4);
+      for (int m = 0; m < MT; ++m) {
+        const __m512i xv = _mm512_loadu_si512(xq + m * K + 64 * i);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+        const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(dexp + (m * np + i) * 16), sc);
+        acc_j[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc_j[m]);
+      }
+    };
+    int64_t i = g * ppg;
+    for (; i + 2 <= end; i += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(qrow + 32 * i + 4096), _MM_HINT_T0);
+      pair(i, acc0), pair(i + 1, acc1);
+    }
+    if (i < end) pair(i, acc0);
+    for (int m = 0; m < MT; ++m) zterm[m] += srow[g] * zrow[g] * gsum[m * ng + g];
+  }
+  for (int m = 0; m < MT; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) - zterm[m];
+}
+
+void gemm_w4a8_avx512(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
+                      int64_t M, int64_t N, int64_t K, int64_t G) {
+  const PairActs p = pair_layout(a, M, K);
+  const int64_t np = K / 64;
+  for_each_row<true>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int8_t* xm = p.xq.data() + m0 * K;
+      const float* dm = p.dexp.data() + m0 * np * 16;
+      const float* gs = gsum + m0 * ng;
+      float* ym = y + m0 * N + n;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: row_tile_w4a8_avx512<1>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 2: row_tile_w4a8_avx512<2>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 3: row_tile_w4a8_avx512<3>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        default: row_tile_w4a8_avx512<4>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+      }
+    }
+  });
+}
+#endif
+
 // The integer-activation GEMMs (W4A8, W8A8): rows across threads, tokens in tiles of up to four.
 template <bool kInt4>
 void gemm_int8_acts_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
                          int64_t M, int64_t N, int64_t K, int64_t G) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  if (kInt4 && K % 64 == 0 && G % 64 == 0) return gemm_w4a8_avx512(q, s, z, a, y, M, N, K, G);
+#endif
   const int64_t nb = K / 32;
   for_each_row<kInt4>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -461,7 +631,7 @@ void gemm_avx2(const uint8_t* q, const float* s, const float* z, const float* x,
   // one or two tokens: the block path (int8 always qualifies: K, G % 32 == 0); more tokens
   // share each converted run of codes across a tile of four in row_tile, which measured
   // faster there (docs/results.md)
-  if (M <= 2 && K % Blocks<kInt4>::kCols == 0 && G % Blocks<kInt4>::kCols == 0) return gemm_blocks<kInt4>(q, s, z, x, y, M, N, K, G);
+  if (try_gemm_blocks<kInt4>(q, s, z, x, y, M, N, K, G)) return;
   for_each_row<kInt4>(q, x, M, N, K, G, [&](int64_t n, const uint8_t* qrow, const float* xsum, int64_t ng) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const float* xm = x + m0 * K;
