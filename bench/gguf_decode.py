@@ -42,39 +42,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import gguf  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lowbit import QuantSpec, RTNConfig, load_model, quantize_model  # noqa: E402
 from lowbit.analysis.roofline import decode_cost, measure_machine  # noqa: E402
 from lowbit.engines.llama_cpp import tool  # noqa: E402
 from lowbit.inference.generate import generate  # noqa: E402
-from lowbit.interchange.gguf import export, open_quantized  # noqa: E402
+from lowbit.interchange.gguf import export, head_from_file, open_quantized  # noqa: E402
 from lowbit.kernels.cpu import use_cpu_kernels  # noqa: E402
 from lowbit.models.registry import NAMED_MODELS  # noqa: E402
-from lowbit.modules.quant_linear import QuantLinear  # noqa: E402
-from lowbit.packed.qweight import QuantizedWeight  # noqa: E402
 
 
 def llama_bench(path: Path, tokens: int, threads: int) -> float:
     out = subprocess.run([str(tool("llama-bench")), "-m", str(path), "-p", "0", "-n", str(tokens), "-r", "1", "-t", str(threads), "-o", "json"],
                          capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout)[0]["avg_ts"])
-
-
-def head_from_file(model: torch.nn.Module, path: Path) -> None:
-    """Put the file's own codes of the output matmul into the head: ``output.weight``, or
-    for a tied model ``token_embd.weight`` (the embedding lookup keeps its float copy)."""
-    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    tensor = tensors.get("output.weight", tensors["token_embd.weight"])
-    name = tensor.tensor_type.name.lower()
-    head = model.get_output_embeddings()
-    qweight = QuantizedWeight.from_ggml(torch.from_numpy(np.array(tensor.data)), (head.out_features, head.in_features),
-                                        QuantSpec().with_changes(format=name))
-    if not torch.equal(qweight.dequantize(), head.weight.detach().float()):
-        raise RuntimeError(f"{tensor.name} does not decode to the model's head")
-    model.lm_head = QuantLinear(qweight, head.bias)
 
 
 LABELS = {"as opened": True, "file's head codes": True, "file's head codes, eager": False, "file's head codes, int8 activations": True}  # label: compiled step

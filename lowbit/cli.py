@@ -358,6 +358,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     bd.add_argument("--new-tokens", type=number(int, 1), default=32, help="tokens generated per variant (default 32)")
     bd.add_argument("--rounds", type=number(int, 1), default=3, help="interleaved rounds over the formats, median reported (default 3)")
     bd.add_argument("--out-dir", help="write a PNG chart and JSON per model here")
+    bd.add_argument("--no-llama-cpp", action="store_true",
+                    help="skip the llama.cpp rows (by default a packaged model's Q4_0 and Q8_0 files also run in llama-cpp-python, "
+                         "timed in the same rounds)")
 
     o = sub.add_parser("outliers", help="activation outlier analysis of every linear's input (table, PNG plots, JSON)")
     o.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
@@ -864,14 +867,37 @@ def cmd_generate(args, derived) -> int:
 
 
 def _roofline_model(ref: str):
-    """A model for the roofline: the random 1.1B Llama, or ``ref`` checked then loaded."""
+    """A model for the roofline, and the LoadedModel it came from (None for the random 1.1B
+    Llama, which has no file): ``ref`` checked then loaded."""
     if ref == "llama-1b":
         from lowbit.inference.speed import random_llama
 
-        return random_llama()
+        return random_llama(), None
     from lowbit.loader import load_model
 
-    return load_model(ref).model
+    loaded = load_model(ref)
+    return loaded.model, loaded
+
+
+def _llama_cpp_variants(ref: str, loaded, wanted: bool) -> tuple[str, ...]:
+    """The llama.cpp rows bench-decode adds for ``ref``, or none, saying why on stderr."""
+    from lowbit.engines import llama_cpp
+    from lowbit.inference.speed import GGUF_VARIANTS
+    from lowbit.models.refs import ref_kind
+
+    if not wanted:
+        return ()
+    why = None
+    if loaded is None:
+        why = "the random 1.1B model has no GGUF file (no tokenizer or metadata to export with)"
+    elif ref_kind(ref) not in ("gguf", "named"):
+        why = f"{ref} is not a GGUF model (the export copies its source file's metadata)"
+    elif not llama_cpp.available():
+        why = "llama-cpp-python is not installed (scripts/install-llama-cpp.sh)"
+    if why:
+        print(f"no llama.cpp rows for {ref}: {why}", file=sys.stderr)
+        return ()
+    return GGUF_VARIANTS
 
 
 def cmd_roofline(args, derived) -> int:
@@ -887,7 +913,7 @@ def cmd_roofline(args, derived) -> int:
     from lowbit.analysis.roofline_report import predicted_rows, roofline_table, write_chart
     from lowbit.evaluation import write_json
 
-    model = _roofline_model(args.model)
+    model, loaded = _roofline_model(args.model)
     if args.bandwidth is not None:
         machine = Machine(bandwidth_gbps=args.bandwidth, peak_gflops=args.flops * 1000)
         where = "as given"
@@ -896,9 +922,10 @@ def cmd_roofline(args, derived) -> int:
         where = "measured on this machine"
     print(f"machine ({where}): {machine.bandwidth_gbps:.1f} GB/s, {machine.peak_gflops:.0f} GFLOP/s (ridge {machine.ridge:.1f} FLOP/byte)")
     if args.measure:
-        from lowbit.inference.speed import measure_variants
+        from lowbit.inference.speed import VARIANTS, measure_variants
 
-        rows = measure_variants(model, machine, args.ctx, args.new_tokens, rounds=args.rounds)
+        variants = VARIANTS + _llama_cpp_variants(args.model, loaded, not getattr(args, "no_llama_cpp", True))
+        rows = measure_variants(model, machine, args.ctx, args.new_tokens, variants=variants, rounds=args.rounds, loaded=loaded)
     else:
         rows = predicted_rows(model, machine, args.ctx, args.kv_bits)
     print(roofline_table(rows))
@@ -923,7 +950,7 @@ def cmd_bench_decode(args, derived) -> int:
         print(f"\n== {model} ==")
         out = None if not args.out_dir else str(Path(args.out_dir) / f"roofline_{model}.png")
         ns = argparse.Namespace(model=model, bandwidth=None, flops=None, measure=True, ctx=args.ctx, new_tokens=args.new_tokens, rounds=args.rounds,
-                                kv_bits=32.0, out=out)
+                                kv_bits=32.0, out=out, no_llama_cpp=args.no_llama_cpp)
         cmd_roofline(ns, derived)
     return 0
 

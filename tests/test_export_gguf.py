@@ -333,3 +333,34 @@ def test_cli_eval_and_generate_run_an_exported_gguf_as_the_quantised_model(packa
     assert texts[0] == texts[1] and len(texts[0]) > len("The capital of France is")
     assert main(["info", str(path)]) == 0
     assert "quantised by lowbit from: smollm2" in capsys.readouterr().out
+
+
+def test_bench_decode_runs_the_same_file_in_llama_cpp(llama, packaged_gguf, tmp_path):
+    """bench-decode's llama.cpp rows: lowbit's twin reads the exported file's codes (head
+    included) with int8 activations, llama.cpp decodes the same file greedily token by token
+    (the same tokens as llama-cpp-python's own greedy generate), and one interleaved
+    measurement gives both rows, priced at the same bytes, with the ratio in the table."""
+    from lowbit.analysis.roofline import Machine
+    from lowbit.analysis.roofline_report import roofline_table
+    from lowbit.inference.speed import LlamaCppDecoder, build_gguf_variant, measure_variants
+    from lowbit.kernels.cpu import KernelLinear
+    from lowbit.loader import load_model
+
+    packaged_gguf("smollm2")
+    loaded = load_model("smollm2")
+    twin, path = build_gguf_variant(loaded, "Q8_0", tmp_path)
+    kernels = [m for m in twin.modules() if isinstance(m, KernelLinear)]
+    assert len(kernels) == 7 * twin.config.num_hidden_layers + 1 and all(k.int8_activations for k in kernels)
+    assert isinstance(twin.lm_head, KernelLinear) and twin.lm_head.reference.qweight.spec.format == "q8_0"
+    prompt = loaded.tokenizer("The quick brown fox jumps over the lazy").input_ids
+    decoder = LlamaCppDecoder(path, ctx=64, threads=2)
+    run = decoder.generate(prompt, 8)
+    assert run.tokens == llama.greedy(decoder.llm, prompt, 8)
+    assert run.prefill_seconds > 0 and run.decode_tokens_per_second > 0
+    rows = {r.variant: r for r in measure_variants(loaded.model, Machine(bandwidth_gbps=20, peak_gflops=100), prompt_len=8, new_tokens=4,
+                                                   variants=("Q8_0", "Q8_0 llama.cpp"), warmup=2, rounds=1, loaded=loaded)}
+    assert rows["Q8_0"].weight_bytes == rows["Q8_0 llama.cpp"].weight_bytes
+    assert all(r.decode_tokens_per_second > 0 and r.rounds == 1 for r in rows.values())
+    ratio = rows["Q8_0"].decode_tokens_per_second / rows["Q8_0 llama.cpp"].decode_tokens_per_second
+    line = next(line for line in roofline_table(list(rows.values())).splitlines() if line.startswith("Q8_0 "))
+    assert f"{ratio:.2f}" in line.split()

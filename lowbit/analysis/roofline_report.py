@@ -34,17 +34,22 @@ def predicted_rows(model: nn.Module, machine: Machine, ctx: int, kv_bits: float 
 
 
 def roofline_table(rows: list[SpeedRow]) -> str:
+    """The rows as text; "x llama.cpp" compares a row with "<its name> llama.cpp" (the same
+    file in llama.cpp, bench-decode's GGUF rows) where there is one."""
     base = next((r for r in rows if r.variant == "float32"), rows[0])
-    head = f"{'format':<13} {'bits/w':>7} {'weights MB':>10} {'FLOP/B':>7} {'bound':>7} {'pred tok/s':>10} {'meas tok/s':>10} {'meas/pred':>9} {'x fp32':>7} {'prefill s':>9} {'pred prefill':>12}"
+    engine = {r.variant.removesuffix(" llama.cpp"): r.decode_tokens_per_second for r in rows if r.variant.endswith(" llama.cpp")}
+    head = (f"{'format':<15} {'bits/w':>7} {'weights MB':>10} {'FLOP/B':>7} {'bound':>7} {'pred tok/s':>10} {'meas tok/s':>10} {'meas/pred':>9} "
+            f"{'x fp32':>7} {'x llama.cpp':>11} {'prefill s':>9} {'pred prefill':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         measured = r.decode_tokens_per_second
         has = not math.isnan(measured)
+        versus = f"{measured / engine[r.variant]:.2f}" if has and r.variant in engine else "-"
         lines.append(
-            f"{r.variant:<13} {r.bits_per_weight:>7.2f} {r.weight_bytes / 1e6:>10.1f} {r.intensity:>7.2f} {r.bound:>7} "
+            f"{r.variant:<15} {r.bits_per_weight:>7.2f} {r.weight_bytes / 1e6:>10.1f} {r.intensity:>7.2f} {r.bound:>7} "
             f"{r.predicted_tokens_per_second:>10.1f} {(f'{measured:.1f}' if has else '-'):>10} "
             f"{(f'{measured / r.predicted_tokens_per_second:.2f}' if has else '-'):>9} "
-            f"{(f'{measured / base.decode_tokens_per_second:.2f}' if has else '-'):>7} "
+            f"{(f'{measured / base.decode_tokens_per_second:.2f}' if has else '-'):>7} {versus:>11} "
             f"{(f'{r.prefill_seconds:.2f}' if has else '-'):>9} {r.predicted_prefill_seconds:>12.3f}"
         )
     return "\n".join(lines)

@@ -16,6 +16,17 @@ Every variant decodes through the compiled step (`lowbit.inference.compiled_step
 applies; "<variant> eager" is the same model decoded by transformers' forward per token (the
 loop the step replaced), and the bf16 and reference rows are eager (the step computes
 float32 and kernel layers only).
+
+With a model that came from a GGUF file (the packaged ones) and llama-cpp-python installed,
+the same weights also run in llama.cpp (`GGUF_VARIANTS`):
+  Q4_0, Q8_0              the model quantised to that GGML type and exported (RTN; speed does
+                          not depend on how the codes were chosen), then opened back from the
+                          file (`open_quantized`: the file's codes) with the head on the file's
+                          own codes of the output matrix (what llama.cpp reads) and int8
+                          activations in every kernel layer (W4A8, W8A8: what llama.cpp's CPU
+                          dot products do), through the compiled step
+  Q4_0 llama.cpp, ...     llama.cpp (llama-cpp-python) decoding the same file greedily with
+                          as many threads as torch, timed in the same rounds
 """
 
 from __future__ import annotations
@@ -23,6 +34,10 @@ from __future__ import annotations
 import copy
 import gc
 import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,6 +53,72 @@ from lowbit.pipeline import quantize_model
 
 VARIANTS = ("float32", "float32 eager", "bf16", "W8", "W4", "W4A8", "W4 h8", "W4 h8 eager", "W4A8 h8", "W4 ref")
 EAGER = " eager"
+LLAMA_CPP = " llama.cpp"
+GGUF_VARIANTS = ("Q4_0", "Q4_0 llama.cpp", "Q8_0", "Q8_0 llama.cpp")
+
+
+@dataclass
+class LlamaCppRun:
+    """One timed greedy generation in llama.cpp (the fields `Generation` gives for lowbit's)."""
+
+    tokens: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class LlamaCppDecoder:
+    """llama.cpp (llama-cpp-python) over one GGUF file, decoding greedily token by token as
+    lowbit's `generate` does: the prompt in one batch (prefill, which yields the first new
+    token), then one `eval` per token, timed separately."""
+
+    def __init__(self, path: Path, ctx: int, threads: int):
+        from lowbit.engines.llama_cpp import open_model
+
+        self.llm = open_model(path, ctx=ctx, threads=threads, logits_all=False)
+
+    def generate(self, prompt: list[int], new_tokens: int) -> LlamaCppRun:
+        llm = self.llm
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        tokens = [self._best()]
+        prefilled = time.perf_counter()
+        while len(tokens) < new_tokens:
+            llm.eval(tokens[-1:])
+            tokens.append(self._best())
+        return LlamaCppRun(tokens, prefilled - start, time.perf_counter() - prefilled)
+
+    def _best(self) -> int:
+        """The argmax of the last position's logits, read from llama.cpp's context (the
+        binding copies logits into ``scores`` only with logits_all, which would also make the
+        prefill compute every position's)."""
+        import llama_cpp
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(logits))
+
+
+def build_gguf_variant(loaded: LoadedModel, variant: str, work: Path) -> tuple[nn.Module, Path]:
+    """``loaded`` quantised to ``variant``'s GGML type, exported to ``work``, and opened back
+    from the file with the file's head codes and int8 activations (see the module docstring):
+    the lowbit model and the file llama.cpp reads."""
+    from lowbit.interchange.gguf import export, head_from_file, open_quantized
+    from lowbit.numerics.spec import QuantSpec
+
+    fmt = variant.removesuffix(LLAMA_CPP).lower()
+    quantised = copy.deepcopy(loaded)
+    quantize_model(quantised, RTNConfig(spec=QuantSpec().with_changes(format=fmt)), progress=False)
+    path, _ = export(quantised, work / f"{fmt}.gguf")
+    del quantised
+    model = open_quantized(path).model
+    head_from_file(model, path)
+    use_cpu_kernels(model, int8_activations=True, w8a8=True)
+    return model, path
 
 
 def random_llama(hidden: int = 2048, intermediate: int = 5632, layers: int = 22, heads: int = 32, kv_heads: int = 4, vocab: int = 32000, seed: int = 0) -> nn.Module:
@@ -71,7 +152,7 @@ def build_variant(model: nn.Module, variant: str) -> nn.Module:
 
 
 def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, new_tokens: int = 32,
-                     variants: tuple[str, ...] = VARIANTS, warmup: int = 4, rounds: int = 3) -> list[SpeedRow]:
+                     variants: tuple[str, ...] = VARIANTS, warmup: int = 4, rounds: int = 3, loaded: LoadedModel | None = None) -> list[SpeedRow]:
     """Decode tokens/s (batch 1, greedy, lean loop) and prefill time of each variant, with
     the roofline's prediction for the same step (context = the middle of the generation).
 
@@ -79,14 +160,31 @@ def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, n
     once per round), each row the median over rounds: this machine's speed drifts by tens of
     percent over minutes, and measuring one variant after another turned that drift into
     differences between variants. The reference path ("W4 ref"), ~100x slower, runs in the
-    first round only."""
+    first round only. `GGUF_VARIANTS` need ``loaded`` (the model as loaded from its GGUF
+    file, for the export's metadata and tokenizer); a llama.cpp row's bytes per token are
+    its lowbit twin's (the same file; lowbit's kernels hold float32 scales, so the file holds
+    a little less), its prefill time llama.cpp's own."""
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    built = {}
+    built, files, engines = {}, {}, {}
+    work = Path(tempfile.mkdtemp(prefix="lowbit-speed-")) if any(v in GGUF_VARIANTS for v in variants) else None
     for variant in variants:
-        base = variant.removesuffix(EAGER)
-        built[variant] = built[base] if base in built else build_variant(model, base)
+        base = variant.removesuffix(EAGER).removesuffix(LLAMA_CPP)
+        if base in built:
+            built[variant] = built[base]
+        elif variant in GGUF_VARIANTS:
+            if loaded is None:
+                raise ValueError(f"{variant} needs the model as loaded from its GGUF file (loaded=...)")
+            built[base], files[base] = build_gguf_variant(loaded, base, work)
+            built[variant] = built[base]
+        else:
+            built[variant] = build_variant(model, base)
+        if variant.endswith(LLAMA_CPP):
+            engines[variant] = LlamaCppDecoder(files[base], ctx=prompt_len + new_tokens + 8, threads=torch.get_num_threads())
 
     def decode(variant: str, ids: torch.Tensor, tokens: int):
+        if variant in engines:
+            time.sleep(0.5)  # torch's threads stop spinning first: llama.cpp's collapse on shared cores
+            return engines[variant].generate(ids[0].tolist(), tokens)
         compiled = False if variant.endswith((EAGER, "ref")) or variant == "bf16" else None
         return generate(built[variant], ids, max_new_tokens=tokens, compiled=compiled)
 
@@ -106,6 +204,10 @@ def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, n
                              statistics.median(r.decode_tokens_per_second for r in runs[variant]), 1.0 / step.seconds(machine),
                              statistics.median(r.prefill_seconds for r in runs[variant]), prefill.seconds(machine), step.intensity,
                              step.bound(machine), len(runs[variant])))
-    del built
+    del built, engines
     gc.collect()
+    if work is not None:
+        for path in files.values():
+            path.unlink(missing_ok=True)
+        work.rmdir()
     return rows

@@ -407,3 +407,20 @@ def open_quantized(path: str | Path, source: str | None = None) -> LoadedModel:
                      "method": {"name": "gguf", "file_type": None if file_type is None else int(file_type.contents()), "types": types},
                      "calibration": None, "layers": layers, "tied": {}}
     return loaded
+
+
+def head_from_file(model: nn.Module, path: str | Path) -> None:
+    """Put the GGUF file's own codes of the output matmul into ``model``'s head, in place:
+    ``output.weight``, or for a tied model ``token_embd.weight`` (the embedding lookup keeps
+    its float copy). What llama.cpp reads for the logits; `open_quantized` keeps a tied head
+    as the float embedding. Checked to decode to the head it replaces."""
+    from lowbit.packed.qweight import QuantizedWeight
+
+    tensors = {t.name: t for t in gguf_reader(path).tensors}
+    tensor = tensors.get("output.weight", tensors["token_embd.weight"])
+    head = model.get_output_embeddings()
+    qweight = QuantizedWeight.from_ggml(torch.from_numpy(np.array(tensor.data)), (head.out_features, head.in_features),
+                                        QuantSpec().with_changes(format=tensor.tensor_type.name.lower()))
+    if not torch.equal(qweight.dequantize(), head.weight.detach().float()):
+        raise LowbitError(f"{path}: {tensor.name} does not decode to the model's head")
+    model.set_output_embeddings(QuantLinear(qweight, head.bias))
