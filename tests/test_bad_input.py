@@ -396,5 +396,14 @@ def test_conversion_cache_is_keyed_by_the_file_and_drops_stale_entries(tmp_path,
     second = loading.gguf_cache_path(source)
     assert second != first
     second.mkdir()
+    # a conversion of a file since deleted goes too; one of another file that still exists stays
+    gone, kept = tmp_path / "gone.gguf", tmp_path / "kept.gguf"
+    for other in (gone, kept):
+        other.write_bytes(b"GGUF" + b"\0" * 64)
+        loading.gguf_cache_path(other).mkdir()
+        (loading.gguf_cache_path(other) / loading.SOURCE_RECORD).write_text(json.dumps({"gguf": str(other.resolve())}))
+    orphan = loading.gguf_cache_path(gone)
+    gone.unlink()
     loading._remove_stale_conversions(source, second)
     assert not first.exists() and second.exists()
+    assert not orphan.exists() and loading.gguf_cache_path(kept).exists()

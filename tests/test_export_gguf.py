@@ -14,7 +14,10 @@ LOWBIT_REQUIRE_LLAMA_CPP=1 (CI), where its absence fails.
 
 import copy
 import importlib.util
+import json
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,6 +348,7 @@ def test_bench_decode_runs_the_same_file_in_llama_cpp(llama, packaged_gguf, tmp_
     from lowbit.inference.speed import LlamaCppDecoder, build_gguf_variant, measure_variants
     from lowbit.kernels.cpu import KernelLinear
     from lowbit.loader import load_model
+    from lowbit.models.registry import cache_dir
 
     packaged_gguf("smollm2")
     loaded = load_model("smollm2")
@@ -364,3 +368,7 @@ def test_bench_decode_runs_the_same_file_in_llama_cpp(llama, packaged_gguf, tmp_
     ratio = rows["Q8_0"].decode_tokens_per_second / rows["Q8_0 llama.cpp"].decode_tokens_per_second
     line = next(line for line in roofline_table(list(rows.values())).splitlines() if line.startswith("Q8_0 "))
     assert f"{ratio:.2f}" in line.split()
+    exports = str(Path(tempfile.gettempdir()) / "lowbit-speed-")
+    left = [entry for entry in (cache_dir() / "converted").iterdir() if (entry / "lowbit-source.json").is_file()
+            and json.loads((entry / "lowbit-source.json").read_text())["gguf"].startswith(exports)]
+    assert not left  # the export's float conversion went with the file

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import shutil
 import statistics
 import tempfile
 import time
@@ -206,8 +207,11 @@ def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, n
                              step.bound(machine), len(runs[variant])))
     del built, engines
     gc.collect()
-    if work is not None:
+    if work is not None:  # the exported files and their float conversions (`open_quantized` cached one each)
+        from lowbit.models.loading import gguf_cache_path
+
         for path in files.values():
+            shutil.rmtree(gguf_cache_path(path), ignore_errors=True)
             path.unlink(missing_ok=True)
         work.rmdir()
     return rows

@@ -134,15 +134,17 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
 
 
 def _remove_stale_conversions(path: Path, keep: Path) -> None:
-    """Drop earlier conversions of the same file (made before it changed)."""
-    for other in keep.parent.glob(f"{path.stem}-*"):
+    """Drop earlier conversions of the same file (made before it changed) and conversions
+    of files that no longer exist (the exports benchmarks and tests write to temporary
+    directories: 0.5-1 GB each, which would otherwise pile up in the cache)."""
+    for other in keep.parent.glob("*-*"):
         record = other / SOURCE_RECORD
         if other != keep and record.is_file():
             try:
-                stale = json.loads(record.read_text()).get("gguf") == str(path.resolve())
+                source = json.loads(record.read_text()).get("gguf")
             except (OSError, ValueError):
                 continue
-            if stale:
+            if source == str(path.resolve()) or (source and not Path(source).exists()):
                 shutil.rmtree(other, ignore_errors=True)
 
 
