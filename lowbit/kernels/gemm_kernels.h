@@ -309,6 +309,14 @@ std::vector<float> transpose_blocks(const float* x, int64_t M, int64_t K) {
 template <bool kInt4, class V, int P>
 inline typename V::F code_plane(typename V::I v, typename V::I mask) {
   using B = Blocks<kInt4, V>;
+#if defined(__AVX512F__)
+  if constexpr (kInt4 && V::kLanes == 16) {
+    // vpermps reads only the low four bits of each index: one instruction masks and converts
+    // (4-6% faster at one token than mask + convert on Zen 5, bench/kernel_width_ab.py)
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_permutexvar_ps(P == 0 ? v : V::template shift<B::kBits * P>(v), lut);
+  }
+#endif
   if (P == B::kPlanes - 1) return V::to_float(V::template shift<B::kBits * P>(v));
   if (P == 0) return V::to_float(V::mask(v, mask));
   return V::to_float(V::mask(V::template shift<B::kBits * P>(v), mask));
