@@ -879,25 +879,27 @@ def _roofline_model(ref: str):
     return loaded.model, loaded
 
 
-def _llama_cpp_variants(ref: str, loaded, wanted: bool) -> tuple[str, ...]:
-    """The llama.cpp rows bench-decode adds for ``ref``, or none, saying why on stderr."""
+def _llama_cpp_variants(ref: str, model, loaded, wanted: bool, work: Path):
+    """The llama.cpp rows bench-decode adds for ``ref`` and the LoadedModel they export from
+    (the random 1.1B model is first written as a float GGUF file into ``work``), or none,
+    saying why on stderr."""
     from lowbit.engines import llama_cpp
-    from lowbit.inference.speed import GGUF_VARIANTS
+    from lowbit.inference.speed import GGUF_VARIANTS, write_llama_gguf
+    from lowbit.loader import load_model
     from lowbit.models.refs import ref_kind
 
     if not wanted:
-        return ()
-    why = None
-    if loaded is None:
-        why = "the random 1.1B model has no GGUF file (no tokenizer or metadata to export with)"
-    elif ref_kind(ref) not in ("gguf", "named"):
-        why = f"{ref} is not a GGUF model (the export copies its source file's metadata)"
-    elif not llama_cpp.available():
-        why = "llama-cpp-python is not installed (scripts/install-llama-cpp.sh)"
-    if why:
-        print(f"no llama.cpp rows for {ref}: {why}", file=sys.stderr)
-        return ()
-    return GGUF_VARIANTS
+        return (), loaded
+    if not llama_cpp.available():
+        print(f"no llama.cpp rows for {ref}: llama-cpp-python is not installed (scripts/install-llama-cpp.sh)", file=sys.stderr)
+        return (), loaded
+    if loaded is not None and ref_kind(ref) not in ("gguf", "named"):
+        print(f"no llama.cpp rows for {ref}: not a GGUF model (the export copies its source file's metadata)", file=sys.stderr)
+        return (), loaded
+    if loaded is None:  # the random model: a GGUF file of its weights, loaded back as the packaged models are
+        print(f"writing {ref} as a float32 GGUF file for llama.cpp (a placeholder vocabulary; {work})", file=sys.stderr)
+        loaded = load_model(str(write_llama_gguf(model, work / f"{ref}.gguf")))
+    return GGUF_VARIANTS, loaded
 
 
 def cmd_roofline(args, derived) -> int:
@@ -922,10 +924,20 @@ def cmd_roofline(args, derived) -> int:
         where = "measured on this machine"
     print(f"machine ({where}): {machine.bandwidth_gbps:.1f} GB/s, {machine.peak_gflops:.0f} GFLOP/s (ridge {machine.ridge:.1f} FLOP/byte)")
     if args.measure:
-        from lowbit.inference.speed import VARIANTS, measure_variants
+        import shutil
+        import tempfile
 
-        variants = VARIANTS + _llama_cpp_variants(args.model, loaded, not getattr(args, "no_llama_cpp", True))
-        rows = measure_variants(model, machine, args.ctx, args.new_tokens, variants=variants, rounds=args.rounds, loaded=loaded)
+        from lowbit.inference.speed import VARIANTS, measure_variants
+        from lowbit.models.loading import gguf_cache_path
+
+        work = Path(tempfile.mkdtemp(prefix="lowbit-bench-decode-"))
+        try:
+            extra, loaded = _llama_cpp_variants(args.model, model, loaded, not getattr(args, "no_llama_cpp", True), work)
+            rows = measure_variants(model, machine, args.ctx, args.new_tokens, variants=VARIANTS + extra, rounds=args.rounds, loaded=loaded)
+        finally:  # the random model's GGUF file and its cached conversion
+            for written in work.glob("*.gguf"):
+                shutil.rmtree(gguf_cache_path(written), ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
     else:
         rows = predicted_rows(model, machine, args.ctx, args.kv_bits)
     print(roofline_table(rows))

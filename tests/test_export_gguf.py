@@ -372,3 +372,36 @@ def test_bench_decode_runs_the_same_file_in_llama_cpp(llama, packaged_gguf, tmp_
     left = [entry for entry in (cache_dir() / "converted").iterdir() if (entry / "lowbit-source.json").is_file()
             and json.loads((entry / "lowbit-source.json").read_text())["gguf"].startswith(exports)]
     assert not left  # the export's float conversion went with the file
+
+
+def test_a_random_llama_written_as_gguf_loads_in_both_engines(llama, tmp_path):
+    """bench-decode's 1.1B model has no file: `write_llama_gguf` writes one (llama.cpp's names
+    and q/k row order, a placeholder vocabulary) that lowbit's loader reads back to the same
+    logits and llama.cpp runs to the same logits within float32 rounding; an exported Q8_0
+    copy then decodes in llama.cpp like the packaged models' files."""
+    from lowbit.inference.speed import random_llama, write_llama_gguf
+    from lowbit.loader import load_model
+
+    model = random_llama(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
+    loaded = load_model(str(write_llama_gguf(model, tmp_path / "random.gguf")))
+    ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits[0]
+        assert torch.equal(loaded.model(ids).logits[0], expected)
+    engine = llama.open_model(tmp_path / "random.gguf", ctx=64, threads=1)
+    got = torch.from_numpy(llama.logits(engine, ids[0].tolist()))
+    assert (got - expected).abs().max() < 2e-3 * expected.abs().max()
+    quantize_model(loaded, RTNConfig(spec=QuantSpec().with_changes(format="q8_0")), progress=False)
+    path, _ = export_gguf.export(loaded, tmp_path / "q8_0.gguf")
+    quantised = llama.open_model(path, ctx=64, threads=1)
+    q8 = torch.from_numpy(llama.logits(quantised, ids[0].tolist()))
+    assert (q8 - expected).norm() < 0.05 * expected.norm()
+    from lowbit.cli import _llama_cpp_variants
+    from lowbit.inference.speed import GGUF_VARIANTS
+
+    (tmp_path / "cli").mkdir()
+    variants, written = _llama_cpp_variants("llama-1b", model, None, True, tmp_path / "cli")  # what bench-decode does for it
+    assert variants == GGUF_VARIANTS and written.model.config.num_hidden_layers == 2 and (tmp_path / "cli" / "llama-1b.gguf").is_file()
+    assert _llama_cpp_variants("llama-1b", model, None, False, tmp_path / "cli") == ((), None)
+    with pytest.raises(ValueError, match="Llama model with at least 260 tokens"):
+        write_llama_gguf(random_llama(hidden=64, intermediate=128, layers=1, heads=2, kv_heads=1, vocab=100), tmp_path / "small.gguf")

@@ -135,6 +135,61 @@ def random_llama(hidden: int = 2048, intermediate: int = 5632, layers: int = 22,
     return model.eval()
 
 
+def write_llama_gguf(model: nn.Module, path: Path) -> Path:
+    """A float32 GGUF file of a Llama-architecture model that has none (the random 1.1B
+    model), so that it can be exported and run in llama.cpp as the packaged models are: the
+    hyper-parameters from its config, its tensors under llama.cpp's names (q and k rows in
+    llama.cpp's RoPE order, `qk_permutation`), and a placeholder SentencePiece-style
+    vocabulary of ``vocab_size`` entries (<unk>, <s>, </s>, the 256 byte tokens, then "▁t<i>"):
+    enough for both engines to load it; its text is meaningless, as the weights are."""
+    import gguf
+
+    from lowbit.interchange.gguf import qk_permutation
+
+    config = model.config
+    if config.model_type != "llama" or config.vocab_size < 260:
+        raise ValueError(f"write_llama_gguf takes a Llama model with at least 260 tokens, not {config.model_type} with {config.vocab_size}")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]) if getattr(config, "rope_parameters", None) else 10000.0)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    n = config.vocab_size
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *(f"\u2581t{i}" for i in range(n - 259))])
+    writer.add_token_scores([0.0] * n)
+    writer.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, *[gguf.TokenType.BYTE] * 256,
+                            *[gguf.TokenType.NORMAL] * (n - 259)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    tensors = {name: value.detach().float().numpy() for name, value in model.state_dict().items()}
+    head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+    writer.add_tensor("token_embd.weight", tensors["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", tensors["model.norm.weight"])
+    writer.add_tensor("output.weight", head)
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        for ours, heads, theirs in (("self_attn.q_proj", config.num_attention_heads, "attn_q"), ("self_attn.k_proj", config.num_key_value_heads, "attn_k")):
+            weight = tensors[f"{prefix}{ours}.weight"]
+            writer.add_tensor(f"blk.{i}.{theirs}.weight", weight[qk_permutation(weight.shape[0], heads).numpy()])
+        for ours, theirs in names.items():
+            writer.add_tensor(f"blk.{i}.{theirs}.weight", tensors[f"{prefix}{ours}.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def build_variant(model: nn.Module, variant: str) -> nn.Module:
     """A new model for ``variant`` (float32 returns ``model`` itself; " eager" changes how it
     decodes, not what is built)."""
