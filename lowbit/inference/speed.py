@@ -105,13 +105,13 @@ class LlamaCppDecoder:
 
 
 def build_gguf_variant(loaded: LoadedModel, variant: str, work: Path) -> tuple[nn.Module, Path]:
-    """``loaded`` quantised to ``variant``'s GGML type, exported to ``work``, and opened back
+    """``loaded`` quantised to ``variant``'s GGML type ("Q4_0", "Q8_0"), exported to ``work``, and opened back
     from the file with the file's head codes and int8 activations (see the module docstring):
     the lowbit model and the file llama.cpp reads."""
     from lowbit.interchange.gguf import export, head_from_file, open_quantized
     from lowbit.numerics.spec import QuantSpec
 
-    fmt = variant.removesuffix(LLAMA_CPP).lower()
+    fmt = variant.lower()
     quantised = copy.deepcopy(loaded)
     quantize_model(quantised, RTNConfig(spec=QuantSpec().with_changes(format=fmt)), progress=False)
     path, _ = export(quantised, work / f"{fmt}.gguf")

@@ -30,7 +30,6 @@ namespace lowbit_gemm {
 
 constexpr int kMaxBatch = 16;
 
-
 // Per-group sums of the activations, sum_{k in g} x[m, k]: the zero-point term of every row.
 std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng) {
   std::vector<float> xsum(M * ng, 0.f);
@@ -246,12 +245,11 @@ void row_tile(const uint8_t* qrow, const float* srow, const float* zrow, const f
 // Zen 3 cores (both MLP shapes of the 1.1B model, weights cold, 2 threads, 6 interleaved
 // rounds): int4 1.38-1.47x faster at one token and 1.09-1.16x at two, int8 1.01-1.09x and
 // 1.15-1.24x; at four or more tokens row_tile, which converts each run of codes once for four
-// tokens, was as fast or up to 8% faster, so it keeps them. With AVX-512 the same path runs on
-// 64-byte blocks (16 lanes: 128 int4 or 64 int8 codes) where those divide K and G.
+// tokens, was as fast or up to 8% faster, so it keeps them.
 //
 // The vector width the block path runs at: 256-bit AVX2 everywhere, 512-bit AVX-512 where the
-// build has it (a block is then 64 bytes: 128 int4 or 64 int8 codes). The path is written once
-// against these few operations.
+// build has it and a 64-byte block (128 int4 or 64 int8 codes) divides K and G. The path is
+// written once against these few operations.
 struct Avx2 {
   using F = __m256;
   using I = __m256i;
@@ -323,24 +321,22 @@ inline typename V::F code_plane(typename V::I v, typename V::I mask) {
 }
 
 // NR rows x MT tokens (2 x 1 or 1 x 2 or 1 x 1); two accumulators per row and token (even and
-// odd planes).
+// odd planes; four measured no faster on Zen 5, with either width).
 template <bool kInt4, class V, int NR, int MT>
 void block_tile(const uint8_t* qrow, int64_t row_bytes, const float* srow, const float* zrow, const float* xt,
                 const float* xsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
   using B = Blocks<kInt4, V>;
   using F = typename V::F;
   constexpr int kPrefetch = 4096;
-  constexpr int kChains = 2;  // four measured no faster on Zen 5 (AVX2 and AVX-512)
   const typename V::I mask = V::set1_i((1 << B::kBits) - 1);
   F total[NR][MT];
   float zterm[NR][MT];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MT; ++m) total[r][m] = V::zero(), zterm[r][m] = 0.f;
   for (int64_t g = 0; g < ng; ++g) {
-    F a[NR][MT][kChains];
+    F a[NR][MT][2];
     for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MT; ++m)
-        for (int j = 0; j < kChains; ++j) a[r][m][j] = V::zero();
+      for (int m = 0; m < MT; ++m) a[r][m][0] = a[r][m][1] = V::zero();
     const int64_t end = std::min((g + 1) * G, K);
     for (int64_t c = g * G; c < end; c += B::kCols) {
       typename V::I v[NR];
@@ -354,7 +350,7 @@ void block_tile(const uint8_t* qrow, int64_t row_bytes, const float* srow, const
         if constexpr (P < B::kPlanes) {
           for (int m = 0; m < MT; ++m) {
             const F xv = V::load_f(xt + m * K + c + V::kLanes * P);
-            for (int r = 0; r < NR; ++r) a[r][m][P % kChains] = V::fmadd(code_plane<kInt4, V, P>(v[r], mask), xv, a[r][m][P % kChains]);
+            for (int r = 0; r < NR; ++r) a[r][m][P & 1] = V::fmadd(code_plane<kInt4, V, P>(v[r], mask), xv, a[r][m][P & 1]);
           }
         }
       };
@@ -366,9 +362,7 @@ void block_tile(const uint8_t* qrow, int64_t row_bytes, const float* srow, const
     for (int r = 0; r < NR; ++r) {
       const float sc = srow[r * ng + g], zp = zrow[r * ng + g];
       for (int m = 0; m < MT; ++m) {
-        F part = a[r][m][0];
-        for (int j = 1; j < kChains; ++j) part = V::add(part, a[r][m][j]);
-        total[r][m] = V::fmadd(part, V::set1(sc), total[r][m]);
+        total[r][m] = V::fmadd(V::add(a[r][m][0], a[r][m][1]), V::set1(sc), total[r][m]);
         zterm[r][m] += sc * zp * xsum[m * ng + g];
       }
     }
@@ -396,9 +390,9 @@ void gemm_blocks(const uint8_t* q, const float* s, const float* z, const float* 
   }
   if (M == 1) {
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n)
-    block_tile<kInt4, V, 1, 1>(q + n * row_bytes, row_bytes, s + n * ng, z + n * ng, xt.data(), xsum.data(), y + n, N, K, G, ng);
-  return;
+    for (int64_t n = 0; n < N; ++n)
+      block_tile<kInt4, V, 1, 1>(q + n * row_bytes, row_bytes, s + n * ng, z + n * ng, xt.data(), xsum.data(), y + n, N, K, G, ng);
+    return;
   }
   TORCH_CHECK(M == 2, "the block path takes one or two tokens");
 #pragma omp parallel for schedule(static)
