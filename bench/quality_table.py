@@ -9,7 +9,9 @@ pydoc (in domain) and of Shakespeare (out of domain), against the float model. A
 time and peak RSS are the quantise process's own (from wait4), evaluation excluded; "quantise s"
 is the method's time as the command prints it.
 
-Rows are run in PRIORITY order (the issue's goals first) and kept in bench/results/quality_<model>.json as they finish
+Rows are run in PRIORITY order (the issue's goals first), quantised ``--batch`` at a time and
+scored together (one `lowbit eval` of the batch's checkpoints per corpus, the reference's
+pass shared), and kept in bench/results/quality_<model>.json as each batch finishes
 (commit, command, scores), so a stopped run continues where it stopped; ``--redo`` runs the
 named rows again. Run it on an otherwise idle machine: two cores shared with anything else
 change the times (not the scores).
@@ -90,20 +92,24 @@ def quantise(model: str, flags: list[str], out: Path, verb: str = "quantize") ->
             "matmul_gflops": int(rate[1]) if rate else None}
 
 
-def score(checkpoint: Path, corpus: str) -> dict:
-    """`lowbit eval` of the checkpoint against its float source on ``corpus``."""
-    report = checkpoint.with_suffix(f".{corpus}.json")
-    argv = [sys.executable, "-m", "lowbit.cli", "eval", str(checkpoint), "--corpus", corpus, "--windows", str(WINDOWS), "--json", str(report)]
+def score(checkpoints: list[Path], corpus: str) -> list[dict]:
+    """One `lowbit eval` of the checkpoints (one source model) against their float source on
+    ``corpus``: the reference's output projection, most of the work on Gemma's 262k
+    vocabulary, runs once for all of them. Each checkpoint's scores, in order."""
+    report = checkpoints[0].with_suffix(f".{corpus}.json")
+    argv = [sys.executable, "-m", "lowbit.cli", "eval", *map(str, checkpoints), "--corpus", corpus, "--windows", str(WINDOWS), "--json", str(report)]
     start = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"lowbit eval {checkpoint} --corpus {corpus}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-    data = json.loads(report.read_text())
-    reference, result = data["results"][0], data["results"][-1]
-    return {"perplexity": result["perplexity"], "reference_perplexity": reference["perplexity"], "kld": result["kld"],
-            "top1_percent": result["top1_percent"], "bits_per_weight": result["bits_per_weight"],
-            "eval_wall_seconds": round(seconds, 1), "reference_seconds": round(reference["seconds"], 1)}  # the latter small when its hidden states were stored
+        raise SystemExit(f"lowbit eval {' '.join(map(str, checkpoints))} --corpus {corpus}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    reference, *results = json.loads(report.read_text())["results"]
+    assert [r["label"] for r in results] == [c.name for c in checkpoints], "lowbit eval labels its rows by directory name"
+    return [{"perplexity": result["perplexity"], "reference_perplexity": reference["perplexity"], "kld": result["kld"],
+             "top1_percent": result["top1_percent"], "bits_per_weight": result["bits_per_weight"],
+             "eval_wall_seconds": round(seconds, 1), "scored_with": len(checkpoints) - 1,  # the call's wall time, shared with that many others
+             "reference_seconds": round(reference["seconds"], 1)}  # the latter small when its hidden states were stored
+            for result in results]
 
 
 def commit() -> str:
@@ -140,7 +146,11 @@ def table_main(description: str, table: str, rows: dict, priority: list[str], co
     parser.add_argument("--list", action="store_true", help="print the row names and stop")
     parser.add_argument("--redo", action="store_true", help="run the chosen rows again even if stored")
     parser.add_argument("--markdown", action="store_true", help="print the stored rows as a Markdown table and stop")
+    parser.add_argument("--batch", type=int, default=4, help="checkpoints quantised before one `lowbit eval` scores them together "
+                        "(the reference's pass shared; default 4)")
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error("--batch takes a whole number of checkpoints, 1 or more")
     if args.list:
         print("\n".join(rows))
         return
@@ -153,24 +163,29 @@ def table_main(description: str, table: str, rows: dict, priority: list[str], co
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; --list prints the names")
     todo = [name for name in (args.rows or priority) if args.redo or name not in stored["rows"]]
-    print(f"{len(todo)} rows to run on {args.model}", flush=True)
+    print(f"{len(todo)} rows to run on {args.model}, scored {args.batch} at a time", flush=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as work:
-        for index, name in enumerate(todo):
-            out = Path(work) / f"row{index}"
-            flags = command(rows[name])
-            row = {"command": f"lowbit {verb} --model " + " ".join([args.model, *flags]), "commit": commit(),
-                   **quantise(args.model, flags, out, verb=verb)}
+        for first in range(0, len(todo), args.batch):
+            batch = {}
+            for index, name in enumerate(todo[first : first + args.batch], start=first):
+                out = Path(work) / f"row{index}"
+                flags = command(rows[name])
+                batch[name] = (out, {"command": f"lowbit {verb} --model " + " ".join([args.model, *flags]), "commit": commit(),
+                                     **quantise(args.model, flags, out, verb=verb)})
+                print(f"{name}: {verb} {batch[name][1]['quantise_seconds']:.0f} s, wall {batch[name][1]['wall_seconds']:.0f} s", flush=True)
+            outs = [out for out, _ in batch.values()]
             for corpus in SCORED:
-                row[corpus] = score(out, corpus)
+                for (_, row), scores in zip(batch.values(), score(outs, corpus)):
+                    row[corpus] = scores
             if path.exists():  # rows another run of this table stored meanwhile stay
                 stored["rows"] = {**json.loads(path.read_text())["rows"], **stored["rows"]}
-            stored["rows"][name] = row
+            for name, (_, row) in batch.items():
+                stored["rows"][name] = row
+                print(f"{name}: " + ", ".join(f"{c} {row[c]['perplexity'] / row[c]['reference_perplexity'] - 1:+.1%}" for c in SCORED), flush=True)
             tmp = path.with_suffix(f".tmp-{os.getpid()}")
             tmp.write_text(json.dumps(stored, indent=1) + "\n")
             tmp.replace(path)
-            print(f"{name}: {verb} {row['quantise_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s, "
-                  + ", ".join(f"{c} {row[c]['perplexity'] / row[c]['reference_perplexity'] - 1:+.1%}" for c in SCORED), flush=True)
-            subprocess.run(["rm", "-rf", str(out)])
+            subprocess.run(["rm", "-rf", *map(str, outs)])
 
 
 def main() -> None:

@@ -277,7 +277,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                        description="Score a model. A lowbit checkpoint, a GGUF file in GGML types lowbit reads and a compressed-tensors "
                                    "directory run as quantised models, code for code (nothing dequantised to float first); a "
                                    "packaged model is the float reference.")
-    e.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
+    e.add_argument("model", nargs="*", default=[DEFAULT_MODEL], help=f"{model_help} (default {DEFAULT_MODEL}); several quantised "
+                   "checkpoints of one model are scored on the same windows in one pass, the reference run once for all")
     e.add_argument("--reference", help="model to compare with (default: the float source a quantised checkpoint records; none for a float "
                    "model or another tool's file)")
     _add_eval_args(e)
@@ -474,13 +475,15 @@ def _announce(skeleton, loaded) -> None:
               "pack-quantized directories as quantised)", file=sys.stderr)
 
 
-def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | None, split=None, quantize_info: dict | None = None,
+def _run_eval(model_refs: list[str], reference_ref: str | None, args, prompt: str | None, split=None, quantize_info: dict | None = None,
               streamed: bool = False) -> int:
-    """Check everything, then score ``model_ref`` (against ``reference_ref``, or a quantised
-    model's source) and print the table (and the generated text with ``prompt``). ``split``:
-    the evaluation text already tokenised with this model's tokenizer (tokenising
-    Shakespeare takes 5 s). ``streamed``: one block at a time (`_run_eval_streamed`), as
-    after a streamed quantisation; also chosen by --low-memory or by size."""
+    """Check everything, then score each of ``model_refs`` (against ``reference_ref``, or the
+    source their quantised checkpoints record) on the same windows and print one table (and
+    the generated text with ``prompt``). The reference runs once for all of them, so scoring
+    several checkpoints of one model together costs one reference pass, not one each.
+    ``split``: the evaluation text already tokenised with this model's tokenizer (tokenising
+    Shakespeare takes 5 s). ``streamed``: one block at a time (`_run_eval_streamed`, one
+    model), as after a streamed quantisation; also chosen by --low-memory or by size."""
     from lowbit.data.corpora import eval_windows
     from lowbit.evaluation import evaluate, results_table
     from lowbit.loader import load_model, open_checkpoint
@@ -490,43 +493,57 @@ def _run_eval(model_ref: str, reference_ref: str | None, args, prompt: str | Non
     if args.json:
         check_output_file(args.json, "--json")
     _check_text(args.corpus, args.text)
-    skeleton = _model_skeleton(model_ref)
-    if reference_ref is None and skeleton.stored:
+    if len(set(model_refs)) < len(model_refs):
+        raise LowbitError(f"lowbit eval got the same model twice ({', '.join(model_refs)}); name each once")
+    skeletons = [_model_skeleton(ref) for ref in model_refs]
+    skeleton = skeletons[0]
+    if reference_ref is None and any(s.stored for s in skeletons):
+        sources = {s.recorded_source for s in skeletons if s.stored}
+        if len(sources) > 1:
+            raise LowbitError(f"the models record different float sources ({', '.join(sorted(map(str, sources)))}); score them "
+                              "separately, or name one reference with --reference")
         reference_ref = skeleton.recorded_source
         if reference_ref is None:
-            print(f"{model_ref} names no float source (another tool's file): perplexity only; give --reference MODEL for KLD and "
+            print(f"{model_refs[0]} names no float source (another tool's file): perplexity only; give --reference MODEL for KLD and "
                   "top-1 agreement", file=sys.stderr)
     reference_skeleton = _model_skeleton(reference_ref, what="--reference") if reference_ref else None
     if split is None:
         split, windows = _eval_split(skeleton, args.corpus, args.text, args.ctx, args.windows)
     else:
         windows = eval_windows(split, args.ctx, args.windows)
-    if reference_skeleton is not None:
-        _check_ctx(reference_skeleton, args.ctx, "--ctx")
-        if reference_skeleton.model.get_output_embeddings().out_features != skeleton.model.get_output_embeddings().out_features:
-            raise LowbitError(f"{model_ref} and the reference {reference_ref} have different vocabularies; compare models of one family")
+    vocab = skeleton.model.get_output_embeddings().out_features
+    for ref, other in [*zip(model_refs[1:], skeletons[1:]), *([(reference_ref, reference_skeleton)] if reference_skeleton else [])]:
+        _check_ctx(other, args.ctx, "--ctx")
+        if other.model.get_output_embeddings().out_features != vocab:
+            raise LowbitError(f"{model_refs[0]} and {ref} have different vocabularies; compare models of one family")
 
-    if _eval_streamed(args, skeleton, reference_skeleton, streamed):
-        return _run_eval_streamed(model_ref, reference_ref, args, skeleton, split, windows, quantize_info)
-    loaded = open_checkpoint(model_ref)
+    if _eval_streamed(args, skeletons, reference_skeleton, streamed):
+        if len(model_refs) > 1:
+            raise LowbitError(f"the streamed evaluation (--low-memory, or models larger than memory) scores one model at a time; run lowbit "
+                              f"eval once for each of the {len(model_refs)} models")
+        return _run_eval_streamed(model_refs[0], reference_ref, args, skeleton, split, windows, quantize_info)
     reference = load_model(reference_ref) if reference_ref else None
     models = {}
     if reference is not None:
         models[f"{Path(reference_ref).name} (reference)"] = reference.model
-    label = Path(model_ref).name if loaded.is_quantized else model_ref
-    _announce(skeleton, loaded)
-    models[label] = loaded.model
+    headers = []
+    for ref, model_skeleton in zip(model_refs, skeletons):
+        loaded = open_checkpoint(ref)
+        label = Path(ref).name if loaded.is_quantized else ref
+        models[ref if label in models else label] = loaded.model  # two checkpoints named alike keep their full paths
+        headers.append(loaded.header)
+        _announce(model_skeleton, loaded)
     print(f"evaluating on {split.label}: {len(windows)} windows of {args.ctx} tokens{' (BOS first)' if split.bos_id is not None else ''}", file=sys.stderr)
     cache = None if getattr(args, "no_reference_cache", False) else cache_dir() / "eval-reference"
     results = evaluate(models, windows, reference=None if reference is None else reference.model, reference_cache=cache)
     print(results_table(results, baseline=next(iter(models)) if reference is not None else None))
     if prompt:
         _print_samples(models, loaded.tokenizer, prompt)
-    _write_eval_json(args, model_ref, reference_ref, split, windows, loaded.header, results, quantize_info)
+    _write_eval_json(args, model_refs, reference_ref, split, windows, headers, results, quantize_info)
     return 0
 
 
-def _eval_streamed(args, skeleton, reference_skeleton, streamed: bool) -> bool:
+def _eval_streamed(args, skeletons, reference_skeleton, streamed: bool) -> bool:
     """Whether `lowbit eval` streams (--low-memory, a streamed quantisation before it, or
     models whose in-memory evaluation would not fit --max-memory), said on stderr when
     chosen by size."""
@@ -536,7 +553,7 @@ def _eval_streamed(args, skeleton, reference_skeleton, streamed: bool) -> bool:
     if streamed or getattr(args, "low_memory", False):
         return True
     cap = getattr(args, "max_memory", None) or available_memory()
-    need = in_memory_peak(skeleton.model) + (0 if reference_skeleton is None else in_memory_peak(reference_skeleton.model))
+    need = sum(in_memory_peak(s.model) for s in skeletons) + (0 if reference_skeleton is None else in_memory_peak(reference_skeleton.model))
     if need <= cap:
         return False
     print(f"evaluating in memory needs about {need / 1e9:.1f} GB, more than {cap / 1e9:.1f} GB "
@@ -575,22 +592,25 @@ def _run_eval_streamed(model_ref: str, reference_ref: str | None, args, skeleton
     if args.prompt:
         print(f"(no continuation of --prompt: generating token by token re-reads every block; run lowbit generate --model {model_ref}, "
               "which keeps quantised linears packed)", file=sys.stderr)
-    _write_eval_json(args, model_ref, reference_ref, split, windows, loaded.header, results, quantize_info)
+    _write_eval_json(args, [model_ref], reference_ref, split, windows, [loaded.header], results, quantize_info)
     return 0
 
 
-def _write_eval_json(args, model_ref, reference_ref, split, windows, header, results, quantize_info) -> None:
+def _write_eval_json(args, model_refs, reference_ref, split, windows, headers, results, quantize_info) -> None:
+    """The --json report: the last model's scores at the top level (with one model, the
+    model's), every model's (the reference's first) under "results"."""
     from lowbit.evaluation import write_json
 
     if args.json:
+        methods = [header["method"] if header is not None else None for header in headers]
         payload = {
             **results[-1].to_dict(),
-            "model": model_ref,
+            "model": model_refs[0] if len(model_refs) == 1 else model_refs,
             "reference": reference_ref,
             "corpus": split.label,
             "ctx": args.ctx,
             "windows": len(windows),
-            "method": header["method"] if header is not None else None,
+            "method": methods[0] if len(methods) == 1 else methods,
             "results": [r.to_dict() for r in results],
             **(quantize_info or {}),
         }
@@ -661,7 +681,7 @@ def cmd_quantize(args, derived) -> int:
     if result.phases:
         print(describe_phases(result.phases))
     if args.eval:  # the checkpoint keeps the source's tokenizer, so the text tokenised above serves
-        return _run_eval(str(out), None, args, args.prompt, split=split,
+        return _run_eval([str(out)], None, args, args.prompt, split=split,
                          quantize_info={"quantize_seconds": result.seconds, "quantize_phases": result.phases}, streamed=streamed)
     return 0
 
@@ -881,8 +901,9 @@ def _roofline_model(ref: str):
 
 def _llama_cpp_variants(ref: str, model, loaded, wanted: bool, work: Path):
     """The llama.cpp rows bench-decode adds for ``ref`` and the LoadedModel they export from
-    (the random 1.1B model is first written as a float GGUF file into ``work``), or none,
-    saying why on stderr."""
+    (the random 1.1B model is first written as a float GGUF file into ``work`` and read back:
+    the caller then measures that copy, the same weights, so that one float copy is held),
+    or none, saying why on stderr."""
     from lowbit.engines import llama_cpp
     from lowbit.inference.speed import GGUF_VARIANTS, write_llama_gguf
     from lowbit.loader import load_model
@@ -933,6 +954,8 @@ def cmd_roofline(args, derived) -> int:
         work = Path(tempfile.mkdtemp(prefix="lowbit-bench-decode-"))
         try:
             extra, loaded = _llama_cpp_variants(args.model, model, loaded, not getattr(args, "no_llama_cpp", True), work)
+            if loaded is not None:  # the 1.1B model's two float copies (4.4 GB each) and its variants' builds did not fit 24 GB
+                model = loaded.model
             rows = measure_variants(model, machine, args.ctx, args.new_tokens, variants=VARIANTS + extra, rounds=args.rounds, loaded=loaded)
         finally:  # the random model's GGUF file and its cached conversion
             for written in work.glob("*.gguf"):

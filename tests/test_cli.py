@@ -56,6 +56,34 @@ def test_eval_reuses_the_reference_hidden_states_unless_told_not_to(capsys, tiny
     assert code == 2 and "--no-reference-cache apply with --eval" in err
 
 
+def test_eval_scores_several_checkpoints_in_one_pass_as_one_at_a_time(capsys, tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    outs = [tmp_path / "a" / "w4", tmp_path / "b" / "w4", tmp_path / "w2"]  # two alike names keep their full paths
+    for out, bits in zip(outs, ("4", "3", "2")):
+        assert run(capsys, "quantize", "--model", str(tiny_llama_dir), "--bits", bits, "--group-size", "32", "--out", str(out))[0] == 0
+    eval_args = ("--text", str(text_file), "--windows", "2", "--ctx", "64", "--no-reference-cache")
+    alone = []
+    for out in outs:
+        report = tmp_path / f"{out.parent.name}{out.name}.json"
+        assert run(capsys, "eval", str(out), *eval_args, "--json", str(report))[0] == 0
+        alone.append(json.loads(report.read_text())["results"][-1])
+    report = tmp_path / "all.json"
+    code, stdout, _ = run(capsys, "eval", *map(str, outs), *eval_args, "--json", str(report))
+    assert code == 0 and stdout.count("(reference)") == 1
+    data = json.loads(report.read_text())
+    together = data["results"][1:]
+    assert [r["label"] for r in together] == ["w4", str(outs[1]), "w2"]
+    assert data["model"] == [str(out) for out in outs] and [m["spec"]["bits"] for m in data["method"]] == [4, 3, 2]
+    for one, joint in zip(alone, together):
+        assert {k: one[k] for k in ("perplexity", "kld", "top1_percent", "tokens")} == {k: joint[k] for k in ("perplexity", "kld", "top1_percent", "tokens")}
+    assert len({r["perplexity"] for r in together}) == 3  # three different models, not one scored thrice
+
+    code, _, err = run(capsys, "eval", str(outs[0]), str(outs[0]), *eval_args)
+    assert code == 2 and "the same model twice" in err
+    code, _, err = run(capsys, "eval", str(outs[0]), str(outs[2]), *eval_args, "--low-memory")
+    assert code == 2 and "one model at a time" in err
+
+
 def test_quantize_with_an_int8_head(capsys, tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
     code, stdout, _ = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--head-bits", "8", "--out", str(out))

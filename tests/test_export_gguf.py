@@ -403,5 +403,13 @@ def test_a_random_llama_written_as_gguf_loads_in_both_engines(llama, tmp_path):
     variants, written = _llama_cpp_variants("llama-1b", model, None, True, tmp_path / "cli")  # what bench-decode does for it
     assert variants == GGUF_VARIANTS and written.model.config.num_hidden_layers == 2 and (tmp_path / "cli" / "llama-1b.gguf").is_file()
     assert _llama_cpp_variants("llama-1b", model, None, False, tmp_path / "cli") == ((), None)
+    from lowbit.inference.speed import build_gguf_variant
+
+    twin, file = build_gguf_variant(written, "Q4_0", tmp_path / "cli")  # the file's head is float32: the twin keeps its own, the same numbers
+    assert type(twin.get_output_embeddings()) is torch.nn.Linear
+    with torch.no_grad():
+        mine = twin(ids).logits[0]
+    theirs = torch.from_numpy(llama.logits(llama.open_model(file, ctx=64, threads=1), ids[0].tolist()))
+    assert (mine - theirs).norm() < 0.02 * theirs.norm() and (mine - expected).norm() > (mine - theirs).norm()
     with pytest.raises(ValueError, match="Llama model with at least 260 tokens"):
         write_llama_gguf(random_llama(hidden=64, intermediate=128, layers=1, heads=2, kv_heads=1, vocab=100), tmp_path / "small.gguf")

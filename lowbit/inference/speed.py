@@ -223,7 +223,7 @@ def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, n
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     built, files, engines = {}, {}, {}
     work = Path(tempfile.mkdtemp(prefix="lowbit-speed-")) if any(v in GGUF_VARIANTS for v in variants) else None
-    for variant in variants:
+    for variant in sorted(variants, key=lambda v: v not in GGUF_VARIANTS):  # the exports' float copies first, while little else is held
         base = variant.removesuffix(EAGER).removesuffix(LLAMA_CPP)
         if base in built:
             built[variant] = built[base]

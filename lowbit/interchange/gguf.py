@@ -413,12 +413,19 @@ def head_from_file(model: nn.Module, path: str | Path) -> None:
     """Put the GGUF file's own codes of the output matmul into ``model``'s head, in place:
     ``output.weight``, or for a tied model ``token_embd.weight`` (the embedding lookup keeps
     its float copy). What llama.cpp reads for the logits; `open_quantized` keeps a tied head
-    as the float embedding. Checked to decode to the head it replaces."""
+    as the float embedding. Checked to decode to the head it replaces. A float head in the
+    file (F32, F16: the random 1.1B model's) has no codes: the model's head stays, once
+    checked to hold the file's numbers."""
     from lowbit.packed.qweight import QuantizedWeight
 
     tensors = {t.name: t for t in gguf_reader(path).tensors}
     tensor = tensors.get("output.weight", tensors["token_embd.weight"])
     head = model.get_output_embeddings()
+    if tensor.tensor_type.name in ("F32", "F16"):
+        stored = torch.from_numpy(np.array(tensor.data)).float().reshape(head.weight.shape)
+        if not torch.equal(stored, head.weight.detach().float()):
+            raise LowbitError(f"{path}: {tensor.name} holds other numbers than the model's head")
+        return
     qweight = QuantizedWeight.from_ggml(torch.from_numpy(np.array(tensor.data)), (head.out_features, head.in_features),
                                         QuantSpec().with_changes(format=tensor.tensor_type.name.lower()))
     if not torch.equal(qweight.dequantize(), head.weight.detach().float()):
