@@ -44,6 +44,7 @@ FORMATS = {  # name: (spec, int8 activations)
     "W4 g128": (QuantSpec(bits=4, group_size=128), False),
     "W8 per-channel": (QuantSpec(bits=8, granularity="channel", group_size=None), False),
     "W4A8 g128": (QuantSpec(bits=4, group_size=128), True),
+    "W4A8 g32": (QuantSpec(bits=4, group_size=32), True),  # the Q4_0 files' blocks
     "W8A8 per-channel": (QuantSpec(bits=8, granularity="channel", group_size=None), True),
 }
 # the 1.1B Llama-shaped model's MLP projections (out x in) and its output head, which

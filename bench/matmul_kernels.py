@@ -11,7 +11,8 @@ Llama-shaped model of `lowbit bench-decode`) and batch of tokens, the median tim
 - torch's built-ins: `_weight_int8pack_mm` (int8 per-channel weights), `_weight_int4pack_mm_for_cpu`
   (4-bit groups of 128, bf16 activations) and `_int_mm` (int8 × int8 → int32),
 - lowbit: the reference path (dequantise, then BLAS), the CPU kernel for W8 per-channel and
-  W4 g128 (symmetric and asymmetric), and the W8A8 layer (per-token dynamic activations).
+  W4 g128 (symmetric and asymmetric), the W8A8 layer (per-token dynamic activations), and at
+  one token the float32 matrix-vector kernel of the compiled decode step (`gemv`).
 
 A built-in this torch cannot run is reported with its error instead of a time. Each
 lowbit kernel's output is also checked against its reference path. Writes
@@ -41,7 +42,7 @@ from lowbit import QuantSpec
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.analysis.roofline import measure_machine
 from lowbit.evaluation import write_json
-from lowbit.kernels.cpu import KernelLinear, quantize_activations_q8, reference_gemm
+from lowbit.kernels.cpu import KernelLinear, load_kernels, quantize_activations_q8, reference_gemm
 from lowbit.modules import QuantLinear
 from lowbit.modules.int8 import W8A8Linear
 
@@ -112,6 +113,8 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
     weight_bytes = {"float32 F.linear": tensor_bytes(weight), "bf16 F.linear": tensor_bytes(weight_bf16),
                     "torch _weight_int8pack_mm (fp32 x)": tensor_bytes(int8_w, int8_s), "torch _int_mm (int8 x int8)": tensor_bytes(int8_w),
                     "lowbit W4A8 g128 sym CPU kernel (int8 activations, blocks of 32)": tensor_bytes(*w4a8.kernel_tensors())}
+    gemv = load_kernels().gemv
+    weight_bytes["lowbit float32 gemv kernel"] = tensor_bytes(weight)
     for label in layers:
         weight_bytes[f"lowbit {label} CPU kernel"] = tensor_bytes(*kernels[label].kernel_tensors())
     rows = []
@@ -136,6 +139,8 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
             cases[f"lowbit {label} reference (dequantise + BLAS)"] = lambda layer=layer: layer(x)
             cases[f"lowbit {label} CPU kernel"] = lambda kernel=kernels[label]: kernel(x)
         cases["lowbit W4A8 g128 sym CPU kernel (int8 activations, blocks of 32)"] = lambda: w4a8(x)
+        if m == 1:  # the compiled decode step's float linears (a float head): one token
+            cases["lowbit float32 gemv kernel"] = lambda: gemv(weight, x[0])
         with torch.no_grad():
             shape_rows = []
             for label, result in interleaved_medians(cases, repeats).items():
@@ -156,6 +161,9 @@ def run_shape(n: int, k: int, batches: list[int], repeats: int) -> list[dict]:
                 rows.append({"shape": f"{n}x{k}", "batch": m, "case": f"check {label} kernel vs reference", "max_abs_diff": err})
             err = (w4a8(x) - reference_gemm(quantize_activations_q8(x), layers["W4 g128 sym"])).abs().max().item()
             rows.append({"shape": f"{n}x{k}", "batch": m, "case": "check W4A8 kernel vs reference", "max_abs_diff": err})
+            if m == 1:
+                rows.append({"shape": f"{n}x{k}", "batch": m, "case": "check float32 gemv vs torch.mv",
+                             "max_abs_diff": (gemv(weight, x[0]) - torch.mv(weight, x[0])).abs().max().item()})
     return rows
 
 

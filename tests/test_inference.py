@@ -21,6 +21,7 @@ from lowbit.pipeline import quantize_model
 
 KERNEL_SPECS = [
     QuantSpec(bits=4, group_size=32),
+    QuantSpec(bits=4, group_size=32, symmetric=False),  # with K % 64 == 0, W4A8 takes the 512-bit tile's groups-of-32 form
     QuantSpec(bits=4, group_size=64, symmetric=False),
     QuantSpec(bits=4, group_size=128, symmetric=False, zero_point="float"),
     QuantSpec(bits=4, granularity="channel", group_size=None),
@@ -59,6 +60,19 @@ def test_portable_kernel_path_equals_reference(spec, tokens):
     got = kernel.kernels.gemm_portable(x, kernel.q, kernel.scales, kernel.zeros, kernel.group_size, kernel.int4)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(kernel(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(96, 576), (41, 160), (3, 40), (1000, 2048)])  # whole runs of 4 rows and a remainder; K % 16 tails
+def test_float_gemv_kernel_equals_torch_mv(shape):
+    """The compiled step's float linears (`gemv_f32`) against torch.mv: the same products,
+    summed in another order."""
+    from lowbit.kernels.cpu import load_kernels
+
+    g = torch.Generator().manual_seed(shape[0])
+    w, x = torch.randn(*shape, generator=g), torch.randn(shape[1], generator=g)
+    torch.testing.assert_close(load_kernels().gemv(w, x), torch.mv(w, x), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="x must be contiguous float32"):
+        load_kernels().gemv(w, x[:-1])
 
 
 @pytest.mark.parametrize("spec", KERNEL_SPECS, ids=lambda s: s.describe().replace(" ", "_"))

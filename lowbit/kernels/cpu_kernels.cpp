@@ -125,6 +125,16 @@ torch::Tensor gemm_dequant_blocks(torch::Tensor x, torch::Tensor q, torch::Tenso
   return y;
 }
 
+// y = W x for a float32 W (N, K) at one token (the compiled step's float linears), checked
+// against torch.mv by the tests.
+torch::Tensor gemv(torch::Tensor w, torch::Tensor x) {
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.dim() == 2, "w must be contiguous float32 (N, K)");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 1 && x.size(0) == w.size(1), "x must be contiguous float32 (K,)");
+  auto y = torch::empty({w.size(0)}, x.options());
+  gemv_f32(w.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), w.size(0), w.size(1));
+  return y;
+}
+
 torch::Tensor gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zeros, int64_t group_size, bool int4) {
   return run_gemm(x, q, scales, zeros, group_size, int4, false);
 }
@@ -142,5 +152,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_w4a8", &gemm_w4a8, "W4A8: 4-bit weights, activations int8 per token in blocks of 32, integer dot products");
   m.def("gemm_dequant_blocks", &gemm_dequant_blocks, "prefill-sized batches: W dequantised block_rows rows at a time, one BLAS product per block");
   m.def("dequantize", &dequantize, "the whole weight in float32 (N, K): the large-batch path before one BLAS matmul");
+  m.def("gemv", &gemv, "float32 matrix-vector product at one token (the compiled step's float linears)");
   m.def("has_avx2", &has_avx2, "whether this build uses the AVX2/FMA path");
 }

@@ -30,7 +30,7 @@ namespace py = pybind11;
 enum Kind : int64_t { kFloat = 0, kInt4 = 1, kInt8 = 2, kW4A8 = 3, kW8A8 = 4 };
 enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
 
-// One linear y = x W^T (+ b) at one token: a float32 weight through BLAS, or lowbit's packed
+// One linear y = x W^T (+ b) at one token: a float32 weight through gemv_f32, or lowbit's packed
 // codes through the GEMM kernels (the W4A8 and W8A8 ones quantise x to int8 blocks first).
 struct Linear {
   int64_t kind = kFloat, N = 0, K = 0, G = 0;
@@ -55,9 +55,7 @@ struct Linear {
 
   void apply(const float* x, float* y) const {
     if (kind == kFloat) {
-      auto xt = torch::from_blob(const_cast<float*>(x), {K});
-      auto yt = torch::from_blob(y, {N});
-      at::mv_out(yt, w, xt);
+      gemv_f32(w.data_ptr<float>(), x, y, N, K);
     } else if (kind == kW4A8 || kind == kW8A8) {
       const bool int4 = kind == kW4A8;
       const QuantActs acts = quantize_acts(x, 1, K, G, int4);

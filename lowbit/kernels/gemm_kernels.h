@@ -515,9 +515,9 @@ inline void int8_acts_tile(const uint8_t* qrow, const float* srow, const float* 
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 // AVX-512 VNNI W4A8 (CPUs with 512-bit VNNI: Zen 4 and later, Ice Lake and later), taken
-// when K and G are multiples of 64. One iteration covers two activation blocks, 64 columns:
-// the row's 32 bytes are broadcast to both halves of a 512-bit register, the upper half
-// shifted by 4 bits, and every byte masked to its nibble, giving
+// when K is a multiple of 64 and G is too, or is 32. One iteration covers two activation
+// blocks, 64 columns: the row's 32 bytes are broadcast to both halves of a 512-bit register,
+// the upper half shifted by 4 bits, and every byte masked to its nibble, giving
 //   [block b even columns | block b+1 even | block b odd | block b+1 odd]   (16 codes each),
 // so the activations are laid out once per call in that order (`PairActs`). One vpdpbusd
 // then yields 16 int32 sums of 4 products each: lanes 0-3 and 8-11 belong to block b, lanes
@@ -547,41 +547,67 @@ inline PairActs pair_layout(const QuantActs& a, int64_t M, int64_t K) {
   return p;
 }
 
-// MT tokens of one row; xq and dexp point at the first token's pair layout.
+// One pair of blocks (64 codes) of a row into the MT tokens' accumulators acc: sc holds the
+// weight scale of each int32 lane (one group's scale in every lane, or with groups of 32 the
+// two blocks' own scales in their lanes).
 template <int MT>
+inline void w4a8_pair(const uint8_t* qrow, const int8_t* xq, const float* dexp, int64_t K, int64_t np, int64_t i, __m512 sc,
+                      __m512i shifts, __m512i low4, __m512* acc) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + 32 * i));
+  const __m512i w = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(bytes), shifts), low4);
+  for (int m = 0; m < MT; ++m) {
+    const __m512i xv = _mm512_loadu_si512(xq + m * K + 64 * i);
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+    const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(dexp + (m * np + i) * 16), sc);
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[m]);
+  }
+}
+
+// MT tokens of one row; xq and dexp point at the first token's pair layout. Groups of 64 or
+// more columns (G % 64 == 0) scale a group's pairs by its one scale; groups of 32 (kG32: the
+// Q4_0 and Q4_1 files' blocks) give each pair two groups, whose scales one permute puts into
+// their lanes (0-3 and 8-11: block b, 4-7 and 12-15: block b+1).
+template <int MT, bool kG32>
 void row_tile_w4a8_avx512(const uint8_t* qrow, const float* srow, const float* zrow, const int8_t* xq, const float* dexp,
                           const float* gsum, float* y, int64_t N, int64_t K, int64_t G, int64_t ng) {
-  const int64_t np = K / 64, ppg = G / 64;  // pairs per full group
+  const int64_t np = K / 64;
   const __m512i shifts = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4), low4 = _mm512_set1_epi8(15);
   __m512 acc0[MT], acc1[MT];  // two accumulators per token (alternate pairs) so that the FMAs overlap
   float zterm[MT];
   for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps(), zterm[m] = 0.f;
-  for (int64_t g = 0; g < ng; ++g) {
-    const __m512 sc = _mm512_set1_ps(srow[g]);
-    const int64_t end = std::min((g + 1) * ppg, np);
-    // one pair into accumulator set j (two sets, alternate pairs, fixed at compile time so
-    // that they stay in registers)
-    auto pair = [&](int64_t i, __m512* acc_j) {
-      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + 32 * i));
-      const __m512i w = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(bytes), shifts), low4);
-      for (int m = 0; m < MT; ++m) {
-        const __m512i xv = _mm512_loadu_si512(xq + m * K + 64 * i);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
-        const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(dexp + (m * np + i) * 16), sc);
-        acc_j[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc_j[m]);
-      }
+  if constexpr (kG32) {
+    const __m512i lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    auto scales = [&](int64_t i) {  // s[2i] and s[2i + 1] into their blocks' lanes
+      return _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(srow + 2 * i)))));
     };
-    int64_t i = g * ppg;
-    for (; i + 2 <= end; i += 2) {
+    int64_t i = 0;
+    for (; i + 2 <= np; i += 2) {
       _mm_prefetch(reinterpret_cast<const char*>(qrow + 32 * i + 4096), _MM_HINT_T0);
-      pair(i, acc0), pair(i + 1, acc1);
+      w4a8_pair<MT>(qrow, xq, dexp, K, np, i, scales(i), shifts, low4, acc0);
+      w4a8_pair<MT>(qrow, xq, dexp, K, np, i + 1, scales(i + 1), shifts, low4, acc1);
     }
-    if (i < end) pair(i, acc0);
-    for (int m = 0; m < MT; ++m) zterm[m] += srow[g] * zrow[g] * gsum[m * ng + g];
+    if (i < np) w4a8_pair<MT>(qrow, xq, dexp, K, np, i, scales(i), shifts, low4, acc0);
+    for (int64_t g = 0; g < ng; ++g)
+      for (int m = 0; m < MT; ++m) zterm[m] += srow[g] * zrow[g] * gsum[m * ng + g];
+  } else {
+    const int64_t ppg = G / 64;  // pairs per full group
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m512 sc = _mm512_set1_ps(srow[g]);
+      const int64_t end = std::min((g + 1) * ppg, np);
+      int64_t i = g * ppg;
+      for (; i + 2 <= end; i += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(qrow + 32 * i + 4096), _MM_HINT_T0);
+        w4a8_pair<MT>(qrow, xq, dexp, K, np, i, sc, shifts, low4, acc0);
+        w4a8_pair<MT>(qrow, xq, dexp, K, np, i + 1, sc, shifts, low4, acc1);
+      }
+      if (i < end) w4a8_pair<MT>(qrow, xq, dexp, K, np, i, sc, shifts, low4, acc0);
+      for (int m = 0; m < MT; ++m) zterm[m] += srow[g] * zrow[g] * gsum[m * ng + g];
+    }
   }
   for (int m = 0; m < MT; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) - zterm[m];
 }
 
+template <bool kG32>
 void gemm_w4a8_avx512(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
                       int64_t M, int64_t N, int64_t K, int64_t G) {
   const PairActs p = pair_layout(a, M, K);
@@ -593,10 +619,10 @@ void gemm_w4a8_avx512(const uint8_t* q, const float* s, const float* z, const Qu
       const float* gs = gsum + m0 * ng;
       float* ym = y + m0 * N + n;
       switch (std::min<int64_t>(4, M - m0)) {
-        case 1: row_tile_w4a8_avx512<1>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-        case 2: row_tile_w4a8_avx512<2>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-        case 3: row_tile_w4a8_avx512<3>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
-        default: row_tile_w4a8_avx512<4>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 1: row_tile_w4a8_avx512<1, kG32>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 2: row_tile_w4a8_avx512<2, kG32>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        case 3: row_tile_w4a8_avx512<3, kG32>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
+        default: row_tile_w4a8_avx512<4, kG32>(qrow, s + n * ng, z + n * ng, xm, dm, gs, ym, N, K, G, ng); break;
       }
     }
   });
@@ -608,7 +634,8 @@ template <bool kInt4>
 void gemm_int8_acts_avx2(const uint8_t* q, const float* s, const float* z, const QuantActs& a, float* y,
                          int64_t M, int64_t N, int64_t K, int64_t G) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  if (kInt4 && K % 64 == 0 && G % 64 == 0) return gemm_w4a8_avx512(q, s, z, a, y, M, N, K, G);
+  if (kInt4 && K % 64 == 0 && G % 64 == 0) return gemm_w4a8_avx512<false>(q, s, z, a, y, M, N, K, G);
+  if (kInt4 && K % 64 == 0 && G == 32) return gemm_w4a8_avx512<true>(q, s, z, a, y, M, N, K, G);
 #endif
   const int64_t nb = K / 32;
   for_each_row<kInt4>(q, a.gsum.data(), N, K, G, [&](int64_t n, const uint8_t* qrow, const float* gsum, int64_t ng) {
@@ -696,6 +723,56 @@ void dequantize_rows(const uint8_t* q, const float* s, const float* z, float* w,
         wrow[c] = (static_cast<float>(code) - zp) * sc;
       }
     }
+  }
+}
+
+// Float32 matrix-vector product at one token, y = W x, W float32 (N, K) row-major: the float
+// linears of the compiled decode step (a float head, as in a GGUF file that stores its output
+// matrix in F32, or a float32 model). Rows split across threads in runs of four that share
+// each activation load, one accumulator per row, the widest vectors the build has; the K % L
+// tail in scalars. Memory-bound: every weight is read once. torch.mv (BLAS) is the reference;
+// it read 24 GB/s on the 1.1B model's 262 MB head with two threads (docs/results.md).
+#if defined(__AVX2__) && defined(__FMA__)
+template <class V, int R>
+inline void dot_rows(const float* w, int64_t K, const float* x, float* y) {
+  typename V::F acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V::zero();
+  int64_t k = 0;
+  for (; k + V::kLanes <= K; k += V::kLanes) {
+    const typename V::F xv = V::load_f(x + k);
+    for (int r = 0; r < R; ++r) acc[r] = V::fmadd(V::load_f(w + r * K + k), xv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float total = V::sum(acc[r]);
+    for (int64_t c = k; c < K; ++c) total += w[r * K + c] * x[c];
+    y[r] = total;
+  }
+}
+#endif
+
+inline void gemv_f32(const float* w, const float* x, float* y, int64_t N, int64_t K) {
+  constexpr int64_t kRows = 4;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; n += kRows) {
+    const float* wrow = w + n * K;
+#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+    using V = Avx512;
+#else
+    using V = Avx2;
+#endif
+    if (n + kRows <= N) {
+      dot_rows<V, kRows>(wrow, K, x, y + n);
+      continue;
+    }
+    for (int64_t r = n; r < N; ++r) dot_rows<V, 1>(w + r * K, K, x, y + r);
+#else
+    for (int64_t r = n; r < std::min(n + kRows, N); ++r) {
+      float total = 0.0f;
+      for (int64_t c = 0; c < K; ++c) total += w[r * K + c] * x[c];
+      y[r] = total;
+    }
+#endif
   }
 }
 
