@@ -383,6 +383,21 @@ def _loaded(model):
     return LoadedModel(model=model, tokenizer=byte_tokenizer(), source="tiny", arch=architecture_for(model.config.model_type))
 
 
+def test_measure_variants_leaves_no_export_behind_when_it_fails(tmp_path, monkeypatch):
+    """The GGUF rows' work directory (exports and their cached float conversions) goes even
+    when a measurement stops on an error: two stopped 1.1B runs had left 2 GB behind."""
+    import tempfile
+
+    from lowbit.analysis.roofline import Machine
+    from lowbit.inference.speed import measure_variants, random_llama
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = random_llama(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
+    with pytest.raises(ValueError, match="needs the model as loaded from its GGUF file"):
+        measure_variants(model, Machine(bandwidth_gbps=10, peak_gflops=100), variants=("float32", "Q4_0"))
+    assert not list(tmp_path.glob("lowbit-speed-*"))
+
+
 def test_speed_variants_build_what_they_say():
     """bench-decode's variants: the right modules (kernels, int8 head, W4A8), logits near the
     float model's, and the roofline pricing the int8 head below the float one."""

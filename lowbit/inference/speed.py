@@ -223,50 +223,52 @@ def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, n
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     built, files, engines = {}, {}, {}
     work = Path(tempfile.mkdtemp(prefix="lowbit-speed-")) if any(v in GGUF_VARIANTS for v in variants) else None
-    for variant in sorted(variants, key=lambda v: v not in GGUF_VARIANTS):  # the exports' float copies first, while little else is held
-        base = variant.removesuffix(EAGER).removesuffix(LLAMA_CPP)
-        if base in built:
-            built[variant] = built[base]
-        elif variant in GGUF_VARIANTS:
-            if loaded is None:
-                raise ValueError(f"{variant} needs the model as loaded from its GGUF file (loaded=...)")
-            built[base], files[base] = build_gguf_variant(loaded, base, work)
-            built[variant] = built[base]
-        else:
-            built[variant] = build_variant(model, base)
-        if variant.endswith(LLAMA_CPP):
-            engines[variant] = LlamaCppDecoder(files[base], ctx=prompt_len + new_tokens + 8, threads=torch.get_num_threads())
+    try:
+        for variant in sorted(variants, key=lambda v: v not in GGUF_VARIANTS):  # the exports' float copies first, while little else is held
+            base = variant.removesuffix(EAGER).removesuffix(LLAMA_CPP)
+            if base in built:
+                built[variant] = built[base]
+            elif variant in GGUF_VARIANTS:
+                if loaded is None:
+                    raise ValueError(f"{variant} needs the model as loaded from its GGUF file (loaded=...)")
+                built[base], files[base] = build_gguf_variant(loaded, base, work)
+                built[variant] = built[base]
+            else:
+                built[variant] = build_variant(model, base)
+            if variant.endswith(LLAMA_CPP):
+                engines[variant] = LlamaCppDecoder(files[base], ctx=prompt_len + new_tokens + 8, threads=torch.get_num_threads())
 
-    def decode(variant: str, ids: torch.Tensor, tokens: int):
-        if variant in engines:
-            time.sleep(0.5)  # torch's threads stop spinning first: llama.cpp's collapse on shared cores
-            return engines[variant].generate(ids[0].tolist(), tokens)
-        compiled = False if variant.endswith((EAGER, "ref")) or variant == "bf16" else None
-        return generate(built[variant], ids, max_new_tokens=tokens, compiled=compiled)
+        def decode(variant: str, ids: torch.Tensor, tokens: int):
+            if variant in engines:
+                time.sleep(0.5)  # torch's threads stop spinning first: llama.cpp's collapse on shared cores
+                return engines[variant].generate(ids[0].tolist(), tokens)
+            compiled = False if variant.endswith((EAGER, "ref")) or variant == "bf16" else None
+            return generate(built[variant], ids, max_new_tokens=tokens, compiled=compiled)
 
-    for variant in variants:
-        decode(variant, prompt[:, :8], warmup)  # warm caches, allocators, kernels
-    runs = {variant: [] for variant in variants}
-    for round_ in range(rounds):
         for variant in variants:
-            if round_ == 0 or not variant.endswith("ref"):
-                runs[variant].append(decode(variant, prompt, new_tokens))
-    rows = []
-    for variant in variants:
-        variant_model = built[variant]
-        step = decode_cost(variant_model, prompt_len + new_tokens // 2)
-        prefill = prefill_cost(variant_model, prompt_len)
-        rows.append(SpeedRow(variant, linear_bits_per_weight(variant_model), step.weight_bytes,
-                             statistics.median(r.decode_tokens_per_second for r in runs[variant]), 1.0 / step.seconds(machine),
-                             statistics.median(r.prefill_seconds for r in runs[variant]), prefill.seconds(machine), step.intensity,
-                             step.bound(machine), len(runs[variant])))
-    del built, engines
-    gc.collect()
-    if work is not None:  # the exported files and their float conversions (`open_quantized` cached one each)
-        from lowbit.models.loading import gguf_cache_path
+            decode(variant, prompt[:, :8], warmup)  # warm caches, allocators, kernels
+        runs = {variant: [] for variant in variants}
+        for round_ in range(rounds):
+            for variant in variants:
+                if round_ == 0 or not variant.endswith("ref"):
+                    runs[variant].append(decode(variant, prompt, new_tokens))
+        rows = []
+        for variant in variants:
+            variant_model = built[variant]
+            step = decode_cost(variant_model, prompt_len + new_tokens // 2)
+            prefill = prefill_cost(variant_model, prompt_len)
+            rows.append(SpeedRow(variant, linear_bits_per_weight(variant_model), step.weight_bytes,
+                                 statistics.median(r.decode_tokens_per_second for r in runs[variant]), 1.0 / step.seconds(machine),
+                                 statistics.median(r.prefill_seconds for r in runs[variant]), prefill.seconds(machine), step.intensity,
+                                 step.bound(machine), len(runs[variant])))
+    finally:  # also after an error: the exported files and their float conversions (`open_quantized` cached one each)
+        built.clear()
+        engines.clear()
+        gc.collect()
+        if work is not None:
+            from lowbit.models.loading import gguf_cache_path
 
-        for path in files.values():
-            shutil.rmtree(gguf_cache_path(path), ignore_errors=True)
-            path.unlink(missing_ok=True)
-        work.rmdir()
+            for path in work.glob("*.gguf"):
+                shutil.rmtree(gguf_cache_path(path), ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
     return rows
