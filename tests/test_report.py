@@ -81,8 +81,9 @@ def test_a_recipe_that_starts_with_another_reuses_its_output(tmp_path, monkeypat
 
     def fake_lowbit(argv, log):
         calls.append(argv)
-        if argv[0] == "eval":
-            results = [{"perplexity": 10.0}, {"perplexity": 11.0, "kld": 0.1, "top1_percent": 90.0, "bits_per_weight": 4.0, "model_bytes": 1}]
+        if argv[0] == "eval":  # one row per model scored, after the reference's
+            scored = argv[1 : argv.index("--corpus")]
+            results = [{"perplexity": 10.0}] + [{"perplexity": 11.0, "kld": 0.1, "top1_percent": 90.0, "bits_per_weight": 4.0, "model_bytes": 1}] * len(scored)
             Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"results": results}))
         return {"seconds": 5.0, "peak_rss_mb": 100, "output": "decode 10.0 tokens/s"}
 
@@ -99,6 +100,8 @@ def test_a_recipe_that_starts_with_another_reuses_its_output(tmp_path, monkeypat
     both = results.rows["distilled half + gptq W4"]
     assert both["steps"][0]["reused"] and both["steps"][0]["command"] == results.rows["distilled half"]["steps"][0]["command"]
     assert both["cost_seconds"] == 10.0 and "reused" not in results.rows["rtn W4 g128"]["steps"][0]
+    evals = [c for c in calls if c[0] == "eval"]  # the three recipes scored together: one call per corpus
+    assert len(evals) == len(QUICK.corpora) and all(len(c[1 : c.index("--corpus")]) == 3 and c[-2:] == ["--reference", "smollm2"] for c in evals)
 
 
 @pytest.fixture(scope="module")

@@ -135,9 +135,10 @@ def _lowbit(argv: list[str], log: Path) -> dict:
 DECODE = re.compile(r"decode ([\d.]+) tokens/s")
 
 
-def measure(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress=print, made: dict | None = None,
-            keep: Path | None = None) -> dict:
-    """Make the recipe's model (its steps in order), then score and decode it.
+def make(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress=print, made: dict | None = None,
+         keep: Path | None = None) -> tuple[str, list[dict]]:
+    """Make the recipe's model, its steps in order: (the last step's output, or ``model`` for
+    a recipe of no steps; each step's record).
 
     ``made`` maps a chain of steps to (its output, its step record) for chains an earlier
     recipe of this run made: a recipe that starts with one (distil, then quantise) reuses
@@ -164,23 +165,48 @@ def measure(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress
         current = str(out)
         if chain in made:
             made[chain] = (current, steps[-1])
-    scores = {}
+    return current, steps
+
+
+def score(models: list[str], source: str, protocol: Protocol, work: Path, against_source: bool = True) -> list[dict]:
+    """One `lowbit eval` per corpus of all ``models`` (against ``source``, the float model,
+    unless ``against_source`` is False: the source scored alone): the reference's pass,
+    most of an evaluation on Gemma's 262k-entry vocabulary, runs once for all of them. Each
+    model's scores by corpus, in the order given."""
+    scores = [{} for _ in models]
     for corpus in protocol.corpora:
         report = work / f"eval.{corpus}.json"
-        argv = ["eval", current, "--corpus", corpus, "--windows", str(protocol.windows), "--ctx", str(protocol.ctx), "--json", str(report)]
-        if recipe.steps:
-            argv += ["--reference", model]
+        argv = ["eval", *models, "--corpus", corpus, "--windows", str(protocol.windows), "--ctx", str(protocol.ctx), "--json", str(report)]
+        if against_source:
+            argv += ["--reference", source]
         _lowbit(argv, work / f"eval.{corpus}.log")
-        data = json.loads(report.read_text())
-        reference, result = data["results"][0], data["results"][-1]
-        scores[corpus] = {"perplexity": result["perplexity"], "reference_perplexity": reference["perplexity"], "kld": result["kld"],
-                          "top1_percent": result["top1_percent"], "bits_per_weight": result["bits_per_weight"],
-                          "model_bytes": result["model_bytes"]}
+        results = json.loads(report.read_text())["results"]
+        reference, rows = (results[0], results[1:]) if against_source else (None, results)
+        if len(rows) != len(models):
+            raise LowbitError(f"lowbit eval of {len(models)} models gave {len(rows)} rows")
+        for scored, result in zip(scores, rows):
+            scored[corpus] = {"perplexity": result["perplexity"], "reference_perplexity": (reference or result)["perplexity"],
+                              "kld": result["kld"], "top1_percent": result["top1_percent"], "bits_per_weight": result["bits_per_weight"],
+                              "model_bytes": result["model_bytes"]}
+    return scores
+
+
+def finish(recipe: Recipe, current: str, steps: list[dict], scores: dict, protocol: Protocol, work: Path) -> dict:
+    """A recipe's row: its steps and their cost, its scores, its decode speed (`lowbit
+    generate`) and the roofline's prediction for its stored bytes."""
     generated = _lowbit(["generate", current, "--prompt", PROMPT, "--max-new-tokens", str(protocol.decode_tokens)], work / "generate.log")
     found = DECODE.findall(generated["output"])
     return {"key": recipe.key, "family": recipe.family, "steps": steps, "cost_seconds": sum(s["seconds"] for s in steps),
             "peak_rss_mb": max([s["peak_rss_mb"] for s in steps], default=None), "scores": scores,
             "decode_tokens_per_second": float(found[-1]) if found else None, "roofline": roofline(current, protocol)}
+
+
+def measure(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress=print, made: dict | None = None,
+            keep: Path | None = None) -> dict:
+    """Make the recipe's model (`make`), then score (`score`) and decode it (`finish`)."""
+    current, steps = make(recipe, model, protocol, work, progress, made, keep)
+    (scores,) = score([current], model, protocol, work, against_source=bool(recipe.steps))
+    return finish(recipe, current, steps, scores, protocol, work)
 
 
 def roofline(model_ref: str, protocol: Protocol) -> dict:
@@ -203,8 +229,14 @@ class Results:
     rows: dict = field(default_factory=dict)
 
 
-def run_report(models: list[str], recipes: list[Recipe], protocol: Protocol, cache: Path, redo: bool = False, progress=print) -> list[Results]:
-    """Measure every recipe on every model, reusing what ``cache`` holds for this protocol."""
+SCORED_TOGETHER = 4  # recipes made before one `lowbit eval` per corpus scores them
+
+
+def run_report(models: list[str], recipes: list[Recipe], protocol: Protocol, cache: Path, redo: bool = False, progress=print,
+               batch: int = SCORED_TOGETHER) -> list[Results]:
+    """Measure every recipe on every model, reusing what ``cache`` holds for this protocol.
+    Recipes are made ``batch`` at a time and each batch scored together (`score`); the cache
+    is written after each batch."""
     out = []
     for model in models:
         path = cache / f"{Path(model).name}-{protocol.key()}.json"
@@ -214,10 +246,22 @@ def run_report(models: list[str], recipes: list[Recipe], protocol: Protocol, cac
         # chains of steps that begin a longer recipe still to run: made once, kept for it
         made = {recipe.steps[:k]: None for recipe in todo for k in range(1, len(recipe.steps))}
         with tempfile.TemporaryDirectory(prefix="lowbit-report-kept-") as keep:
-            for recipe in todo:
-                progress(f"{model}: {recipe.key}")
+            for first in range(0, len(todo), batch):
                 with tempfile.TemporaryDirectory(prefix="lowbit-report-") as work:
-                    results.rows[recipe.key] = measure(recipe, model, protocol, Path(work), progress, made, Path(keep))
+                    built = []
+                    for index, recipe in enumerate(todo[first : first + batch]):
+                        progress(f"{model}: {recipe.key}")
+                        recipe_work = Path(work) / f"recipe{index}"
+                        recipe_work.mkdir()
+                        built.append((recipe, *make(recipe, model, protocol, recipe_work, progress, made, Path(keep)), recipe_work))
+                    derived = [entry for entry in built if entry[0].steps]
+                    scores = dict(zip([entry[0].key for entry in derived], score([entry[1] for entry in derived], model, protocol, Path(work)))) \
+                        if derived else {}
+                    for recipe, current, _, recipe_work in built:
+                        if not recipe.steps:  # the source itself, scored alone
+                            (scores[recipe.key],) = score([current], model, protocol, recipe_work, against_source=False)
+                    for recipe, current, steps, recipe_work in built:
+                        results.rows[recipe.key] = finish(recipe, current, steps, scores[recipe.key], protocol, recipe_work)
                 cache.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"model": model, "protocol": asdict(protocol), "rows": results.rows}, indent=1) + "\n")
