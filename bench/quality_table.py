@@ -102,7 +102,13 @@ def score(checkpoints: list[Path], corpus: str) -> list[dict]:
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"lowbit eval {' '.join(map(str, checkpoints))} --corpus {corpus}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        message = f"lowbit eval {' '.join(map(str, checkpoints))} --corpus {corpus}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}"
+        if len(checkpoints) == 1:
+            raise SystemExit(message)
+        # several models may not fit the memory free at that moment (lowbit eval then refuses to
+        # stream them together): one at a time instead, the batch's quantisation kept
+        print(f"{message}\nscoring the {len(checkpoints)} checkpoints one at a time", flush=True)
+        return [score([checkpoint], corpus)[0] for checkpoint in checkpoints]
     reference, *results = json.loads(report.read_text())["results"]
     assert [r["label"] for r in results] == [c.name for c in checkpoints], "lowbit eval labels its rows by directory name"
     return [{"perplexity": result["perplexity"], "reference_perplexity": reference["perplexity"], "kld": result["kld"],
