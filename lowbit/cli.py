@@ -945,11 +945,10 @@ def cmd_roofline(args, derived) -> int:
         where = "measured on this machine"
     print(f"machine ({where}): {machine.bandwidth_gbps:.1f} GB/s, {machine.peak_gflops:.0f} GFLOP/s (ridge {machine.ridge:.1f} FLOP/byte)")
     if args.measure:
-        import shutil
         import tempfile
 
         from lowbit.inference.speed import VARIANTS, measure_variants
-        from lowbit.models.loading import gguf_cache_path
+        from lowbit.models.loading import remove_gguf_directory
 
         work = Path(tempfile.mkdtemp(prefix="lowbit-bench-decode-"))
         try:
@@ -958,9 +957,7 @@ def cmd_roofline(args, derived) -> int:
                 model = loaded.model
             rows = measure_variants(model, machine, args.ctx, args.new_tokens, variants=VARIANTS + extra, rounds=args.rounds, loaded=loaded)
         finally:  # the random model's GGUF file and its cached conversion
-            for written in work.glob("*.gguf"):
-                shutil.rmtree(gguf_cache_path(written), ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)
+            remove_gguf_directory(work)
     else:
         rows = predicted_rows(model, machine, args.ctx, args.kv_bits)
     print(roofline_table(rows))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import shutil
 import statistics
 import tempfile
 import time
@@ -266,9 +265,7 @@ def measure_variants(model: nn.Module, machine: Machine, prompt_len: int = 64, n
         engines.clear()
         gc.collect()
         if work is not None:
-            from lowbit.models.loading import gguf_cache_path
+            from lowbit.models.loading import remove_gguf_directory
 
-            for path in work.glob("*.gguf"):
-                shutil.rmtree(gguf_cache_path(path), ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)
+            remove_gguf_directory(work)
     return rows

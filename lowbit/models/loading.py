@@ -70,6 +70,14 @@ def gguf_cache_path(path: Path) -> Path:
     return cache_dir() / "converted" / f"{path.stem}-{key}"
 
 
+def remove_gguf_directory(directory: Path) -> None:
+    """Delete a temporary directory of GGUF files (exports, written models) together with the
+    float conversions of them cached by `convert_gguf` (0.5-5 GB each)."""
+    for path in directory.glob("*.gguf"):
+        shutil.rmtree(gguf_cache_path(path), ignore_errors=True)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=4)
 def _reader(resolved: str, size: int, mtime_ns: int, inode: int):
     from gguf import GGUFReader
