@@ -64,6 +64,18 @@ def test_commands_take_the_protocols_settings_where_they_apply(tmp_path):
     assert missing == len(RECIPES) and 3600 < seconds < 6 * 3600
 
 
+def test_the_estimate_counts_a_shared_chain_once_and_one_reference_per_batch(tmp_path):
+    by_key = {r.key: r for r in RECIPES}
+    model = {"smollm2": 134_515_008}
+    alone = [estimate_seconds(model, [by_key[key]], FULL, tmp_path)[0] for key in ("distilled half", "distilled half + gptq W4")]
+    together, missing = estimate_seconds(model, [by_key["distilled half"], by_key["distilled half + gptq W4"]], FULL, tmp_path)
+    assert missing == 2
+    # the distillation (over 20 min) runs once for both rows
+    assert together < sum(alone) - 1200
+    four = [by_key[key] for key in ("rtn W4 g128", "gptq W4 g128", "awq W4 g128", "nf4 g64")]
+    assert estimate_seconds(model, four, FULL, tmp_path)[0] < sum(estimate_seconds(model, [r], FULL, tmp_path)[0] for r in four)
+
+
 def test_roofline_ratios_compare_rows_at_one_bandwidth():
     """Each row's roofline used the bandwidth read when it ran; the ratio to float divides it
     out (a row read at twice the bandwidth does not look twice as fast)."""

@@ -270,27 +270,44 @@ def run_report(models: list[str], recipes: list[Recipe], protocol: Protocol, cac
     return out
 
 
-# rough seconds of one step by verb on SmolLM2 with the full protocol on this kind of machine (2 cores), for the estimate
-STEP_SECONDS = {"quantize": 120, "prune": 130, "finetune": 1800, "distill": 2400}
-SCORE_SECONDS = 140  # one corpus's 40 windows of 512 tokens, float reference included
+# rough seconds on SmolLM2 with the full protocol on this kind of machine (2 cores), for the
+# estimate; measured in its report (bench/results/report) and quality table runs
+STEP_SECONDS = {"quantize": 70, "prune": 70, "finetune": 1650, "distill": 1650}  # a calibrated step
+UNCALIBRATED_SECONDS = 8  # rtn, nf4, magnitude pruning: no calibration forwards
+SCORE_SECONDS = 45  # one model's 40 windows of 512 tokens of one corpus, within a joint lowbit eval
+REFERENCE_SECONDS = 10  # the float reference's share of one joint lowbit eval (its hidden states cached)
+FINISH_SECONDS = 20  # lowbit generate's process and the roofline's bandwidth measurement
 SMOLLM2_PARAMETERS = 134.5e6
 PROCESS_SECONDS = 8  # starting one lowbit process (imports, model load)
 
 
-def estimate_seconds(models: dict[str, int], recipes: list[Recipe], protocol: Protocol, cache: Path) -> tuple[float, int]:
+def estimate_seconds(models: dict[str, int], recipes: list[Recipe], protocol: Protocol, cache: Path,
+                     batch: int = SCORED_TOGETHER) -> tuple[float, int]:
     """(rough seconds, rows) of what is not cached yet, for models (name -> parameters):
-    what the report prints before it starts, scaled from SmolLM2's measured times."""
+    what the report prints before it starts, scaled by parameters from SmolLM2's measured
+    times. It counts what `run_report` does: a chain of steps two recipes share is made
+    once, and each ``batch`` of recipes is scored by one `lowbit eval` per corpus."""
     seconds, missing = 0.0, 0
     shrink = (protocol.windows * protocol.ctx) / (FULL.windows * FULL.ctx)
+    train = protocol.train_steps / FULL.train_steps
     for model, parameters in models.items():
         path = cache / f"{Path(model).name}-{protocol.key()}.json"
         rows = json.loads(path.read_text()).get("rows", {}) if path.exists() else {}
-        for recipe in recipes:
-            if recipe.key in rows:
-                continue
-            missing += 1
-            scale = parameters / SMOLLM2_PARAMETERS
-            steps = sum(STEP_SECONDS[step[0]] * (protocol.train_steps / FULL.train_steps if step[0] in ("finetune", "distill") else 1)
-                        for step in recipe.steps)
-            seconds += scale * (steps + SCORE_SECONDS * len(protocol.corpora) * shrink) + PROCESS_SECONDS * (len(recipe.steps) + len(protocol.corpora) + 1)
+        todo = [recipe for recipe in recipes if recipe.key not in rows]
+        missing += len(todo)
+        scale = parameters / SMOLLM2_PARAMETERS
+        made = set()
+        for recipe in todo:
+            for k, step in enumerate(recipe.steps, start=1):
+                if recipe.steps[:k] in made:
+                    continue
+                made.add(recipe.steps[:k])
+                if step[0] in ("finetune", "distill"):
+                    seconds += scale * STEP_SECONDS[step[0]] * train
+                else:
+                    seconds += scale * (STEP_SECONDS[step[0]] if _calibrated(step) else UNCALIBRATED_SECONDS)
+                seconds += PROCESS_SECONDS
+            seconds += scale * (SCORE_SECONDS * len(protocol.corpora) * shrink + FINISH_SECONDS)
+        evals = -(-len(todo) // batch) * len(protocol.corpora)
+        seconds += evals * (scale * REFERENCE_SECONDS * shrink + PROCESS_SECONDS)
     return seconds, missing
