@@ -201,14 +201,6 @@ def finish(recipe: Recipe, current: str, steps: list[dict], scores: dict, protoc
             "decode_tokens_per_second": float(found[-1]) if found else None, "roofline": roofline(current, protocol)}
 
 
-def measure(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress=print, made: dict | None = None,
-            keep: Path | None = None) -> dict:
-    """Make the recipe's model (`make`), then score (`score`) and decode it (`finish`)."""
-    current, steps = make(recipe, model, protocol, work, progress, made, keep)
-    (scores,) = score([current], model, protocol, work, against_source=bool(recipe.steps))
-    return finish(recipe, current, steps, scores, protocol, work)
-
-
 def roofline(model_ref: str, protocol: Protocol) -> dict:
     """The roofline's decode prediction for the model's stored bytes at this machine's bandwidth."""
     from lowbit.analysis.roofline import decode_cost, measure_machine
@@ -222,7 +214,7 @@ def roofline(model_ref: str, protocol: Protocol) -> dict:
 
 @dataclass
 class Results:
-    """The measured rows of one model: recipe key -> `measure`'s dict."""
+    """The measured rows of one model: recipe key -> `finish`'s dict."""
 
     model: str
     protocol: Protocol
