@@ -59,6 +59,9 @@ EXTRA = {  # the other starts, the budget mode and learned rounding's steps, at 
     "signround from gptq mse, 100 steps | W4 g128": [*METHODS["signround from gptq mse"], "--iters", "100", *SPECS["W4 g128"]],
     **{f"signround float targets from gptq mse, {n} steps | W4 g128": [*METHODS["signround float targets from gptq mse"], "--iters", str(n),
                                                                        *SPECS["W4 g128"]] for n in (10, 25, 100, 200)},
+    # Gemma 3 missed the W4 g64 goal (+3%) at 50 steps by 0.1 points: does 100 steps meet it?
+    "signround float targets from gptq mse, 100 steps | W4 g64": [*METHODS["signround float targets from gptq mse"], "--iters", "100",
+                                                                   *SPECS["W4 g64"]],
 }
 ROWS = {f"{method} | {spec}": [*flags, *SPECS[spec]] for spec in SPECS for method, flags in METHODS.items()} | EXTRA
 # the order rows are run in when none are named: the goals first (W4 g128, W4 g64, W3 g64, W2 g64), then the rest
