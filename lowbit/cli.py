@@ -547,13 +547,13 @@ def _eval_streamed(args, skeletons, reference_skeleton, streamed: bool) -> bool:
     """Whether `lowbit eval` streams (--low-memory, a streamed quantisation before it, or
     models whose in-memory evaluation would not fit --max-memory), said on stderr when
     chosen by size."""
-    from lowbit.streaming import in_memory_peak
+    from lowbit.streaming import in_memory_eval_peak
     from lowbit.system import available_memory
 
     if streamed or getattr(args, "low_memory", False):
         return True
     cap = getattr(args, "max_memory", None) or available_memory()
-    need = sum(in_memory_peak(s.model) for s in skeletons) + (0 if reference_skeleton is None else in_memory_peak(reference_skeleton.model))
+    need = in_memory_eval_peak([s.model for s in skeletons] + ([] if reference_skeleton is None else [reference_skeleton.model]))
     if need <= cap:
         return False
     print(f"evaluating in memory needs about {need / 1e9:.1f} GB, more than {cap / 1e9:.1f} GB "
@@ -802,6 +802,7 @@ def cmd_report(args, derived) -> int:
     from lowbit.outputs import check_new_directory, new_directory
     from lowbit.reports.compression import FULL, QUICK, QUICK_RECIPES, RECIPES, estimate_seconds, run_report
     from lowbit.reports.tables import markdown, plots, to_html
+    from lowbit.streaming import float_weight_bytes
 
     if args.list:
         for recipe in RECIPES:
@@ -815,7 +816,7 @@ def cmd_report(args, derived) -> int:
     if "float" not in [r.key for r in chosen]:
         chosen.insert(0, known["float"])  # every table compares against it
     out = check_new_directory(args.out, "--out")
-    parameters = {model: sum(p.numel() for p in _model_skeleton(model, float_only=True, what="--models").model.parameters())
+    parameters = {model: float_weight_bytes(_model_skeleton(model, float_only=True, what="--models").model) // 4
                   for model in args.models}
     protocol = QUICK if args.quick else FULL
     cache = Path(args.cache) if args.cache else cache_dir() / "report"

@@ -220,12 +220,29 @@ class StreamedResult:
     phases: dict = field(default_factory=dict)
 
 
+def float_weight_bytes(model) -> int:
+    """Bytes of ``model``'s weights in float32, each tensor once: a head tied to the
+    embeddings (``tie_word_embeddings``) counts once even where the model was built on the
+    meta device, which leaves the two untied (Gemma 3 270M: 268M parameters, not 436M)."""
+    weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight is not embeddings.weight:
+        weights -= head.weight.numel()
+    return weights * 4
+
+
 def in_memory_peak(model) -> int:
     """A quick bound on the peak of quantising ``model`` (built on the meta device) in
     memory: this process, the float32 weights and a quarter more for quantised copies and
     a method's workspace."""
-    weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
-    return resident_bytes() + weights * 5 // 4
+    return resident_bytes() + float_weight_bytes(model) * 5 // 4
+
+
+def in_memory_eval_peak(models: list) -> int:
+    """The same bound for one in-memory `lowbit eval` of ``models`` (a reference among
+    them), all in one process: the process once, each model's float32 weights and a quarter
+    more."""
+    return resident_bytes() + sum(float_weight_bytes(model) * 5 // 4 for model in models)
 
 
 def streamed_estimate(loaded: LoadedModel, config: QuantizeConfig, calibration: CalibrationConfig | None,

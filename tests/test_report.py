@@ -116,6 +116,41 @@ def test_a_recipe_that_starts_with_another_reuses_its_output(tmp_path, monkeypat
     assert len(evals) == len(QUICK.corpora) and all(len(c[1 : c.index("--corpus")]) == 3 and c[-2:] == ["--reference", "smollm2"] for c in evals)
 
 
+def test_a_batch_too_large_for_memory_is_scored_in_groups_that_fit(tmp_path, monkeypatch):
+    """Four models made from SmolLM2 with room for two beside the reference: two `lowbit
+    eval`s per corpus of two models each, every model's scores in order; with room for none
+    beside it, one model at a time (which `lowbit eval` streams), never a refusal."""
+    import lowbit.system
+    from lowbit.loader import open_skeleton
+    from lowbit.streaming import float_weight_bytes, in_memory_eval_peak
+
+    skeleton = open_skeleton("smollm2").model
+    one = float_weight_bytes(skeleton) * 5 // 4
+    assert float_weight_bytes(skeleton) // 4 == 134_515_008  # the tied head counted once
+    cap = in_memory_eval_peak([skeleton] * 3) + one // 2  # the reference and two models, not three
+    calls = []
+
+    def fake_lowbit(argv, log):
+        calls.append(argv)
+        scored = argv[1 : argv.index("--corpus")]
+        results = [{"perplexity": 10.0}] + [{"perplexity": float(m[-1]), "kld": 0.1, "top1_percent": 90.0, "bits_per_weight": 4.0,
+                                             "model_bytes": 1} for m in scored]
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"results": results}))
+        return {"seconds": 5.0, "peak_rss_mb": 100, "output": ""}
+
+    monkeypatch.setattr(compression, "_lowbit", fake_lowbit)
+    monkeypatch.setattr(lowbit.system, "available_memory", lambda: cap)
+    made = [f"made{i}" for i in range(1, 5)]
+    scores = compression.score(made, "smollm2", QUICK, tmp_path)
+    assert [len(c[1 : c.index("--corpus")]) for c in calls] == [2] * 2 * len(QUICK.corpora)
+    assert [s[QUICK.corpora[0]]["perplexity"] for s in scores] == [1.0, 2.0, 3.0, 4.0]
+    assert all(c[-2:] == ["--reference", "smollm2"] for c in calls)
+    calls.clear()
+    monkeypatch.setattr(lowbit.system, "available_memory", lambda: one)
+    assert len(compression.score(made, "smollm2", QUICK, tmp_path / "alone")) == 4
+    assert [len(c[1 : c.index("--corpus")]) for c in calls] == [1] * 4 * len(QUICK.corpora)
+
+
 @pytest.fixture(scope="module")
 def wide_tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny128")

@@ -168,11 +168,40 @@ def make(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress=pr
     return current, steps
 
 
+def fit_in_memory(source: str, count: int, cap: int | None = None) -> int:
+    """How many of ``count`` models made from ``source`` one in-memory `lowbit eval` can
+    score beside ``source`` as its reference, within ``cap`` bytes (the memory free now):
+    each made model is bounded by its source's float weights (quantising, pruning and
+    distilling never grow a model). At least one: a model that does not fit alone is scored
+    streamed, which `lowbit eval` does for one model at a time."""
+    from lowbit.loader import open_skeleton
+    from lowbit.streaming import in_memory_eval_peak
+    from lowbit.system import available_memory
+
+    cap = available_memory() if cap is None else cap
+    model = open_skeleton(source).model
+    fits = 1
+    while fits < count and in_memory_eval_peak([model] * (fits + 2)) <= cap:
+        fits += 1
+    return fits
+
+
 def score(models: list[str], source: str, protocol: Protocol, work: Path, against_source: bool = True) -> list[dict]:
-    """One `lowbit eval` per corpus of all ``models`` (against ``source``, the float model,
-    unless ``against_source`` is False: the source scored alone): the reference's pass,
-    most of an evaluation on Gemma's 262k-entry vocabulary, runs once for all of them. Each
-    model's scores by corpus, in the order given."""
+    """One `lowbit eval` per corpus of as many of ``models`` as fit in memory together
+    (`fit_in_memory`; against ``source``, the float model, unless ``against_source`` is
+    False: the source scored alone): the reference's pass, most of an evaluation on Gemma's
+    262k-entry vocabulary, runs once for all of them. Each model's scores by corpus, in the
+    order given."""
+    together = fit_in_memory(source, len(models)) if len(models) > 1 else 1
+    scores = []
+    for first in range(0, len(models), together):
+        scores += _score_together(models[first : first + together], source, protocol, work / f"scored{first}", against_source)
+    return scores
+
+
+def _score_together(models: list[str], source: str, protocol: Protocol, work: Path, against_source: bool) -> list[dict]:
+    """`score` of ``models`` in one `lowbit eval` per corpus."""
+    work.mkdir(parents=True, exist_ok=True)
     scores = [{} for _ in models]
     for corpus in protocol.corpora:
         report = work / f"eval.{corpus}.json"
