@@ -151,6 +151,29 @@ def test_a_batch_too_large_for_memory_is_scored_in_groups_that_fit(tmp_path, mon
     assert [len(c[1 : c.index("--corpus")]) for c in calls] == [1] * 4 * len(QUICK.corpora)
 
 
+def test_a_steps_peak_is_its_own_not_the_larger_reports(tmp_path):
+    """The report process holds 1.5 GB; a step it starts (`lowbit methods`, a few hundred MB)
+    is recorded at its own peak. The kernel's count (wait4) said 1.5 GB: a forked child
+    inherits its parent's high-water mark."""
+    held = bytearray(1536 * 2**20)
+    held[:: 4096] = b"\x01" * len(held[:: 4096])  # touched: resident, not only reserved
+    run = compression._lowbit(["methods"], tmp_path / "methods.log")
+    assert "gptq" in run["output"] and 10 < run["peak_rss_mb"] < 1000
+    del held
+
+
+def test_rows_cached_before_steps_kept_their_own_peaks_show_a_bound():
+    from lowbit.reports.tables import peak
+
+    old = row("PTQ", 11.0)
+    assert peak(old) == "≤ 100" and peak({**old, "peak_rss_own": True}) == "100" and peak({**old, "peak_rss_mb": None}) == "-"
+    results = synthetic()
+    assert "a bound rather than the step's peak" in markdown([results], {}, "lowbit report")
+    for r in results.rows.values():
+        r["peak_rss_own"] = True
+    assert "a bound rather" not in markdown([results], {}, "lowbit report")
+
+
 @pytest.fixture(scope="module")
 def wide_tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny128")

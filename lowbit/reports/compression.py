@@ -120,16 +120,18 @@ def command(step: tuple[str, ...], model: str, out: Path, protocol: Protocol) ->
 
 
 def _lowbit(argv: list[str], log: Path) -> dict:
-    """Run ``lowbit ARGV`` as its own process: wall seconds, peak RSS (wait4), its output."""
+    """Run ``lowbit ARGV`` as its own process: wall seconds, its own peak RSS (MB, VmHWM as
+    it exits: `lowbit.reports.measured`), its output."""
+    peak_file = log.with_suffix(".peak")
     with log.open("w") as sink:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", *argv], stdout=sink, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run([sys.executable, "-m", "lowbit.reports.measured", str(peak_file), *argv], stdout=sink,
+                              stderr=subprocess.STDOUT, text=True)
         seconds = time.perf_counter() - start
     text = log.read_text()
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         raise LowbitError(f"lowbit {' '.join(argv[:3])} ... failed: {(text.strip().splitlines() or ['no output'])[-1]}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "output": text}
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(int(peak_file.read_text()) / 2**20), "output": text}
 
 
 DECODE = re.compile(r"decode ([\d.]+) tokens/s")
@@ -161,7 +163,7 @@ def make(recipe: Recipe, model: str, protocol: Protocol, work: Path, progress=pr
         shown = " ".join(argv).replace(str(work), "WORK")  # the temporary directory means nothing once it is gone
         if keep is not None:
             shown = shown.replace(str(keep), "WORK")
-        steps.append({"command": "lowbit " + shown, "seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"]})
+        steps.append({"command": "lowbit " + shown, "seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"], "peak_rss_own": True})
         current = str(out)
         if chain in made:
             made[chain] = (current, steps[-1])
@@ -226,7 +228,8 @@ def finish(recipe: Recipe, current: str, steps: list[dict], scores: dict, protoc
     generated = _lowbit(["generate", current, "--prompt", PROMPT, "--max-new-tokens", str(protocol.decode_tokens)], work / "generate.log")
     found = DECODE.findall(generated["output"])
     return {"key": recipe.key, "family": recipe.family, "steps": steps, "cost_seconds": sum(s["seconds"] for s in steps),
-            "peak_rss_mb": max([s["peak_rss_mb"] for s in steps], default=None), "scores": scores,
+            "peak_rss_mb": max([s["peak_rss_mb"] for s in steps], default=None),
+            "peak_rss_own": all(s.get("peak_rss_own", False) for s in steps), "scores": scores,
             "decode_tokens_per_second": float(found[-1]) if found else None, "roofline": roofline(current, protocol)}
 
 

@@ -171,6 +171,15 @@ def table_93(results: Results) -> str:
     return _cells(table) + "\n\nEach measured cell is the family's best row on the first corpus (named in brackets); the table of every row follows."
 
 
+def peak(row: dict) -> str:
+    """A row's peak RSS in MB: its steps' own peaks, or "≤ N" for rows measured before
+    `lowbit.reports.measured` (the kernel's count then, which a forked step inherits from the
+    larger report process: a bound, not the step's peak)."""
+    if row["peak_rss_mb"] is None:
+        return "-"
+    return str(row["peak_rss_mb"]) if row.get("peak_rss_own") else f"≤ {row['peak_rss_mb']}"
+
+
 def every_row(results: Results) -> str:
     float_row = results.rows.get("float")
     table = [["recipe", "family", "bits/w", "MB", *[f"{c} Δppl" for c in results.protocol.corpora], "KLD", "top-1", "cost s", "peak RSS MB",
@@ -182,7 +191,7 @@ def every_row(results: Results) -> str:
         table.append([key, row["family"], f"{first['bits_per_weight']:.2f}", f"{first['model_bytes'] / 1e6:.1f}",
                       *[f"{_delta(s):+.1%}" for s in row["scores"].values()],
                       "-" if first["kld"] is None else f"{first['kld']:.3f}", "-" if first["top1_percent"] is None else f"{first['top1_percent']:.1f}",
-                      f"{row['cost_seconds']:.0f}", "-" if row["peak_rss_mb"] is None else str(row["peak_rss_mb"]), speed(row, float_row),
+                      f"{row['cost_seconds']:.0f}", peak(row), speed(row, float_row),
                       "<br>".join(f"`{s['command']}`" for s in row["steps"]) or "(source)"])
     return _cells(table)
 
@@ -267,6 +276,9 @@ def markdown(all_results: list[Results], images: dict[str, dict[str, Path]], com
                   "### Table 8.3: performance and recovery", "", table_83(results), "",
                   "### Table 9.3: quantisation against pruning and distillation", "", table_93(results), "",
                   "### Every row", "", every_row(results), ""]
+        if any(not row.get("peak_rss_own") and row["peak_rss_mb"] is not None for row in results.rows.values()):
+            parts += ["Peak RSS is each step's own high-water mark; \"≤ N\" marks rows cached before it was: the kernel's count then, "
+                      "which a forked step inherits from the larger report process, a bound rather than the step's peak.", ""]
         for label, path in images.get(results.model, {}).items():
             parts += [f"![{name} {label}]({path.name})", ""]
     return "\n".join(parts)
