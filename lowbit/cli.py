@@ -800,9 +800,8 @@ def cmd_distill(args, derived) -> int:
 def cmd_report(args, derived) -> int:
     from lowbit.models.registry import cache_dir
     from lowbit.outputs import check_new_directory, new_directory
-    from lowbit.reports.compression import FULL, QUICK, QUICK_RECIPES, RECIPES, estimate_seconds, run_report
+    from lowbit.reports.compression import FULL, QUICK, QUICK_RECIPES, RECIPES, ModelSize, estimate_seconds, run_report
     from lowbit.reports.tables import markdown, plots, to_html
-    from lowbit.streaming import float_weight_bytes
 
     if args.list:
         for recipe in RECIPES:
@@ -816,11 +815,10 @@ def cmd_report(args, derived) -> int:
     if "float" not in [r.key for r in chosen]:
         chosen.insert(0, known["float"])  # every table compares against it
     out = check_new_directory(args.out, "--out")
-    parameters = {model: float_weight_bytes(_model_skeleton(model, float_only=True, what="--models").model) // 4
-                  for model in args.models}
+    sizes = {model: ModelSize.of(_model_skeleton(model, float_only=True, what="--models")) for model in args.models}
     protocol = QUICK if args.quick else FULL
     cache = Path(args.cache) if args.cache else cache_dir() / "report"
-    seconds, missing = estimate_seconds(parameters, chosen, protocol, cache)
+    seconds, missing = estimate_seconds(sizes, chosen, protocol, cache)
     print(f"{len(chosen) * len(args.models)} rows, {missing} to measure (the rest cached in {cache}): about {seconds / 60:.0f} min", flush=True)
     results = run_report(args.models, chosen, protocol, cache, redo=args.redo, progress=lambda line: print(line, flush=True))
     argv = "lowbit " + " ".join(args.argv)

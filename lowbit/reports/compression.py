@@ -294,43 +294,65 @@ def run_report(models: list[str], recipes: list[Recipe], protocol: Protocol, cac
     return out
 
 
-# rough seconds on SmolLM2 with the full protocol on this kind of machine (2 cores), for the
-# estimate; measured in its report (bench/results/report) and quality table runs
-STEP_SECONDS = {"quantize": 70, "prune": 70, "finetune": 1650, "distill": 1650}  # a calibrated step
-UNCALIBRATED_SECONDS = 8  # rtn, nf4, magnitude pruning: no calibration forwards
-SCORE_SECONDS = 45  # one model's 40 windows of 512 tokens of one corpus, within a joint lowbit eval
+@dataclass(frozen=True)
+class ModelSize:
+    """A model's parameters, for the estimate: all of them (a tied head once) and its decoder
+    blocks' alone, which calibration runs through and a vocabulary does not grow (SmolLM2:
+    134.5M and 106.2M; Gemma 3 270M: 268M and 100M, its 262k-entry embedding the rest)."""
+
+    parameters: int
+    block_parameters: int
+
+    @classmethod
+    def of(cls, skeleton) -> ModelSize:
+        """``skeleton``'s sizes (`lowbit.loader.open_skeleton`: built on the meta device)."""
+        from lowbit.models.architectures import decoder_blocks
+        from lowbit.streaming import float_weight_bytes
+
+        blocks = decoder_blocks(skeleton.model, skeleton.arch)
+        return cls(float_weight_bytes(skeleton.model) // 4, sum(p.numel() for p in blocks.parameters()))
+
+
+# rough seconds with the full protocol on this kind of machine (2 cores), for the estimate;
+# fitted to the reports of SmolLM2 and Gemma 3 (bench/results/report)
+LOAD_SECONDS_PER_PARAMETER = 0.04e-6  # a step's process that reads, rounds and saves: rtn, nf4, magnitude pruning
+CALIBRATED_SECONDS_PER_BLOCK_PARAMETER = 0.65e-6  # a calibrated step's forwards and solves, on top of that
+TRAIN_SECONDS = {"finetune": 1650, "distill": 1650}  # on SmolLM2; scaled by all parameters (the head trains too)
+SCORE_SECONDS = 45  # SmolLM2's 40 windows of 512 tokens of one corpus, within a joint lowbit eval
 REFERENCE_SECONDS = 10  # the float reference's share of one joint lowbit eval (its hidden states cached)
-FINISH_SECONDS = 20  # lowbit generate's process and the roofline's bandwidth measurement
+FINISH_SECONDS = 20  # lowbit generate's process and the roofline's bandwidth measurement, on SmolLM2
 SMOLLM2_PARAMETERS = 134.5e6
 PROCESS_SECONDS = 8  # starting one lowbit process (imports, model load)
 
 
-def estimate_seconds(models: dict[str, int], recipes: list[Recipe], protocol: Protocol, cache: Path,
+def estimate_seconds(models: dict[str, ModelSize], recipes: list[Recipe], protocol: Protocol, cache: Path,
                      batch: int = SCORED_TOGETHER) -> tuple[float, int]:
-    """(rough seconds, rows) of what is not cached yet, for models (name -> parameters):
-    what the report prints before it starts, scaled by parameters from SmolLM2's measured
-    times. It counts what `run_report` does: a chain of steps two recipes share is made
-    once, and each ``batch`` of recipes is scored by one `lowbit eval` per corpus."""
+    """(rough seconds, rows) of what is not cached yet, for ``models`` (name -> sizes): what
+    the report prints before it starts. A step that only loads and saves scales with all
+    parameters, a calibrated step's work with the blocks', training, scoring and decoding
+    with all of them from SmolLM2's measured times (Gemma 3's 262k-entry head is in every
+    token's forward). It counts what `run_report` does: a chain of steps two recipes share
+    is made once, and each ``batch`` of recipes is scored by one `lowbit eval` per corpus."""
     seconds, missing = 0.0, 0
     shrink = (protocol.windows * protocol.ctx) / (FULL.windows * FULL.ctx)
     train = protocol.train_steps / FULL.train_steps
-    for model, parameters in models.items():
+    for model, size in models.items():
         path = cache / f"{Path(model).name}-{protocol.key()}.json"
         rows = json.loads(path.read_text()).get("rows", {}) if path.exists() else {}
         todo = [recipe for recipe in recipes if recipe.key not in rows]
         missing += len(todo)
-        scale = parameters / SMOLLM2_PARAMETERS
+        scale = size.parameters / SMOLLM2_PARAMETERS
+        load = LOAD_SECONDS_PER_PARAMETER * size.parameters
         made = set()
         for recipe in todo:
             for k, step in enumerate(recipe.steps, start=1):
                 if recipe.steps[:k] in made:
                     continue
                 made.add(recipe.steps[:k])
-                if step[0] in ("finetune", "distill"):
-                    seconds += scale * STEP_SECONDS[step[0]] * train
+                if step[0] in TRAIN_SECONDS:
+                    seconds += scale * TRAIN_SECONDS[step[0]] * train
                 else:
-                    seconds += scale * (STEP_SECONDS[step[0]] if _calibrated(step) else UNCALIBRATED_SECONDS)
-                seconds += PROCESS_SECONDS
+                    seconds += load + (CALIBRATED_SECONDS_PER_BLOCK_PARAMETER * size.block_parameters if _calibrated(step) else 0.0)
             seconds += scale * (SCORE_SECONDS * len(protocol.corpora) * shrink + FINISH_SECONDS)
         evals = -(-len(todo) // batch) * len(protocol.corpora)
         seconds += evals * (scale * REFERENCE_SECONDS * shrink + PROCESS_SECONDS)
