@@ -89,7 +89,8 @@ def test_model_sizes_count_a_tied_head_once_and_the_blocks_apart():
 
 def test_a_calibrated_step_scales_with_the_blocks_and_scoring_with_every_parameter(tmp_path):
     """Gemma 3 has twice SmolLM2's parameters but fewer in its blocks: its GPTQ step costs
-    about SmolLM2's (measured 75 s against 67), its scoring about twice."""
+    about SmolLM2's (measured 75 s against 67), its scoring about twice, its QAT between
+    (measured 2,584 s against 1,634)."""
     gptq, float_row = [next(r for r in RECIPES if r.key == key) for key in ("gptq W4 g128", "float")]
 
     def step(size):
@@ -98,6 +99,9 @@ def test_a_calibrated_step_scales_with_the_blocks_and_scoring_with_every_paramet
     assert step(GEMMA3) == pytest.approx(step(SMOLLM2), rel=0.1)
     score = [estimate_seconds({"m": size}, [float_row], FULL, tmp_path)[0] for size in (SMOLLM2, GEMMA3)]
     assert score[1] > 1.8 * score[0]
+    qat = next(r for r in RECIPES if r.key == "qat W4 g128")
+    train = [estimate_seconds({"m": size}, [qat], FULL, tmp_path)[0] - s for size, s in zip((SMOLLM2, GEMMA3), score)]
+    assert 1.3 < train[1] / train[0] < 1.9  # the blocks train alike, the head's passes double
 
 
 def test_roofline_ratios_compare_rows_at_one_bandwidth():

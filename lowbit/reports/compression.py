@@ -317,7 +317,11 @@ class ModelSize:
 # fitted to the reports of SmolLM2 and Gemma 3 (bench/results/report)
 LOAD_SECONDS_PER_PARAMETER = 0.04e-6  # a step's process that reads, rounds and saves: rtn, nf4, magnitude pruning
 CALIBRATED_SECONDS_PER_BLOCK_PARAMETER = 0.65e-6  # a calibrated step's forwards and solves, on top of that
-TRAIN_SECONDS = {"finetune": 1650, "distill": 1650}  # on SmolLM2; scaled by all parameters (the head trains too)
+# 300 steps of 4 x 256 tokens (QAT: SmolLM2 1,634 s, Gemma 3 2,584 s): the blocks train, and
+# every token's forward and backward pass the head, which grows with the vocabulary
+TRAIN_SECONDS_PER_BLOCK_PARAMETER = 6.0e-6
+TRAIN_SECONDS_PER_PARAMETER = 7.4e-6
+TRAINING = ("finetune", "distill")
 SCORE_SECONDS = 45  # SmolLM2's 40 windows of 512 tokens of one corpus, within a joint lowbit eval
 REFERENCE_SECONDS = 10  # the float reference's share of one joint lowbit eval (its hidden states cached)
 FINISH_SECONDS = 20  # lowbit generate's process and the roofline's bandwidth measurement, on SmolLM2
@@ -329,9 +333,9 @@ def estimate_seconds(models: dict[str, ModelSize], recipes: list[Recipe], protoc
                      batch: int = SCORED_TOGETHER) -> tuple[float, int]:
     """(rough seconds, rows) of what is not cached yet, for ``models`` (name -> sizes): what
     the report prints before it starts. A step that only loads and saves scales with all
-    parameters, a calibrated step's work with the blocks', training, scoring and decoding
-    with all of them from SmolLM2's measured times (Gemma 3's 262k-entry head is in every
-    token's forward). It counts what `run_report` does: a chain of steps two recipes share
+    parameters, a calibrated step's work with the blocks', training with both, scoring and
+    decoding with all of them from SmolLM2's measured times (Gemma 3's 262k-entry head is
+    in every token's forward). It counts what `run_report` does: a chain of steps two recipes share
     is made once, and each ``batch`` of recipes is scored by one `lowbit eval` per corpus."""
     seconds, missing = 0.0, 0
     shrink = (protocol.windows * protocol.ctx) / (FULL.windows * FULL.ctx)
@@ -349,8 +353,8 @@ def estimate_seconds(models: dict[str, ModelSize], recipes: list[Recipe], protoc
                 if recipe.steps[:k] in made:
                     continue
                 made.add(recipe.steps[:k])
-                if step[0] in TRAIN_SECONDS:
-                    seconds += scale * TRAIN_SECONDS[step[0]] * train
+                if step[0] in TRAINING:
+                    seconds += (TRAIN_SECONDS_PER_BLOCK_PARAMETER * size.block_parameters + TRAIN_SECONDS_PER_PARAMETER * size.parameters) * train
                 else:
                     seconds += load + (CALIBRATED_SECONDS_PER_BLOCK_PARAMETER * size.block_parameters if _calibrated(step) else 0.0)
             seconds += scale * (SCORE_SECONDS * len(protocol.corpora) * shrink + FINISH_SECONDS)
