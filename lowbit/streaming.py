@@ -235,7 +235,7 @@ def in_memory_peak(model) -> int:
     """A quick bound on the peak of quantising ``model`` (built on the meta device) in
     memory: this process, the float32 weights and a quarter more for quantised copies and
     a method's workspace."""
-    return resident_bytes() + float_weight_bytes(model) * 5 // 4
+    return in_memory_eval_peak([model])
 
 
 def in_memory_eval_peak(models: list) -> int:

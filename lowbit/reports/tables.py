@@ -276,7 +276,7 @@ def markdown(all_results: list[Results], images: dict[str, dict[str, Path]], com
                   "### Table 8.3: performance and recovery", "", table_83(results), "",
                   "### Table 9.3: quantisation against pruning and distillation", "", table_93(results), "",
                   "### Every row", "", every_row(results), ""]
-        if any(not row.get("peak_rss_own") and row["peak_rss_mb"] is not None for row in results.rows.values()):
+        if any(peak(row).startswith("≤") for row in results.rows.values()):
             parts += ["Peak RSS is each step's own high-water mark; \"≤ N\" marks rows cached before it was: the kernel's count then, "
                       "which a forked step inherits from the larger report process, a bound rather than the step's peak.", ""]
         for label, path in images.get(results.model, {}).items():
