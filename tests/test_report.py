@@ -20,8 +20,8 @@ def row(family, ppl, reference=10.0, kld=0.1, top1=80.0, nbytes=1_000_000, bits=
             "peak_rss_mb": 100, "scores": scores, "decode_tokens_per_second": tps, "roofline": {"tokens_per_second": roof}}
 
 
-SMOLLM2 = ModelSize(134_515_008, 106_202_880)
-GEMMA3 = ModelSize(268_098_176, 100_325_376)
+SMOLLM2 = ModelSize(134_515_008, 106_202_880, 49_152)
+GEMMA3 = ModelSize(268_098_176, 100_325_376, 262_144)
 
 
 def synthetic():
@@ -90,7 +90,7 @@ def test_model_sizes_count_a_tied_head_once_and_the_blocks_apart():
 def test_a_calibrated_step_scales_with_the_blocks_and_scoring_with_every_parameter(tmp_path):
     """Gemma 3 has twice SmolLM2's parameters but fewer in its blocks: its GPTQ step costs
     about SmolLM2's (measured 75 s against 67), its scoring about twice, its QAT between
-    (measured 2,584 s against 1,634)."""
+    (measured 2,584 s against 1,634), its distillation four times (6,589 s against 1,617)."""
     gptq, float_row = [next(r for r in RECIPES if r.key == key) for key in ("gptq W4 g128", "float")]
 
     def step(size):
@@ -102,6 +102,9 @@ def test_a_calibrated_step_scales_with_the_blocks_and_scoring_with_every_paramet
     qat = next(r for r in RECIPES if r.key == "qat W4 g128")
     train = [estimate_seconds({"m": size}, [qat], FULL, tmp_path)[0] - s for size, s in zip((SMOLLM2, GEMMA3), score)]
     assert 1.3 < train[1] / train[0] < 1.9  # the blocks train alike, the head's passes double
+    distill = next(r for r in RECIPES if r.key == "distilled half")
+    taught = [estimate_seconds({"m": size}, [distill], FULL, tmp_path)[0] - s for size, s in zip((SMOLLM2, GEMMA3), score)]
+    assert taught[1] > 3 * taught[0]  # and distillation's softmaxes over a 5.3x vocabulary (measured 1,617 s and 6,589 s)
 
 
 def test_roofline_ratios_compare_rows_at_one_bandwidth():

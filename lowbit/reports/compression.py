@@ -298,10 +298,13 @@ def run_report(models: list[str], recipes: list[Recipe], protocol: Protocol, cac
 class ModelSize:
     """A model's parameters, for the estimate: all of them (a tied head once) and its decoder
     blocks' alone, which calibration runs through and a vocabulary does not grow (SmolLM2:
-    134.5M and 106.2M; Gemma 3 270M: 268M and 100M, its 262k-entry embedding the rest)."""
+    134.5M and 106.2M; Gemma 3 270M: 268M and 100M, its 262k-entry embedding the rest), and
+    its vocabulary, over which distillation takes two softmaxes and a KL divergence for every
+    training token (SmolLM2 49,152 entries, Gemma 3 262,144)."""
 
     parameters: int
     block_parameters: int
+    vocabulary: int
 
     @classmethod
     def of(cls, skeleton) -> ModelSize:
@@ -310,7 +313,8 @@ class ModelSize:
         from lowbit.streaming import float_weight_bytes
 
         blocks = decoder_blocks(skeleton.model, skeleton.arch)
-        return cls(float_weight_bytes(skeleton.model) // 4, sum(p.numel() for p in blocks.parameters()))
+        return cls(float_weight_bytes(skeleton.model) // 4, sum(p.numel() for p in blocks.parameters()),
+                   skeleton.model.get_input_embeddings().num_embeddings)
 
 
 # rough seconds with the full protocol on this kind of machine (2 cores), for the estimate;
@@ -321,7 +325,11 @@ CALIBRATED_SECONDS_PER_BLOCK_PARAMETER = 0.65e-6  # a calibrated step's forwards
 # every token's forward and backward pass the head, which grows with the vocabulary
 TRAIN_SECONDS_PER_BLOCK_PARAMETER = 6.0e-6
 TRAIN_SECONDS_PER_PARAMETER = 7.4e-6
-TRAINING = ("finetune", "distill")
+# 300 distillation steps (SmolLM2 1,617 s, Gemma 3 6,589 s): the teacher's forward and the
+# half-depth student's forward and backward pass every parameter, and each token's two
+# softmaxes and KL divergence span the vocabulary (tensors of 1,024 x 262,144 on Gemma 3)
+DISTILL_SECONDS_PER_PARAMETER = 4.53e-6
+DISTILL_SECONDS_PER_VOCABULARY_ENTRY = 0.0205
 SCORE_SECONDS = 45  # SmolLM2's 40 windows of 512 tokens of one corpus, within a joint lowbit eval
 REFERENCE_SECONDS = 10  # the float reference's share of one joint lowbit eval (its hidden states cached)
 FINISH_SECONDS = 20  # lowbit generate's process and the roofline's bandwidth measurement, on SmolLM2
@@ -353,7 +361,9 @@ def estimate_seconds(models: dict[str, ModelSize], recipes: list[Recipe], protoc
                 if recipe.steps[:k] in made:
                     continue
                 made.add(recipe.steps[:k])
-                if step[0] in TRAINING:
+                if step[0] == "distill":
+                    seconds += (DISTILL_SECONDS_PER_PARAMETER * size.parameters + DISTILL_SECONDS_PER_VOCABULARY_ENTRY * size.vocabulary) * train
+                elif step[0] == "finetune":
                     seconds += (TRAIN_SECONDS_PER_BLOCK_PARAMETER * size.block_parameters + TRAIN_SECONDS_PER_PARAMETER * size.parameters) * train
                 else:
                     seconds += load + (CALIBRATED_SECONDS_PER_BLOCK_PARAMETER * size.block_parameters if _calibrated(step) else 0.0)
