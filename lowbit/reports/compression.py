@@ -341,9 +341,9 @@ def estimate_seconds(models: dict[str, ModelSize], recipes: list[Recipe], protoc
                      batch: int = SCORED_TOGETHER) -> tuple[float, int]:
     """(rough seconds, rows) of what is not cached yet, for ``models`` (name -> sizes): what
     the report prints before it starts. A step that only loads and saves scales with all
-    parameters, a calibrated step's work with the blocks', training with both, scoring and
-    decoding with all of them from SmolLM2's measured times (Gemma 3's 262k-entry head is
-    in every token's forward). It counts what `run_report` does: a chain of steps two recipes share
+    parameters, a calibrated step's work with the blocks', QAT with both, distillation with
+    all parameters and the vocabulary, scoring and decoding with all parameters from
+    SmolLM2's measured times (Gemma 3's 262k-entry head is in every token's forward). It counts what `run_report` does: a chain of steps two recipes share
     is made once, and each ``batch`` of recipes is scored by one `lowbit eval` per corpus."""
     seconds, missing = 0.0, 0
     shrink = (protocol.windows * protocol.ctx) / (FULL.windows * FULL.ctx)
